@@ -1,0 +1,132 @@
+"""The ``nfnet-hub`` command line: thin wrappers over the library modules."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import timm
+
+    from .models.stats import model_stats
+    from .models.variants import VARIANTS, model_name
+
+    rows = [("model", "params", "GMACs@train", "GMACs@test", "train px", "test px", "pretrained tags")]
+    for variant, v in VARIANTS.items():
+        name = model_name(variant)
+        train, test = model_stats(name, v.train_size), model_stats(name, v.test_size)
+        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name}.*")] or ["-"]
+        rows.append((name, f"{train.params / 1e6:.1f}M", f"{train.gmacs:.4g}", f"{test.gmacs:.4g}",
+                     str(v.train_size), str(v.test_size), ", ".join(tags)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    import timm
+
+    from .models.convert import check_fit, convert_deepmind, read_state_dict, save_safetensors
+
+    arrays = read_state_dict(args.checkpoint)
+    model = timm.create_model(args.model, ws="deepmind", num_classes=args.num_classes)
+    sd = convert_deepmind(arrays, model)
+    check_fit(sd, model, args.checkpoint)
+    model.load_state_dict(sd)
+    out = save_safetensors(model, args.out, {"nfnet_hub.source": Path(args.checkpoint).name})
+    print(f"wrote {out} ({len(sd)} tensors, authors' weight standardisation)")
+    return 0
+
+
+def _load_images(folder: str | None) -> list[Path] | None:
+    from .runtime import list_images
+
+    return list_images(folder) if folder else None
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .export import export_onnx
+    from .models.convert import create_model
+    from .runtime import Preprocess
+
+    model = create_model(args.model, args.checkpoint)
+    labels = Path(args.labels).read_text().split("\n") if args.labels else None
+    labels = [label for label in labels if label] if labels else None
+    calibration = None
+    if args.precision == "int8":
+        if not args.calibration:
+            raise ValueError("--precision int8 needs --calibration DIR (images to calibrate the quantisation on)")
+        cfg = dict(model.pretrained_cfg)
+        size = args.img_size or cfg.get("test_input_size", cfg["input_size"])[-1]
+        pre = Preprocess.from_pretrained_cfg({**cfg, "input_size": (3, size, size), "test_input_size": None})
+        calibration = np.stack([pre(p) for p in _load_images(args.calibration)])
+    report = export_onnx(model, Path(args.out) / args.filename, img_size=args.img_size, precision=args.precision,
+                         opset=args.opset, label_names=labels, calibration=calibration)
+    print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {report.img_size[0]}px, "
+          f"{report.nodes} nodes, {report.file_bytes / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs error "
+          f"{report.max_abs_error:.3g} (relative {report.max_rel_error:.3g}) at batches {report.verify_batches}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .export import validate_onnx
+    from .models.convert import create_model
+
+    model = create_model(args.model, args.checkpoint)
+    r = validate_onnx(args.onnx, model, _load_images(args.images))
+    print(json.dumps(r.__dict__, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nfnet-hub", description="Train, export and ship NFNets.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("list", help="registered variants with parameters, GMACs, sizes and pretrained tags")
+    s.set_defaults(fn=_cmd_list)
+
+    s = sub.add_parser("convert", help="convert the authors' checkpoints to safetensors")
+    s.add_argument("source", choices=["deepmind"])
+    s.add_argument("checkpoint", help="the authors' FN_haiku.npz")
+    s.add_argument("--model", required=True)
+    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_cmd_convert)
+
+    s = sub.add_parser("export", help="fold and export verified ONNX")
+    s.add_argument("model")
+    s.add_argument("--checkpoint")
+    s.add_argument("--img-size", type=int)
+    s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    s.add_argument("--opset", type=int, default=20)
+    s.add_argument("--calibration", help="folder of images for int8 calibration")
+    s.add_argument("--labels", help="text file with one label per line")
+    s.add_argument("--filename", default="model.onnx")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_cmd_export)
+
+    s = sub.add_parser("validate", help="compare an ONNX file with the PyTorch model")
+    s.add_argument("onnx")
+    s.add_argument("--model", required=True)
+    s.add_argument("--checkpoint")
+    s.add_argument("--images", help="folder of images (default: random inputs)")
+    s.set_defaults(fn=_cmd_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        print(f"nfnet-hub {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
