@@ -30,14 +30,15 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     import timm
 
     from .models.convert import check_fit, convert_deepmind, read_state_dict, save_safetensors
+    from .models.nfnet import DEEPMIND_NUMERICS
 
     arrays = read_state_dict(args.checkpoint)
-    model = timm.create_model(args.model, ws="deepmind", num_classes=args.num_classes)
+    model = timm.create_model(args.model, num_classes=args.num_classes, **DEEPMIND_NUMERICS)
     sd = convert_deepmind(arrays, model)
     check_fit(sd, model, args.checkpoint)
     model.load_state_dict(sd)
     out = save_safetensors(model, args.out, {"nfnet_hub.source": Path(args.checkpoint).name})
-    print(f"wrote {out} ({len(sd)} tensors, authors' weight standardisation)")
+    print(f"wrote {out} ({len(sd)} tensors, the authors' numerics: {DEEPMIND_NUMERICS})")
     return 0
 
 

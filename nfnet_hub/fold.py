@@ -14,6 +14,7 @@ stem / stages / final_conv / final_act / head.
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ from .models.nfnet import DownsampleAvg
 
 __all__ = ["FoldError", "FoldedBlock", "FoldedNFNet", "fold"]
 
-_PLAIN_ACTS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
+_PLAIN_ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU,
+               "swish": nn.SiLU}
 _PASS_THROUGH = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)  # commute with a positive scalar
 
 

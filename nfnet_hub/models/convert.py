@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .nfnet import DEEPMIND_NUMERICS
+
 __all__ = ["CheckpointError", "check_fit", "convert_deepmind", "create_model", "load_checkpoint", "read_state_dict",
            "save_safetensors"]
 
@@ -176,16 +178,18 @@ def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any)
     path = Path(checkpoint)
     sd = read_state_dict(path)
     if path.suffix == ".npz":
-        kwargs.setdefault("ws", "deepmind")
-        fc = next((v for k, v in sd.items() if re.search(r"(^|/)linear/w$", k)), None)
+        for k, val in DEEPMIND_NUMERICS.items():
+            kwargs.setdefault(k, val)
+        fc = next((v for k, v in sd.items() if re.fullmatch(r"(NFNet/~/)?linear/w", k)), None)
         if fc is not None:
             kwargs.setdefault("num_classes", fc.shape[1])
     else:
         if "head.fc.weight" in sd:
             kwargs.setdefault("num_classes", sd["head.fc.weight"].shape[0])
-        ws = _safetensors_metadata(path).get("nfnet_hub.ws")
-        if ws:
-            kwargs.setdefault("ws", ws)
+        meta = _safetensors_metadata(path)
+        for key in ("ws", "act"):
+            if meta.get(f"nfnet_hub.{key}"):
+                kwargs.setdefault(key, meta[f"nfnet_hub.{key}"])
     model = timm.create_model(name, **kwargs)
     if path.suffix == ".npz":
         sd = convert_deepmind(sd, model)
@@ -212,6 +216,6 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str
     meta = {"format": "pt", **(metadata or {})}
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "ws"):
-        meta["nfnet_hub.ws"] = cfg.ws
+        meta["nfnet_hub.ws"], meta["nfnet_hub.act"] = cfg.ws, cfg.act
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(path), metadata=meta)
     return path

@@ -3,14 +3,17 @@ squeeze-excite and stochastic depth."""
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Variance-preserving gains of the authors' ``base.nonlinearities``.
-ACT_GAMMA = {"gelu": 1.7015043497085571, "relu": 1.7139588594436646, "silu": 1.7881293296813965}
-ACT_FN = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+# Variance-preserving gains of the authors' ``base.nonlinearities``. The authors call
+# ``jax.nn.gelu``, whose default is the tanh approximation ("gelu_tanh"); timm uses the exact erf form.
+ACT_GAMMA = {"gelu": 1.7015043497085571, "gelu_tanh": 1.7015043497085571, "relu": 1.7139588594436646,
+             "silu": 1.7881293296813965}
+ACT_FN = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 # The two published forms of scaled weight standardisation.
 WS_FORMS = ("timm", "deepmind")

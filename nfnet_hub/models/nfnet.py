@@ -248,6 +248,10 @@ def _variant_cfgs(name: str, v: Variant) -> dict[str, dict[str, Any]]:
 default_cfgs = generate_default_cfgs({k: c for n, v in VARIANTS.items() for k, c in _variant_cfgs(n, v).items()})
 
 
+# The authors' numerics: their weight standardisation and jax.nn.gelu's tanh approximation.
+DEEPMIND_NUMERICS = {"ws": "deepmind", "act": "gelu_tanh"}
+
+
 def model_cfg(variant: str) -> NFNetCfg:
     """The architecture of a variant (``"f0"``, ``"f3_plus"``, ``"nano"``...)."""
     if variant not in VARIANTS:
@@ -264,7 +268,8 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
     kwargs.setdefault("drop_rate", v.drop_rate)
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str) and tag.startswith("deepmind"):
-        kwargs.setdefault("ws", "deepmind")
+        for k, val in DEEPMIND_NUMERICS.items():
+            kwargs.setdefault(k, val)
     return build_model_with_cfg(NFNet, model_name(variant), pretrained, cfg=model_cfg(variant),
                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
 

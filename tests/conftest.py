@@ -1,0 +1,52 @@
+"""Shared test helpers.
+
+NFNets start with zero skip gains, which hides every residual branch: tests randomise every gain,
+skip gain and bias before comparing anything.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import nfnet_hub  # noqa: F401  (registers the models)
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random gains (around 1, and of both signs for skip gains), biases and classifier."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if name.endswith("skipinit_gain"):
+            p.copy_(noise * 0.5)
+        elif name.endswith("gain"):
+            p.copy_(1.0 + 0.3 * noise)
+        elif name.endswith("bias"):
+            p.copy_(0.1 * noise)
+        elif name.startswith("head.fc"):
+            p.copy_(0.05 * noise)
+    return model.eval()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest deviation relative to the largest magnitude of the reference ``b``."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory):
+    """Real photos that ship with scikit-image, written as files of several modes."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("images")
+    Image.fromarray(data.astronaut()).save(folder / "astronaut.png")
+    Image.fromarray(data.chelsea()).save(folder / "chelsea.jpg", quality=95)
+    Image.fromarray(data.coffee()).save(folder / "coffee.png")
+    Image.fromarray(data.camera()).save(folder / "camera_grey.png")
+    rgba = np.dstack([data.rocket(), np.full(data.rocket().shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "rocket_rgba.png")
+    Image.fromarray((data.moon().astype(np.uint16) * 257), "I;16").save(folder / "moon_16bit.png")
+    return folder

@@ -1,0 +1,176 @@
+"""The NFNet family in timm's factory: architecture, parity with timm, timm's interfaces, weights."""
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+from conftest import randomise, rel_error
+
+from nfnet_hub.models import VARIANTS, model_cfg
+from nfnet_hub.models.convert import CheckpointError, create_model, load_checkpoint, read_state_dict, save_safetensors
+from nfnet_hub.models.stats import model_stats
+
+# The authors' table: parameters (millions) and multiply-adds (billions) at the test size.
+AUTHORS = {"f0": (71.5, 12.38), "f1": (132.6, 35.54), "f2": (193.8, 62.59), "f3": (254.9, 114.76),
+           "f4": (316.1, 215.24), "f5": (377.2, 289.76), "f6": (438.4, 377.28)}
+
+
+def test_every_variant_is_registered():
+    names = set(timm.list_models("nfnet_hub_*"))
+    expected = {f"nfnet_hub_f{i}" for i in range(8)} | {f"nfnet_hub_f{i}_plus" for i in range(8)} | {"nfnet_hub_nano"}
+    assert names == expected
+
+
+@pytest.mark.parametrize("variant", sorted(AUTHORS))
+def test_size_matches_the_authors_table(variant):
+    stats = model_stats(f"nfnet_hub_{variant}", VARIANTS[variant].test_size)
+    params, gmacs = AUTHORS[variant]
+    assert stats.params / 1e6 == pytest.approx(params, abs=0.05)
+    assert stats.gmacs == pytest.approx(gmacs, abs=0.01)
+
+
+def test_plus_variants_are_wider_and_nano_is_tiny():
+    f0, f0p = model_stats("nfnet_hub_f0", 64), model_stats("nfnet_hub_f0_plus", 64)
+    assert f0p.params > 1.5 * f0.params
+    assert model_cfg("f3_plus").widths == (384, 768, 2048, 2048)
+    assert model_cfg("f3_plus").depths == model_cfg("f3").depths
+    assert 100_000 < model_stats("nfnet_hub_nano", 32, num_classes=10).params < 500_000
+
+
+def test_unknown_variant_names_the_valid_ones():
+    with pytest.raises(ValueError, match="nfnet_hub_f0.*nfnet_hub_nano"):
+        create_model("nfnet_hub_f9")
+    with pytest.raises(ValueError, match="f0, f1"):
+        model_cfg("f9")
+
+
+def test_recipe_facts_per_variant():
+    assert [VARIANTS[f"f{i}"].drop_rate for i in range(8)] == [0.2, 0.3, 0.4, 0.4, 0.5, 0.5, 0.5, 0.5]
+    m = timm.create_model("nfnet_hub_f2", pretrained=False)
+    assert m.pretrained_cfg["input_size"] == (3, 256, 256)
+    assert m.pretrained_cfg["test_input_size"] == (3, 352, 352)
+    assert m.drop_rate == 0.4
+    # expected std resets after each stage's first block, then grows by alpha^2 per block
+    assert [b.beta for b in m.stages[2]][:3] == pytest.approx([1 / (1 + 0.04 * len(m.stages[1])) ** 0.5,
+                                                               1 / (1 + 0.04) ** 0.5, 1 / (1 + 0.08) ** 0.5])
+
+
+@pytest.mark.parametrize("variant,size", [("f0", 192), ("f0", 256)])
+def test_logits_equal_timm_dm_nfnet_at_train_and_test_size(variant, size):
+    ref = randomise(timm.create_model(f"dm_nfnet_{variant}"))
+    ours = timm.create_model(f"nfnet_hub_{variant}").eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert rel_error(ours(x), ref(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["f1", "f2", "f3", "f4", "f5", "f6"])
+def test_timm_state_dicts_load_unchanged_for_every_published_variant(variant):
+    ref = randomise(timm.create_model(f"dm_nfnet_{variant}"), seed=1)
+    ours = timm.create_model(f"nfnet_hub_{variant}").eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_error(ours(x), ref(x)) <= 1e-5
+
+
+def test_pretrained_tag_points_at_timm_weights_and_loads_through_timm(tmp_path):
+    m = timm.create_model("nfnet_hub_f0.dm_in1k", pretrained=False)
+    assert m.pretrained_cfg["hf_hub_id"] == "timm/dm_nfnet_f0.dm_in1k"
+    ref = randomise(timm.create_model("dm_nfnet_f0"), seed=2)
+    save_safetensors(ref, tmp_path / "model.safetensors")
+    loaded = timm.create_model("nfnet_hub_f0.dm_in1k", pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "model.safetensors"))).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert rel_error(loaded(x), ref(x)) <= 1e-5
+
+
+def test_timm_interfaces():
+    m = randomise(timm.create_model("nfnet_hub_nano", num_classes=7))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        assert feats.shape == (2, m.num_features, 2, 2)
+        torch.testing.assert_close(m.forward_head(feats), m(x))
+        assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
+        final, inter = m.forward_intermediates(x)
+        torch.testing.assert_close(final, feats)
+        assert [t.shape[-1] for t in inter] == [32, 16, 8, 4, 2]
+        cl = m.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), m(x), rtol=1e-4, atol=1e-5)
+    assert m.get_classifier().out_features == 7
+    m.reset_classifier(3)
+    assert m(x).shape == (2, 3)
+    fm = timm.create_model("nfnet_hub_nano", features_only=True)
+    outs = fm(x)
+    assert fm.feature_info.channels() == [o.shape[1] for o in outs]
+    assert fm.feature_info.reduction() == [2, 4, 8, 16, 32]
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    m = randomise(timm.create_model("nfnet_hub_nano", num_classes=5, drop_rate=0.0)).train()
+    x = torch.randn(2, 3, 32, 32)
+    m(x).sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.set_grad_checkpointing(True)
+    m(x).sum().backward()
+    for g, p in zip(grads, m.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_drop_rates_and_authors_stochastic_depth():
+    m = timm.create_model("nfnet_hub_f0", drop_rate=0.3, drop_path_rate=0.25)
+    assert m.head.drop.p == 0.3
+    rates = [getattr(b.drop_path, "rate", 0.0) for s in m.stages for b in s]
+    assert rates == pytest.approx([0.25 * i / 12 for i in range(12)])
+    sd = m.stages[3][2].drop_path
+    sd.train()
+    x = torch.ones(4000, 1, 1, 1)
+    y = sd(x)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}  # the authors do not rescale kept samples
+    assert 0.2 < (y == 0).float().mean() < 0.3
+
+
+def test_torch_compile_matches_eager():
+    m = randomise(timm.create_model("nfnet_hub_nano", num_classes=4))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(m)(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_errors_list_every_problem(tmp_path):
+    m = timm.create_model("nfnet_hub_nano", num_classes=10)
+    sd = m.state_dict()
+    del sd["stem.conv1.weight"]
+    sd["extra.weight"] = torch.zeros(1)
+    sd["head.fc.bias"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(m, tmp_path / "bad.pth")
+    text = str(e.value)
+    assert "missing (1): stem.conv1.weight" in text
+    assert "unexpected (1): extra.weight" in text
+    assert "mis-shaped (1): head.fc.bias: (3,) != (10,)" in text
+
+
+def test_pickled_checkpoints_load_weights_only(tmp_path):
+    m = randomise(timm.create_model("nfnet_hub_nano", num_classes=10))
+    torch.save({"state_dict": m.state_dict(), "epoch": 3}, tmp_path / "ok.pth")
+    loaded = create_model("nfnet_hub_nano", tmp_path / "ok.pth")
+    torch.testing.assert_close(loaded.state_dict(), m.state_dict())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Evil()}))
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        read_state_dict(tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_state_dict(tmp_path / "nope.safetensors")
