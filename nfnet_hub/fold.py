@@ -107,7 +107,7 @@ def _fold_conv(conv: nn.Module, name: str, sizes: dict[nn.Module, tuple[int, int
         weight = _standardized_weight(conv)
     except FoldError as e:
         raise FoldError(f"{name}: {e}") from None
-    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros(conv.out_channels, dtype=weight.dtype)
+    bias = conv.bias.detach().double() if conv.bias is not None else weight.new_zeros(conv.out_channels)
     dynamic = getattr(conv, "dynamic_pad", False) or getattr(conv, "same_pad", False)
     pads = (conv.padding[1], conv.padding[1], conv.padding[0], conv.padding[0])
     if dynamic:
@@ -117,11 +117,11 @@ def _fold_conv(conv: nn.Module, name: str, sizes: dict[nn.Module, tuple[int, int
         pads = (left, right, top, bottom)
     symmetric = pads[0] == pads[1] and pads[2] == pads[3]
     plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      (pads[2], pads[0]) if symmetric else 0, conv.dilation, conv.groups, bias=True)
+                      (pads[2], pads[0]) if symmetric else 0, conv.dilation, conv.groups, bias=True,
+                      dtype=conv.weight.dtype, device=conv.weight.device)
     with torch.no_grad():
         plain.weight.copy_(weight * (in_scale * out_scale))
         plain.bias.copy_(bias * out_scale)
-    plain.to(conv.weight.dtype)
     return (plain, dynamic) if symmetric else (nn.Sequential(nn.ZeroPad2d(pads), plain), True)
 
 

@@ -1,0 +1,114 @@
+"""fold(): plain modules, same function, for our variants and timm's whole NF family."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from conftest import randomise, rel_error
+from torch import nn
+
+from nfnet_hub import fold
+from nfnet_hub.fold import FoldError, Scale
+from nfnet_hub.models.layers import SqueezeExcite
+
+TIMM_NF = [n for n in timm.list_models() if n.startswith(("dm_nfnet", "nfnet_f", "nfnet_l", "eca_nfnet", "nf_"))]
+OURS = timm.list_models("nfnet_hub_*")
+PLAIN = (nn.Conv2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Sigmoid, nn.ZeroPad2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+         nn.MaxPool2d, nn.Linear, nn.Dropout, nn.Flatten, nn.Identity, nn.Sequential, SqueezeExcite)
+
+
+def _check(name: str, size: int = 64, seed: int = 0, **kwargs):
+    """Folded agrees with the original to 1e-5 in fp32.
+
+    The deepest nets (timm's nfnet_f6/f7: 84 and 96 blocks) with randomised gains carry fp32
+    rounding of about that size in the original itself; there the bar is the original's own
+    distance from its float64 evaluation, and exactness is proven in float64 below.
+    """
+    model = randomise(timm.create_model(name, **kwargs), seed)
+    folded = fold(model, img_size=size)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        reference = model(x)
+        err = rel_error(folded(x), reference)
+        if err > 1e-5:
+            truth = copy.deepcopy(model).double()(x.double())
+            noise_floor = rel_error(reference, truth)
+            assert rel_error(folded(x), truth) <= max(1e-5, 1.5 * noise_floor), (err, noise_floor)
+    return folded
+
+
+def test_timm_family_is_covered():
+    assert {"dm_nfnet_f0", "nfnet_l0", "eca_nfnet_l0", "nf_resnet50", "nf_regnet_b0", "nf_ecaresnet26"} <= set(TIMM_NF)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_every_variant_folds_exactly(name):
+    _check(name, num_classes=16)
+
+
+@pytest.mark.parametrize("name", TIMM_NF)
+def test_every_timm_nf_model_folds_exactly(name):
+    _check(name, num_classes=16)
+
+
+@pytest.mark.parametrize("name", ["nfnet_hub_nano", "nfnet_hub_f0", "dm_nfnet_f0", "nfnet_f0", "nfnet_l0",
+                                  "eca_nfnet_l0", "nf_resnet26", "nf_seresnet26", "nf_ecaresnet26", "nf_regnet_b0"])
+def test_fold_is_exact_in_double_precision(name):
+    """In float64 rounding vanishes: what is left would be a folding mistake."""
+    model = randomise(timm.create_model(name, num_classes=16)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_error(fold(model, img_size=64)(x), model(x)) <= 1e-12
+
+
+def test_full_size_f0_at_test_resolution_folds_every_constant():
+    folded = _check("nfnet_hub_f0", size=256)
+    for m in folded.modules():
+        if m is folded or isinstance(m, nn.Module) and type(m).__module__.startswith("nfnet_hub.fold"):
+            continue
+        assert isinstance(m, PLAIN) or type(m).__module__.startswith("timm.layers"), type(m)
+    assert not any(isinstance(m, Scale) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters())
+
+
+def test_authors_numerics_fold_too():
+    _check("nfnet_hub_nano", size=32, ws="deepmind", act="gelu_tanh")
+
+
+def test_zero_skip_gain_removes_the_branch_exactly():
+    model = randomise(timm.create_model("nfnet_hub_nano"))
+    with torch.no_grad():
+        model.stages[2][1].skipinit_gain.zero_()
+    folded = fold(model, img_size=32)
+    assert folded.stages[2][1].branch is None
+    assert folded.stages[2][0].branch is not None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_error(folded(x), model(x)) <= 1e-5
+
+
+def test_the_folded_size_is_enforced_where_padding_depends_on_it():
+    folded = fold(randomise(timm.create_model("nfnet_hub_nano")), img_size=64)
+    with pytest.raises(ValueError, match="folded for 64x64"):
+        folded(torch.randn(1, 3, 96, 96))
+    assert folded(torch.randn(5, 3, 64, 64)).shape == (5, 1000)
+
+
+def test_unknown_modules_are_named():
+    model = randomise(timm.create_model("nfnet_hub_nano"))  # a zero skip gain would drop the branch unread
+    model.stages[1][0].act2 = nn.Tanh()
+    with pytest.raises(FoldError, match=r"stages\.1\.0\.act2: cannot fold activation of type Tanh"):
+        fold(model, img_size=32)
+    with pytest.raises(FoldError, match="not an NFNet"):
+        fold(timm.create_model("resnet18"))
+
+
+def test_fold_leaves_the_model_untouched_and_in_its_mode():
+    model = randomise(timm.create_model("nfnet_hub_nano")).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fold(model, img_size=32)
+    assert model.training
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
