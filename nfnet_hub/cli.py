@@ -84,9 +84,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(argv: list[str]) -> int:
+    from .train import parse_args, train
+
+    result = train(parse_args(argv))
+    if result["metrics"]:
+        print(f"done: top-1 {result['metrics']['top1']:.2f}% after {result['global_step']} steps; "
+              f"checkpoints in {result['output']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nfnet-hub", description="Train, export and ship NFNets.")
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train with timm train.py arguments (see nfnet-hub train --help)", add_help=False)
 
     s = sub.add_parser("list", help="registered variants with parameters, GMACs, sizes and pretrained tags")
     s.set_defaults(fn=_cmd_list)
@@ -121,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # timm's train.py arguments, parsed by the trainer itself
+        try:
+            return _cmd_train(argv[1:])
+        except (ValueError, RuntimeError) as e:
+            print(f"nfnet-hub train: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

@@ -69,7 +69,8 @@ class _HalfPrecision(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model.half().eval()
+        self.model = model.half()
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.half()).float()
@@ -90,7 +91,12 @@ def _to_onnx(module: nn.Module, img_size: tuple[int, int], opset: int) -> onnx.M
         program = torch.onnx.export(module, (example,), input_names=["pixel_values"], output_names=["logits"],
                                     dynamic_shapes=({0: batch},), opset_version=opset, external_data=False,
                                     dynamo=True, verbose=False)
-    return program.model_proto
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's per-node stack traces and names: bytes a runtime never reads
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
+    return proto
 
 
 def _quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:

@@ -47,6 +47,6 @@ def sample_images(tmp_path_factory):
     Image.fromarray(data.coffee()).save(folder / "coffee.png")
     Image.fromarray(data.camera()).save(folder / "camera_grey.png")
     rgba = np.dstack([data.rocket(), np.full(data.rocket().shape[:2], 200, np.uint8)])
-    Image.fromarray(rgba, "RGBA").save(folder / "rocket_rgba.png")
-    Image.fromarray((data.moon().astype(np.uint16) * 257), "I;16").save(folder / "moon_16bit.png")
+    Image.fromarray(rgba).save(folder / "rocket_rgba.png")
+    Image.fromarray(data.moon().astype(np.uint16) * 257).save(folder / "moon_16bit.png")
     return folder

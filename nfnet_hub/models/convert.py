@@ -126,7 +126,7 @@ def read_state_dict(path: str | Path) -> dict[str, Any]:
         raise
     except Exception as e:  # unreadable, truncated, or a pickle that is not weights only
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
             break

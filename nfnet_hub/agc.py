@@ -1,0 +1,108 @@
+"""Adaptive Gradient Clipping (Brock et al., 2021), unit-wise and batched.
+
+For each unit i of a parameter W (an output row: a conv's output channel, a linear layer's
+output unit; scalars and vectors are one unit):
+``max_norm = clipping * max(||W_i||, eps)`` and, where ``||G_i|| > max_norm``,
+``G_i <- G_i * max_norm / max(||G_i||, 1e-6)``.
+
+Speed: weights and gradients are each read once (one row-norm reduction per matrix, one
+multi-tensor norm for all scalars and vectors), the clip factors of all units are computed in
+one vectorised pass, and only clipped units are written (whole tensors, in one multi-tensor
+multiply, where most of their rows clip). timm's ``adaptive_clip_grad`` allocates several
+full-size temporaries per tensor and rewrites every gradient.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["PARTITIONS", "adaptive_clip_grad_", "agc_parameters", "patch_timm"]
+
+PARTITIONS = ("exclude_classifier", "authors")
+
+
+def _row_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Unit norms of every tensor, concatenated: one per row of a matrix, one per scalar or vector."""
+    parts = []
+    vectors = [t for t in tensors if t.ndim <= 1]
+    vec_norms = iter(torch._foreach_norm(vectors) if vectors else [])
+    for t in tensors:
+        parts.append(next(vec_norms).reshape(1) if t.ndim <= 1 else torch.linalg.vector_norm(t.flatten(1), dim=1))
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.01,
+                        eps: float = 1e-3) -> None:
+    """Clip gradients in place, unit-wise, as the authors define AGC. Parameters without grad are skipped."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    for p in parameters:
+        if p.grad is not None:
+            groups[(p.device, p.dtype, p.grad.dtype)].append(p)
+    for params in groups.values():
+        weights = [p.detach() for p in params]
+        grads = [p.grad.detach() for p in params]
+        units = [1 if w.ndim <= 1 else w.shape[0] for w in weights]
+        max_norm = _row_norms(weights).float().clamp_(min=eps).mul_(clipping)
+        grad_norm = _row_norms(grads).float()
+        clip = grad_norm > max_norm
+        clipped = clip.nonzero().flatten().tolist()  # the only host sync; usually a handful of units
+        if not clipped:
+            continue
+        scale = (max_norm / grad_norm.clamp(min=1e-6)).to(grads[0].dtype)
+        starts = torch.tensor(units).cumsum(0).sub_(torch.tensor(units)).tolist()
+        rows_of: dict[int, list[int]] = defaultdict(list)
+        tensor = 0
+        for unit in clipped:
+            while tensor + 1 < len(starts) and starts[tensor + 1] <= unit:
+                tensor += 1
+            rows_of[tensor].append(unit)
+        dense = [i for i, rows in rows_of.items() if 4 * len(rows) > units[i]]
+        if dense:  # many rows clipped: one multi-tensor multiply, unclipped rows by 1
+            factors = torch.where(clip, scale, torch.ones_like(scale)).split(units)
+            torch._foreach_mul_([grads[i] for i in dense],
+                                [factors[i].reshape(-1, *([1] * (grads[i].ndim - 1))) if grads[i].ndim
+                                 else factors[i].reshape(()) for i in dense])
+        for i, units_clipped in rows_of.items():  # few rows clipped: write those rows only
+            if i in dense:
+                continue
+            idx = torch.tensor(units_clipped, device=scale.device)
+            rows = grads[i].reshape(units[i], -1)
+            rows.index_copy_(0, idx - starts[i], rows.index_select(0, idx - starts[i]) * scale[idx, None])
+
+
+def agc_parameters(model: nn.Module, partition: str = "exclude_classifier") -> list[nn.Parameter]:
+    """The parameters AGC should clip.
+
+    ``"exclude_classifier"`` (default, like timm's ``exclude_head``): everything but the final
+    classifier, found by module identity through ``model.get_classifier()``, not by parameter order.
+    ``"authors"``: as the authors' optimiser groups them: the classifier weight is not clipped,
+    its bias is (it falls into their gains-and-biases group).
+    """
+    if partition not in PARTITIONS:
+        raise ValueError(f"unknown AGC partition {partition!r}: choose one of {PARTITIONS}")
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if head is None or not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no get_classifier(): cannot tell which parameters to exclude")
+    skip = {id(p) for p in head.parameters()}
+    if partition == "authors" and getattr(head, "bias", None) is not None:
+        skip.discard(id(head.bias))
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def _timm_compatible(parameters, clip_factor: float = 0.01, eps: float = 1e-3, norm_type: float = 2.0) -> None:
+    if norm_type != 2.0:
+        raise ValueError("nfnet_hub's AGC implements the L2 unit norm only")
+    adaptive_clip_grad_(parameters, clipping=clip_factor, eps=eps)
+
+
+def patch_timm() -> None:
+    """Make timm's ``--clip-mode agc`` (``timm.utils.dispatch_clip_grad``) use this implementation."""
+    import timm.utils.clip_grad
+
+    timm.utils.clip_grad.adaptive_clip_grad = _timm_compatible

@@ -1,0 +1,104 @@
+"""Data sources: scikit-learn's bundled digits (real, offline) and timm's datasets and loaders."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+
+DIGITS_MEAN = (0.27, 0.27, 0.27)  # of digits scaled to [0, 1]
+DIGITS_STD = (0.38, 0.38, 0.38)
+
+
+def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits as uint8 images, split once with a fixed seed (stratified)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)
+    return tuple(train_test_split(images, d.target, test_size=test_fraction, random_state=seed, stratify=d.target))
+
+
+def digits_to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, 8, 8) -> normalised float (N, 3, size, size), bicubic upsampling."""
+    x = torch.from_numpy(images).float().div_(255.0)[:, None]
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1).expand(-1, 3, -1, -1)
+    mean, std = torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1), torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
+class GlobalBatchSampler(Sampler[int]):
+    """Shuffles once per epoch and gives rank r the r-th slice of every global batch.
+
+    The samples of global batch k are the same whatever the number of processes, so a run on
+    N processes follows the same trajectory as a run on one with an N times larger batch.
+    """
+
+    def __init__(self, size: int, batch_size: int, world: int = 1, rank: int = 0, seed: int = 0):
+        self.size, self.batch_size, self.world, self.rank, self.seed = size, batch_size, world, rank, seed
+        self.epoch = 0
+        self.global_batches = size // (batch_size * world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        g, b = self.batch_size * self.world, self.batch_size
+        for k in range(self.global_batches):
+            yield from order[k * g + self.rank * b: k * g + (self.rank + 1) * b]
+
+    def __len__(self) -> int:
+        return self.global_batches * self.batch_size
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    num_classes: int
+    sampler: Sampler | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _sampler(ds: Dataset, world: int, rank: int, shuffle: bool, seed: int):
+    return DistributedSampler(ds, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle) if world > 1 else None
+
+
+def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: int) -> Loaders:
+    """Per-process loaders; the global batch is ``batch_size * world``."""
+    if args.dataset == "digits":
+        size = args.img_size or 32
+        xtr, xte, ytr, yte = digits_split()
+        train_ds = TensorDataset(digits_to_tensor(xtr, size), torch.from_numpy(ytr).long())
+        val_ds = TensorDataset(digits_to_tensor(xte, size), torch.from_numpy(yte).long())
+        sampler = GlobalBatchSampler(len(train_ds), args.batch_size, world, rank, args.seed)
+        # own generators: creating an iterator must not draw from the global RNG (exact resumption)
+        train = DataLoader(train_ds, args.batch_size, sampler=sampler, drop_last=True,
+                           generator=torch.Generator().manual_seed(args.seed))
+        val = DataLoader(val_ds, 256, sampler=_sampler(val_ds, world, rank, False, args.seed),
+                         generator=torch.Generator().manual_seed(args.seed))
+        return Loaders(train, val, 10, sampler, DIGITS_MEAN, DIGITS_STD)
+
+    from timm.data import create_dataset, create_loader, resolve_data_config
+
+    data_cfg = resolve_data_config(vars(args), pretrained_cfg=model_cfg)
+    if args.img_size:
+        data_cfg["input_size"] = (3, args.img_size, args.img_size)
+    kw = dict(root=args.data_dir, batch_size=args.batch_size, seed=args.seed)
+    train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, **kw)
+    val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, **kw)
+    common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
+                  std=data_cfg["std"], num_workers=args.workers, distributed=world > 1, pin_memory=args.pin_mem,
+                  use_prefetcher=False)
+    train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, auto_augment=args.aa,
+                          re_prob=0.0, **common)
+    val = create_loader(val_ds, batch_size=args.batch_size, is_training=False, crop_pct=data_cfg["crop_pct"],
+                        **common)
+    num_classes = args.num_classes or len(getattr(train_ds, "reader", train_ds).class_to_idx)
+    return Loaders(train, val, num_classes, getattr(train, "sampler", None), data_cfg["mean"], data_cfg["std"])

@@ -1,0 +1,311 @@
+"""The training loop: one process or torchrun (DDP over NCCL/gloo, or FSDP2), AGC after the
+all-reduce and after unscaling, atomic checkpoints and exact resumption."""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
+from torch import nn
+
+from ..agc import adaptive_clip_grad_, agc_parameters
+from .data import create_loaders
+
+CHECKPOINT = "last.pth.tar"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return world, rank, device
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The authors apply no weight decay to gains and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith("gain") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write then rename: a kill mid-write never leaves a broken checkpoint behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def _resume_path(args: argparse.Namespace, out_dir: Path) -> Path | None:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if args.resume == "auto" or (restarted and not args.resume):
+        return out_dir / CHECKPOINT if (out_dir / CHECKPOINT).is_file() else None
+    return Path(args.resume) if args.resume else None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    sd = _unwrap(model).state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, world: int) -> dict[str, float]:
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        top1, top5 = accuracy(logits, y, topk=(1, min(5, logits.shape[-1])))
+        n = x.shape[0]
+        totals += torch.tensor([nn.functional.cross_entropy(logits, y).item() * n, top1.item() * n / 100,
+                                top5.item() * n / 100, n], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return {"loss": loss / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n}
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` says; returns the final evaluation and where the checkpoints are."""
+    world, rank, device = _setup_distributed(args)
+    main_process = rank == 0
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    random.seed(args.seed)
+    np.random.seed(args.seed + rank)
+
+    model_kw = {k: v for k, v in dict(drop_rate=args.drop, drop_path_rate=args.drop_path).items() if v is not None}
+    probe_cfg = timm.create_model(args.model, pretrained=False).pretrained_cfg if args.dataset != "digits" else {}
+    loaders = create_loaders(args, probe_cfg, world, rank)
+    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes or
+                              loaders.num_classes, **model_kw)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(loaders.mean), "std": tuple(loaders.std)}
+    if args.dataset == "digits":
+        size = args.img_size or 32
+        model.pretrained_cfg.update(input_size=(3, size, size), test_input_size=(3, size, size), crop_pct=1.0,
+                                    crop_mode="squash", num_classes=10)
+    if args.initial_checkpoint:
+        from ..models.convert import load_checkpoint
+        load_checkpoint(model, args.initial_checkpoint)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    clip_params = agc_parameters(model, args.agc_partition) if args.clip_grad and args.clip_mode == "agc" else None
+
+    global_batch = args.batch_size * world * args.grad_accum_steps
+    lr = args.lr or args.lr_base * global_batch / args.lr_base_size
+    opt_kw = {"eps": args.opt_eps} if args.opt_eps else {}
+    optimizer = create_optimizer_v2(_param_groups(model, args.weight_decay), opt=args.opt, lr=lr,
+                                    weight_decay=args.weight_decay, momentum=args.momentum, **opt_kw)
+    updates_per_epoch = len(loaders.train) // args.grad_accum_steps
+    scheduler, num_epochs = create_scheduler_v2(optimizer, sched=args.sched, num_epochs=args.epochs,
+                                                warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
+                                                min_lr=args.min_lr, step_on_epochs=not args.sched_on_updates,
+                                                updates_per_epoch=updates_per_epoch)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+    mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                  switch_prob=args.mixup_switch_prob, label_smoothing=args.smoothing,
+                  num_classes=loaders.num_classes) if args.mixup > 0 or args.cutmix > 0 else None
+    criterion = SoftTargetCrossEntropy() if mixup else (
+        LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss())
+
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for stage in model.stages:
+            for block in stage:
+                fully_shard(block)
+        fully_shard(model)
+        train_model = model
+    elif world > 1:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None)
+    else:
+        train_model = model
+    if args.torchcompile:
+        train_model = torch.compile(train_model, backend=args.torchcompile)
+
+    out_dir = Path(args.output) / (args.experiment or f"{args.model}-{args.dataset or 'folder'}")
+    start_epoch, step_in_epoch, global_step, best = 0, 0, 0, None
+    resume = _resume_path(args, out_dir)
+    if resume is not None:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        _unwrap(model).load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ema is not None and "state_dict_ema" in ckpt:
+            ema.module.load_state_dict(ckpt["state_dict_ema"])
+        if scaler is not None and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        best = ckpt.get("best")
+        _set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if main_process:
+            print(f"resumed from {resume}: epoch {start_epoch}, step {global_step}", flush=True)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+
+    def checkpoint_state(epoch: int, step_in_epoch: int) -> dict[str, Any]:
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, _rng_state())
+        else:
+            rngs = [_rng_state()]
+        state = {"state_dict": _model_state(train_model), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                 "global_step": global_step, "best": best, "rng": rngs, "arch": args.model,
+                 "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
+        if ema is not None:
+            state["state_dict_ema"] = ema.module.state_dict()
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def save(epoch: int, step_in_epoch: int, extra: tuple[str, ...] = ()) -> None:
+        state = checkpoint_state(epoch, step_in_epoch)
+        if main_process:
+            save_checkpoint(out_dir / CHECKPOINT, state)
+            for name in extra:
+                save_checkpoint(out_dir / name, state)
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, num_epochs):
+        train_model.train()
+        if loaders.sampler is not None:
+            loaders.sampler.set_epoch(epoch)  # the same order after a resume
+        batches = itertools.islice(iter(loaders.train), step_in_epoch * args.grad_accum_steps,
+                                   updates_per_epoch * args.grad_accum_steps)
+        progress = None
+        if main_process and not args.no_progress:
+            from tqdm import tqdm
+            progress = tqdm(total=updates_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", leave=False)
+        loss_sum, loss_n, seen, tick = 0.0, 0, 0, time.perf_counter()
+        for micro, (x, y) in enumerate(batches):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if mixup is not None:
+                x, y = mixup(x, y)
+            last_micro = (micro + 1) % args.grad_accum_steps == 0
+            sync = nullcontext() if last_micro or not hasattr(train_model, "no_sync") else train_model.no_sync()
+            with sync:
+                with autocast():
+                    loss = criterion(train_model(x), y)
+                if not math.isfinite(loss.item()):
+                    raise TrainingDiverged(f"loss is {loss.item()} at epoch {epoch}, step {global_step}: stopping; "
+                                           f"the last good checkpoint is kept in {out_dir}")
+                scaled = loss / args.grad_accum_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum, loss_n, seen = loss_sum + loss.item(), loss_n + 1, seen + x.shape[0] * world
+            if not last_micro:
+                continue
+            # the gradient seen here is the all-reduced, accumulated one; unscale before clipping
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            finite = scaler is None or all(torch.isfinite(g).all() for g in
+                                           torch._foreach_norm([p.grad for p in model.parameters()
+                                                                if p.grad is not None]))
+            if args.clip_grad and finite:
+                if clip_params is not None:
+                    adaptive_clip_grad_(clip_params, args.clip_grad)
+                else:
+                    dispatch_clip_grad(model.parameters(), args.clip_grad, mode=args.clip_mode)
+            if scaler is not None:
+                scaler.step(optimizer)  # skips the step on inf/nan gradients
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(model, step=global_step)
+            global_step, step_in_epoch = global_step + 1, step_in_epoch + 1
+            if args.sched_on_updates:
+                scheduler.step_update(global_step)
+            lr_now = optimizer.param_groups[0]["lr"]
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_sum / loss_n:.3f}", lr=f"{lr_now:.3g}")
+            elif main_process and args.log_interval and global_step % args.log_interval == 0:
+                rate = seen / (time.perf_counter() - tick)
+                print(f"epoch {epoch} step {step_in_epoch}/{updates_per_epoch} loss {loss_sum / loss_n:.4f} "
+                      f"lr {lr_now:.4g} {rate:.0f} img/s", flush=True)
+            if args.recovery_interval and global_step % args.recovery_interval == 0:
+                save(epoch, step_in_epoch)
+        if progress is not None:
+            progress.close()
+        step_in_epoch = 0
+        scheduler.step(epoch + 1)
+        metrics = evaluate(ema.module if ema is not None else train_model, loaders.val, device, world)
+        improved = best is None or metrics["top1"] > best
+        best = metrics["top1"] if improved else best
+        hist = (f"checkpoint-{epoch}.pth.tar",) if args.checkpoint_hist else ()
+        save(epoch + 1, 0, hist + (("model_best.pth.tar",) if improved else ()))
+        if main_process:
+            for old in sorted(out_dir.glob("checkpoint-*.pth.tar"), key=lambda p: int(p.stem.split("-")[1][:-4]))[
+                    :-args.checkpoint_hist or None]:
+                old.unlink()
+            _append_summary(out_dir / "summary.csv", epoch, loss_sum / max(loss_n, 1), metrics,
+                            optimizer.param_groups[0]["lr"])
+            print(f"epoch {epoch}: train loss {loss_sum / max(loss_n, 1):.4f}, eval loss {metrics['loss']:.4f}, "
+                  f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
+    return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
+            "model": _unwrap(model)}
+
+
+def _append_summary(path: Path, epoch: int, train_loss: float, metrics: dict[str, float], lr: float) -> None:
+    """timm's summary.csv columns."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"])
+        w.writerow([epoch, train_loss, metrics["loss"], metrics["top1"], metrics["top5"], lr])

@@ -1,0 +1,127 @@
+"""AGC against an independent numpy implementation of the authors' formula."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import randomise
+from torch import nn
+
+from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters, patch_timm
+
+
+def numpy_agc(w: np.ndarray, g: np.ndarray, clipping: float, eps: float) -> np.ndarray:
+    """The authors' agc_optax.py, unit by unit: rows of matrices, whole scalars and vectors."""
+    w64, g64 = w.astype(np.float64), g.astype(np.float64)
+    if w.ndim <= 1:
+        w64, g64 = w64.reshape(1, -1), g64.reshape(1, -1)
+    else:
+        w64, g64 = w64.reshape(w.shape[0], -1), g64.reshape(g.shape[0], -1)
+    out = g64.copy()
+    for i in range(w64.shape[0]):
+        max_norm = clipping * max(np.sqrt((w64[i] ** 2).sum()), eps)
+        gn = np.sqrt((g64[i] ** 2).sum())
+        if gn > max_norm:
+            out[i] = g64[i] * max_norm / max(gn, 1e-6)
+    return out.reshape(g.shape)
+
+
+def _cases():
+    rng = np.random.default_rng(0)
+    conv_w = rng.standard_normal((6, 3, 3, 3)).astype(np.float32)
+    conv_w[2] = 0.0  # a zero-norm unit: eps decides its budget
+    conv_g = (rng.standard_normal((6, 3, 3, 3)) * np.array([1e-4, 10, 1e-3, 1e-5, 5, 0])[:, None, None, None])
+    lin_w = rng.standard_normal((5, 7)).astype(np.float32)
+    lin_g = rng.standard_normal((5, 7)) * np.array([1e-4, 1, 1e-4, 1, 0.0])[:, None]
+    bias_w, bias_g = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4) * 5
+    scalar_w, scalar_g = np.float32(0.3), np.float64(-0.5)
+    small_w, small_g = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3) * 1e-5
+    return [(conv_w, conv_g), (lin_w, lin_g), (bias_w, bias_g), (np.array(scalar_w), np.array(scalar_g)),
+            (small_w, small_g)]
+
+
+@pytest.mark.parametrize("clipping,eps", [(0.01, 1e-3), (0.1, 1e-3), (0.05, 1e-2)])
+def test_matches_the_authors_formula(clipping, eps):
+    cases = _cases()
+    params = []
+    for w, g in cases:
+        p = nn.Parameter(torch.from_numpy(np.array(w, np.float32)))
+        p.grad = torch.from_numpy(np.array(g, np.float32))
+        params.append(p)
+    adaptive_clip_grad_(params, clipping, eps)
+    clipped_any = unclipped_any = False
+    for p, (w, g) in zip(params, cases):
+        expected = numpy_agc(np.array(w), np.array(g, np.float32), clipping, eps)
+        np.testing.assert_allclose(p.grad.numpy(), expected, rtol=2e-6, atol=1e-12)
+        changed = ~np.isclose(expected, np.array(g, np.float32), rtol=0, atol=0)
+        clipped_any |= bool(changed.any())
+        unclipped_any |= bool((~changed).any())
+    assert clipped_any and unclipped_any  # the cases exercise both branches
+
+
+def test_matches_timm_on_a_real_network_gradient():
+    from timm.utils.agc import adaptive_clip_grad
+
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10)).train()
+    model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
+    params = agc_parameters(model)
+    grads = [p.grad.clone() for p in params]
+    adaptive_clip_grad(params, 0.01)
+    expected = [p.grad.clone() for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    adaptive_clip_grad_(params, 0.01)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+    assert any(not torch.equal(e, g) for e, g in zip(expected, grads))
+
+
+def test_classifier_is_found_by_identity_not_order():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)  # registered first: "the last two parameters" would be wrong
+            self.body = nn.Linear(4, 4)
+
+        def get_classifier(self):
+            return self.fc
+
+    m = HeadFirst()
+    assert {id(p) for p in agc_parameters(m)} == {id(m.body.weight), id(m.body.bias)}
+    authors = agc_parameters(m, "authors")
+    assert {id(p) for p in authors} == {id(m.body.weight), id(m.body.bias), id(m.fc.bias)}
+    with pytest.raises(ValueError, match="unknown AGC partition"):
+        agc_parameters(m, "nope")
+    nano = timm.create_model("nfnet_hub_nano")
+    names = {id(p): n for n, p in nano.named_parameters()}
+    assert not [names[id(p)] for p in agc_parameters(nano) if names[id(p)].startswith("head.")]
+
+
+def test_after_unscaling_under_mixed_precision():
+    torch.manual_seed(0)
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10, drop_rate=0.0)).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    adaptive_clip_grad_(agc_parameters(model), 0.01)
+    expected = [p.grad.clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.unscale_(opt)
+    adaptive_clip_grad_(agc_parameters(model), 0.01)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-8)
+
+
+def test_timm_dispatch_uses_ours_after_patch(monkeypatch):
+    import timm.utils.clip_grad as cg
+
+    monkeypatch.setattr(cg, "adaptive_clip_grad", cg.adaptive_clip_grad)
+    patch_timm()
+    p = nn.Parameter(torch.ones(2, 3))
+    p.grad = torch.full((2, 3), 10.0)
+    cg.dispatch_clip_grad([p], 0.01, mode="agc")
+    assert cg.adaptive_clip_grad.__module__ == "nfnet_hub.agc"
+    torch.testing.assert_close(p.grad.norm(dim=1), torch.full((2,), 0.01 * 3 ** 0.5))

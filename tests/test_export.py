@@ -1,0 +1,119 @@
+"""ONNX export: clean, small, verified graphs in fp32, fp16 and int8; clear failures, no partial files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import timm
+import torch
+from conftest import randomise, rel_error
+
+import nfnet_hub.export as export_mod
+from nfnet_hub.cli import main
+from nfnet_hub.export import ExportError, export_onnx, validate_onnx
+from nfnet_hub.models.convert import save_safetensors
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=3)
+
+
+def _run(path, x):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session, session.run(None, {"pixel_values": x})[0]
+
+
+def test_fp32_export_is_clean_dynamic_and_self_describing(nano, tmp_path):
+    labels = [f"digit {i}" for i in range(10)]
+    report = export_onnx(nano, tmp_path / "model.onnx", label_names=labels)
+    proto = onnx.load(tmp_path / "model.onnx")
+    ops = {n.op_type for n in proto.graph.node}
+    assert not ops & {"BatchNormalization", "Identity", "Cast", "ReduceSumSquare", "Sqrt", "Sub"}
+    assert {i.name for i in proto.graph.initializer} >= {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}
+    assert proto.opset_import[0].version == report.opset == 20
+    assert report.max_rel_error < 1e-4
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)  # a batch never traced
+    session, out = _run(tmp_path / "model.onnx", x)
+    with torch.no_grad():
+        assert rel_error(torch.from_numpy(out), nano(torch.from_numpy(x))) < 1e-5
+    meta = session.get_modelmeta().custom_metadata_map
+    pre = json.loads(meta["nfnet_hub.preprocessing"])
+    assert pre["input_size"] == [3, 32, 32] and pre["interpolation"] == "bicubic" and "crop_pct" in pre
+    assert json.loads(meta["nfnet_hub.labels"]) == labels
+    assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+def test_f0_graph_is_small(tmp_path):
+    model = randomise(timm.create_model("nfnet_hub_f0"))
+    report = export_onnx(model, tmp_path / "f0.onnx")
+    assert report.img_size == (256, 256)
+    assert report.nodes <= 350
+    assert report.file_bytes <= 1.01 * report.weight_bytes
+    assert report.max_rel_error < 1e-4
+
+
+def test_fp16_and_int8(nano, tmp_path):
+    r16 = export_onnx(nano, tmp_path / "fp16.onnx", precision="fp16")
+    assert r16.max_rel_error < 3e-2
+    assert r16.file_bytes < 0.6 * export_onnx(nano, tmp_path / "fp32.onnx").file_bytes
+    calib = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    r8 = export_onnx(nano, tmp_path / "int8.onnx", precision="int8", calibration=calib)
+    ops = r8.op_counts
+    assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    proto = onnx.load(tmp_path / "int8.onnx")
+    weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
+    assert weights  # per-channel int8 kernels
+    scales = {i.name: i for i in proto.graph.initializer}
+    assert any(len(scales[n.input[1]].dims) == 1 and scales[n.input[1]].dims[0] > 1
+               for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in scales)
+
+
+def test_failed_verification_leaves_nothing(nano, tmp_path, monkeypatch):
+    monkeypatch.setitem(export_mod.TOLERANCE, "fp32", 0.0)
+    with pytest.raises(ExportError, match=r"max abs error .* relative"):
+        export_onnx(nano, tmp_path / "out" / "model.onnx")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_arguments(nano, tmp_path):
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        export_onnx(nano, tmp_path / "m.onnx", precision="int4")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        export_onnx(nano, tmp_path / "m.onnx", img_size=100)
+    with pytest.raises(ValueError, match="calibration"):
+        export_onnx(nano, tmp_path / "m.onnx", precision="int8")
+    with pytest.raises(ValueError, match="3 label names for a model with 10 classes"):
+        export_onnx(nano, tmp_path / "m.onnx", label_names=["a", "b", "c"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, capsys):
+    save_safetensors(nano, tmp_path / "nano.safetensors")
+    out = tmp_path / "onnx"
+    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--img-size", "64",
+                 "--out", str(out)]) == 0
+    assert "64px" in capsys.readouterr().out
+    report = validate_onnx(out / "model.onnx", nano, sorted(sample_images.iterdir()))
+    assert report.inputs == 6 and report.source == "images"
+    assert report.top1_agreement == 1.0 and report.max_abs_error < 1e-4
+    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--precision", "int8",
+                 "--calibration", str(sample_images), "--filename", "model_int8.onnx", "--out", str(out)]) == 0
+    assert main(["validate", str(out / "model_int8.onnx"), "--model", "nfnet_hub_nano", "--checkpoint",
+                 str(tmp_path / "nano.safetensors"), "--images", str(sample_images)]) == 0
+    assert '"top1_agreement"' in capsys.readouterr().out
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
+    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "broken.safetensors"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+    assert main(["export", "nfnet_hub_nano", "--precision", "int8", "--out", str(tmp_path / "o")]) == 2
+    assert "--calibration" in capsys.readouterr().err
+    assert main(["export", "nfnet_hub_nano", "--img-size", "50", "--out", str(tmp_path / "o")]) == 2
+    assert "multiple of 32" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,110 @@
+"""The trainer on real data (scikit-learn's digits): accuracy, torchrun/DDP over gloo, resumption."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nfnet_hub.train import TrainingDiverged, parse_args, train
+
+BASE = ["--model", "nfnet_hub_nano", "--dataset", "digits", "--no-progress", "--log-interval", "0",
+        "--clip-grad", "0.02", "--warmup-epochs", "1"]
+
+
+def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nfnet_hub.cli", "train", *args], env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_nano_learns_digits(tmp_path):
+    result = train(parse_args([*BASE, "--epochs", "10", "--batch-size", "64", "--lr", "0.2", "--drop", "0",
+                               "--model-ema", "--model-ema-decay", "0.99", "--output", str(tmp_path)]))
+    assert result["metrics"]["top1"] >= 95.0
+    out = Path(result["output"])
+    assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"} <= {p.name for p in out.iterdir()}
+    assert len(list(out.glob("checkpoint-*.pth.tar"))) == 3
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr" and len(rows) == 11
+    ckpt = _weights(out / "last.pth.tar")
+    assert {"state_dict", "state_dict_ema", "optimizer", "scheduler", "epoch", "global_step"} <= set(ckpt)
+
+
+def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
+    common = [*BASE, "--epochs", "1", "--lr", "0.1", "--drop", "0", "--drop-path", "0", "--checkpoint-hist", "0"]
+    one = _cli(*common, "--batch-size", "32", "--output", str(tmp_path / "one"), "--experiment", "run")
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "nfnet_hub.cli", "train", *common, "--batch-size", "16",
+                            "--output", str(tmp_path / "two"), "--experiment", "run"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for p in (one, two):
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+    a, b = _weights(tmp_path / "one/run/last.pth.tar"), _weights(tmp_path / "two/run/last.pth.tar")
+    assert a["global_step"] == b["global_step"] == 1437 // 32
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    moved = sum(float((v - b["state_dict"][k]).abs().max()) for k, v in a["state_dict"].items())
+    assert moved < 1e-2
+
+
+def test_killed_run_resumes_to_the_same_state(tmp_path):
+    common = [*BASE, "--epochs", "3", "--batch-size", "64", "--lr", "0.2", "--recovery-interval", "4",
+              "--checkpoint-hist", "0", "--experiment", "run"]
+    reference = _cli(*common, "--output", str(tmp_path / "ref"))
+    victim = _cli(*common, "--output", str(tmp_path / "victim"))
+    ckpt = tmp_path / "victim/run/last.pth.tar"
+    deadline = time.time() + 300
+    while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    killed_at = _weights(ckpt)["global_step"]
+    assert 0 < killed_at < 3 * (1437 // 64)
+    # under torchrun --max-restarts, a restarted worker sees TORCHELASTIC_RESTART_COUNT and resumes by itself
+    resumed = _cli(*common, "--output", str(tmp_path / "victim"), env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and f"step {killed_at}" in out, out
+    ref_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_out
+    a, b = _weights(tmp_path / "ref/run/last.pth.tar"), _weights(ckpt)
+    assert a["global_step"] == b["global_step"] == 3 * (1437 // 64)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = parse_args([*BASE, "--epochs", "2", "--batch-size", "64", "--lr", "1e9", "--clip-grad", "0",
+                       "--recovery-interval", "1", "--output", str(tmp_path), "--experiment", "run"])
+    with pytest.raises(TrainingDiverged, match="loss is nan"):
+        train(args)
+    ckpt = _weights(tmp_path / "run/last.pth.tar")
+    assert ckpt["global_step"] >= 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_recipes_follow_the_authors(tmp_path):
+    args = parse_args(["--config", "f3", "--batch-size", "512"])
+    assert (args.model, args.opt, args.momentum, args.weight_decay) == ("nfnet_hub_f3", "sgd", 0.9, 2e-5)
+    assert (args.lr_base, args.lr_base_size, args.sched, args.warmup_epochs) == (0.1, 256, "cosine", 5)
+    assert (args.epochs, args.clip_mode, args.smoothing) == (360, "agc", 0.1)
+    assert (args.drop, args.drop_path, args.aa) == (0.4, 0.25, "rand-m15-n4")
+    assert args.img_size == 320 and args.model_ema and args.model_ema_decay == 0.99999 and args.batch_size == 512
+    (tmp_path / "bad.yaml").write_text("learning_rate: 3\n")
+    with pytest.raises(ValueError, match="unknown options learning_rate"):
+        parse_args(["--config", str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="recipes: f0, f1"):
+        parse_args(["--config", "f9"])
