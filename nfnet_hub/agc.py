@@ -15,23 +15,50 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard
 
 __all__ = ["PARTITIONS", "adaptive_clip_grad_", "agc_parameters", "patch_timm"]
 
 PARTITIONS = ("exclude_classifier", "authors")
 
 
-def _row_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Unit norms of every tensor, concatenated: one per row of a matrix, one per scalar or vector."""
+def _row_norms(tensors: list[torch.Tensor], sharded_vectors: list[Any]) -> torch.Tensor:
+    """Unit norms of every tensor, concatenated: one per row of a matrix, one per scalar or vector.
+
+    ``tensors`` are local: under FSDP2 a matrix sharded on dim 0 holds whole rows, so its unit
+    norms need nothing from other ranks; a vector is one unit split across ranks, so its squared
+    norm is summed over the process group given in ``sharded_vectors`` (None where not sharded).
+    """
     parts = []
     vectors = [t for t in tensors if t.ndim <= 1]
     vec_norms = iter(torch._foreach_norm(vectors) if vectors else [])
-    for t in tensors:
-        parts.append(next(vec_norms).reshape(1) if t.ndim <= 1 else torch.linalg.vector_norm(t.flatten(1), dim=1))
+    for t, group in zip(tensors, sharded_vectors):
+        if t.ndim > 1:
+            parts.append(torch.linalg.vector_norm(t.flatten(1), dim=1))
+            continue
+        norm = next(vec_norms).reshape(1)
+        if group is not None:
+            square = norm.square()
+            dist.all_reduce(square, group=group)
+            norm = square.sqrt()
+        parts.append(norm)
     return torch.cat(parts)
+
+
+def _local(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """The local shard of a DTensor (FSDP2) and, for a sharded vector, the group its unit spans."""
+    if not isinstance(t, DTensor):
+        return t, None
+    placements = t.placements
+    if any(isinstance(pl, Shard) and pl.dim != 0 for pl in placements):
+        raise ValueError("AGC needs parameters sharded on dim 0 (output rows), as fully_shard does")
+    group = t.device_mesh.get_group() if t.ndim <= 1 and any(isinstance(pl, Shard) for pl in placements) else None
+    return t.to_local(), group
 
 
 @torch.no_grad()
@@ -45,11 +72,11 @@ def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipp
         if p.grad is not None:
             groups[(p.device, p.dtype, p.grad.dtype)].append(p)
     for params in groups.values():
-        weights = [p.detach() for p in params]
-        grads = [p.grad.detach() for p in params]
+        weights, groups_of = zip(*(_local(p.detach()) for p in params))
+        grads = [_local(p.grad.detach())[0] for p in params]
         units = [1 if w.ndim <= 1 else w.shape[0] for w in weights]
-        max_norm = _row_norms(weights).float().clamp_(min=eps).mul_(clipping)
-        grad_norm = _row_norms(grads).float()
+        max_norm = _row_norms(weights, groups_of).float().clamp_(min=eps).mul_(clipping)
+        grad_norm = _row_norms(grads, groups_of).float()
         clip = grad_norm > max_norm
         clipped = clip.nonzero().flatten().tolist()  # the only host sync; usually a handful of units
         if not clipped:

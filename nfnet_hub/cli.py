@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def _cmd_train(argv: list[str]) -> int:
     from .train import parse_args, train
 
     result = train(parse_args(argv))
-    if result["metrics"]:
+    if result["metrics"] and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: top-1 {result['metrics']['top1']:.2f}% after {result['global_step']} steps; "
               f"checkpoints in {result['output']}")
     return 0

@@ -39,11 +39,12 @@ def test_nano_learns_digits(tmp_path):
     assert {"state_dict", "state_dict_ema", "optimizer", "scheduler", "epoch", "global_step"} <= set(ckpt)
 
 
-def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, mode):
     common = [*BASE, "--epochs", "1", "--lr", "0.1", "--drop", "0", "--drop-path", "0", "--checkpoint-hist", "0"]
     one = _cli(*common, "--batch-size", "32", "--output", str(tmp_path / "one"), "--experiment", "run")
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "nfnet_hub.cli", "train", *common, "--batch-size", "16",
+                            "-m", "nfnet_hub.cli", "train", *common, *mode, "--batch-size", "16",
                             "--output", str(tmp_path / "two"), "--experiment", "run"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"})

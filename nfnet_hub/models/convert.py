@@ -79,7 +79,7 @@ def convert_deepmind(arrays: dict[str, np.ndarray], model: nn.Module) -> dict[st
                 unknown.append(key)
                 continue
             if m.group(2) is None and param == "skip_gain":
-                out[f"{blocks[idx]}.skipinit_gain"] = torch.as_tensor(np.asarray(value, np.float32).reshape(()))
+                out[f"{blocks[idx]}.skipinit_gain"] = torch.as_tensor(np.asarray(value, np.float32).reshape(1))
                 continue
             target = _BLOCK_PARAMS.get(m.group(2) or "")
             name = f"{blocks[idx]}.{target}" if target else None
@@ -141,7 +141,8 @@ def check_fit(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     shapes = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(state_dict)) if state_dict[k].shape != expected[k].shape]
+              for k in sorted(set(expected) & set(state_dict))
+              if state_dict[k].shape != expected[k].shape and not state_dict[k].numel() == expected[k].numel() == 1]
     problems = [(label, items) for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
     if problems:

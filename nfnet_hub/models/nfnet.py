@@ -80,7 +80,14 @@ class NFBlock(nn.Module):
         self.conv3 = WSConv2d(mid, out_chs, 1, **conv)
         self.attn_last = SqueezeExcite(out_chs, cfg.se_ratio)
         self.drop_path = StochasticDepth(drop_path, drop_path_scale_by_keep) if drop_path > 0 else nn.Identity()
-        self.skipinit_gain = nn.Parameter(torch.tensor(0.0))
+        # shape (1,), not timm's (): FSDP2 cannot shard scalars; timm's scalars load through the hook below
+        self.skipinit_gain = nn.Parameter(torch.zeros(1))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "skipinit_gain"
+        if key in state_dict and state_dict[key].ndim == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(x) * self.beta

@@ -136,6 +136,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.fsdp:  # before the optimiser: fully_shard replaces the parameters with sharded ones
+        if world < 2:
+            raise ValueError("--fsdp shards across processes: start it with torchrun --nproc_per_node N (N >= 2)")
+        if args.model_ema:
+            raise ValueError("--model-ema with --fsdp is not supported yet")
+        from torch.distributed.fsdp import fully_shard
+        for stage in model.stages:
+            for block in stage:
+                fully_shard(block)
+        fully_shard(model)
     clip_params = agc_parameters(model, args.agc_partition) if args.clip_grad and args.clip_mode == "agc" else None
 
     global_batch = args.batch_size * world * args.grad_accum_steps
@@ -158,18 +168,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     criterion = SoftTargetCrossEntropy() if mixup else (
         LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss())
 
-    if args.fsdp:
-        from torch.distributed.fsdp import fully_shard
-        for stage in model.stages:
-            for block in stage:
-                fully_shard(block)
-        fully_shard(model)
-        train_model = model
-    elif world > 1:
+    train_model = model
+    if world > 1 and not args.fsdp:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
-    else:
-        train_model = model
     if args.torchcompile:
         train_model = torch.compile(train_model, backend=args.torchcompile)
 
