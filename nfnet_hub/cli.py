@@ -95,6 +95,67 @@ def _cmd_train(argv: list[str]) -> int:
     return 0
 
 
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .hub import build_bundle
+    from .models.convert import create_model
+    from .runtime import Preprocess
+
+    model = create_model(args.model, args.checkpoint)
+    labels = [line for line in Path(args.labels).read_text().splitlines() if line] if args.labels else None
+    calibration = None
+    if "int8" in args.precision:
+        if not args.calibration:
+            raise ValueError("int8 needs --calibration DIR (images to calibrate the quantisation on)")
+        pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
+        calibration = np.stack([pre(p) for p in _load_images(args.calibration)])
+    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
+    out = build_bundle(model, args.out, label_names=labels, precisions=["fp32", *args.precision],
+                       calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
+                       license=args.license, overwrite=args.overwrite)
+    print(f"bundle ready: {out}\npublish with: nfnet-hub publish {out} --repo-id {args.repo_id}")
+    return 0
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from .hub import publish
+
+    r = publish(args.bundle, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
+                dry_run=args.dry_run)
+    if r.get("dry_run"):
+        print(f"dry run: would upload {len(r['files'])} files ({r['bytes'] / 1e6:.1f} MB) to {r['repo_id']} "
+              f"in one commit: {', '.join(r['files'])}")
+    else:
+        print(f"published and verified: {r['commit_url']}" + (f" (pull request {r['pr_url']})" if r["pr_url"] else ""))
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from .release import release
+
+    release(args.manifest, out=args.out, dry_run=args.dry_run)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .runtime import OnnxClassifier
+
+    clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
+    for image, preds in zip(args.images, clf.predict(args.images, top_k=args.top_k)):
+        print(image)
+        for p in preds:
+            print(f"  {p.probability:7.2%}  {p.label}")
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run
+
+    run(args.out, epochs=args.epochs, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nfnet-hub", description="Train, export and ship NFNets.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +190,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint")
     s.add_argument("--images", help="folder of images (default: random inputs)")
     s.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("bundle", help="build a verified Hub bundle (weights, config, ONNX, card, checksums)")
+    s.add_argument("model")
+    s.add_argument("--checkpoint")
+    s.add_argument("--precision", nargs="*", default=[], choices=["fp16", "int8"], help="extra ONNX precisions")
+    s.add_argument("--calibration", help="folder of images for int8 calibration")
+    s.add_argument("--labels", help="text file with one label per line")
+    s.add_argument("--metrics", help="JSON file with measured top1/top5 for the card")
+    s.add_argument("--dataset")
+    s.add_argument("--repo-id", default="ORG/NAME", help="used in the card's usage examples")
+    s.add_argument("--license", default="apache-2.0")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=_cmd_bundle)
+
+    s = sub.add_parser("publish", help="upload a bundle to the Hub in one commit and verify it")
+    s.add_argument("bundle")
+    s.add_argument("--repo-id", required=True)
+    s.add_argument("--private", action="store_true")
+    s.add_argument("--revision")
+    s.add_argument("--create-pr", action="store_true")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(fn=_cmd_publish)
+
+    s = sub.add_parser("release", help="build and publish every model of a release manifest")
+    s.add_argument("manifest")
+    s.add_argument("--out", default="artifacts/release")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(fn=_cmd_release)
+
+    s = sub.add_parser("predict", help="classify images with the torch-free ONNX runtime")
+    s.add_argument("images", nargs="+")
+    s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--filename", default="model.onnx")
+    s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("quickstart", help="the whole chain on bundled digits, offline, in minutes")
+    s.add_argument("--out", default="artifacts/quickstart")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(fn=_cmd_quickstart)
     return p
 
 
@@ -143,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+    except (ValueError, OSError, RuntimeError, TypeError) as e:
         print(f"nfnet-hub {args.command}: error: {e}", file=sys.stderr)
         return 2
 

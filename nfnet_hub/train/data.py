@@ -6,8 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+
+from ..runtime import Preprocess
 
 DIGITS_MEAN = (0.27, 0.27, 0.27)  # of digits scaled to [0, 1]
 DIGITS_STD = (0.38, 0.38, 0.38)
@@ -23,12 +25,16 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray,
     return tuple(train_test_split(images, d.target, test_size=test_fraction, random_state=seed, stratify=d.target))
 
 
+def digits_preprocess(size: int) -> Preprocess:
+    """The eval transform of a digits model: the same one the ONNX runtime applies to an image file."""
+    return Preprocess((size, size), crop_pct=1.0, crop_mode="squash", interpolation="bicubic", mean=DIGITS_MEAN,
+                      std=DIGITS_STD)
+
+
 def digits_to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N, 8, 8) -> normalised float (N, 3, size, size), bicubic upsampling."""
-    x = torch.from_numpy(images).float().div_(255.0)[:, None]
-    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp_(0, 1).expand(-1, 3, -1, -1)
-    mean, std = torch.tensor(DIGITS_MEAN).view(1, 3, 1, 1), torch.tensor(DIGITS_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    """uint8 (N, 8, 8) -> normalised float (N, 3, size, size), through the runtime's preprocessing."""
+    pre = digits_preprocess(size)
+    return torch.from_numpy(np.stack([pre(Image.fromarray(img)) for img in images]))
 
 
 class GlobalBatchSampler(Sampler[int]):

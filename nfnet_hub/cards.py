@@ -1,0 +1,37 @@
+"""Model cards rendered from ``model_cards/`` templates with measured figures only."""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = "nfnet.md"
+
+
+def card_data(*, repo_id: str, license: str, dataset: str | None, metrics: dict[str, float] | None) -> ModelCardData:
+    """The YAML front matter a Hub user expects, with model-index results when there are measurements."""
+    results = None
+    if metrics and dataset:
+        results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
+                              metric_type="accuracy", metric_name=f"top-{k}", metric_value=metrics[f"top{k}"])
+                   for k in (1, 5) if metrics.get(f"top{k}") is not None]
+    return ModelCardData(library_name="timm", license=license, pipeline_tag="image-classification",
+                         tags=["image-classification", "timm", "nfnet", "onnx", "nfnet-hub"],
+                         datasets=[dataset] if dataset else None, model_name=repo_id, eval_results=results)
+
+
+def template_path(name: str = TEMPLATE) -> Path:
+    """The template in a source checkout (``model_cards/``), else the copy shipped in the package."""
+    checkout = Path(__file__).resolve().parent.parent / "model_cards" / name
+    if checkout.is_file():
+        return checkout
+    return Path(str(resources.files("nfnet_hub.model_cards").joinpath(name)))
+
+
+def render_card(fields: dict[str, Any], data: ModelCardData) -> str:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    return str(ModelCard.from_template(data, template_path=str(template_path()), machine=machine, **fields))

@@ -1,0 +1,246 @@
+"""Hub bundles: build, verify, publish (one commit, verified after upload) and release manifests.
+
+A bundle is a folder a Hub repository can hold as is: ``model.safetensors`` and ``config.json``
+in timm's schema (so ``timm.create_model("hf-hub:ORG/NAME")`` works), ``model.onnx`` (folded and
+verified, optionally ``model_fp16.onnx`` and ``model_int8.onnx``), the model card ``README.md``,
+the parity record ``export.json`` and ``checksums.sha256``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+__all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
+
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+REQUIRED = ("model.safetensors", "config.json", "model.onnx", "README.md", "export.json")
+CHECKSUMS = "checksums.sha256"
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class BundleError(ValueError):
+    """A bundle that is incomplete, altered or fails its parity record."""
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ort_latency_ms(path: Path, size: int, runs: int = 20) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, size, size), np.float32)
+    session.run(None, {"pixel_values": x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        session.run(None, {"pixel_values": x})
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def _model_args(model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "cfg", None)
+    return {"ws": cfg.ws, "act": cfg.act} if cfg is not None and hasattr(cfg, "ws") else {}
+
+
+def build_bundle(model: nn.Module, out: str | os.PathLike, *, label_names: Sequence[str] | None = None,
+                 precisions: Sequence[str] = ("fp32",), calibration: np.ndarray | None = None,
+                 metrics: dict[str, float] | None = None, dataset: str | None = None,
+                 repo_id: str = "ORG/NAME", license: str = "apache-2.0", overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """Write a verified Hub bundle for ``model`` to the folder ``out`` (built aside, then moved in place)."""
+    from timm.models._hub import save_config_for_hf
+
+    from .cards import card_data, render_card
+    from .export import VERIFY_BATCHES, export_onnx
+    from .models.convert import save_safetensors
+    from .models.stats import model_stats
+
+    out = Path(out)
+    if "fp32" not in precisions:
+        raise ValueError("a bundle always holds the fp32 model.onnx: include 'fp32' in precisions")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    model = model.eval()
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        say = print if progress else (lambda *a, **k: None)
+        save_safetensors(model, tmp / "model.safetensors")
+        save_config_for_hf(model, str(tmp / "config.json"), model_config={"label_names": list(label_names)}
+                           if label_names is not None else None, model_args=_model_args(model))
+        size = model.pretrained_cfg.get("test_input_size", model.pretrained_cfg["input_size"])[-1]
+        exports = []
+        for precision in precisions:
+            say(f"  exporting {precision} ONNX ...", flush=True)
+            r = export_onnx(model, tmp / ONNX_FILES[precision], precision=precision, label_names=label_names,
+                            calibration=calibration)
+            record = {**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
+                      "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], size)}
+            exports.append(record)
+        (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset},
+                                                    indent=2))
+        cfg = model.pretrained_cfg
+        stats = model_stats(cfg["architecture"], size, num_classes=model.num_classes, **_model_args(model))
+        ws = getattr(getattr(model, "cfg", None), "ws", "timm")
+        fields = dict(
+            title=repo_id.split("/")[-1], repo_id=repo_id, architecture=cfg["architecture"],
+            summary=f"An NFNet image classifier ({model.num_classes} classes"
+                    + (f", trained on {dataset})." if dataset else ")."),
+            params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size=size,
+            crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation"), num_classes=model.num_classes,
+            ws_form={"timm": "timm's (w - mean) / sqrt(var + eps)",
+                     "deepmind": "the authors' rsqrt(max(var * fan_in, 1e-4))"}[ws],
+            act=getattr(getattr(model, "cfg", None), "act", "see timm config"), dataset=dataset,
+            metrics={k: round(v, 2) for k, v in (metrics or {}).items()} or None,
+            weights_mb=f"{(tmp / 'model.safetensors').stat().st_size / 1e6:.2f}", verify_batches=list(VERIFY_BATCHES),
+            exports=[dict(file=e["file"], precision=e["precision"], size_mb=f"{e['file_bytes'] / 1e6:.2f}",
+                          max_abs_error=f"{e['max_abs_error']:.2g}", max_rel_error=f"{e['max_rel_error']:.2g}",
+                          latency_ms=f"{e['latency_ms']:.2f}") for e in exports])
+        (tmp / "README.md").write_text(render_card(fields, card_data(repo_id=repo_id, license=license,
+                                                                     dataset=dataset, metrics=metrics)))
+        _write_checksums(tmp)
+        verify_bundle(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_checksums(folder: Path) -> None:
+    lines = [f"{sha256(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS]
+    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+
+
+def read_checksums(folder: Path) -> dict[str, str]:
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        raise BundleError(f"{folder} has no {CHECKSUMS}")
+    return {name: digest for digest, name in (line.split("  ", 1) for line in path.read_text().splitlines() if line)}
+
+
+def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
+    """Check a bundle before anything is published; raises BundleError with every problem found."""
+    from .export import TOLERANCE
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"{folder} is not a bundle folder")
+    problems = []
+    files = {p.name for p in folder.iterdir() if p.is_file()}
+    allowed = set(REQUIRED) | set(ONNX_FILES.values()) | {CHECKSUMS}
+    if missing := sorted(set(REQUIRED) - files):
+        problems.append(f"missing files: {', '.join(missing)}")
+    if extra := sorted(files - allowed) + sorted(p.name + "/" for p in folder.iterdir() if p.is_dir()):
+        problems.append(f"unexpected files: {', '.join(extra)}")
+    try:
+        sums = read_checksums(folder)
+        for name in sorted(files - {CHECKSUMS}):
+            if name not in sums:
+                problems.append(f"{name} is not in {CHECKSUMS}")
+            elif sha256(folder / name) != sums[name]:
+                problems.append(f"{name} does not match its checksum")
+    except BundleError as e:
+        problems.append(str(e))
+    config: dict[str, Any] = {}
+    if "config.json" in files:
+        try:
+            config = json.loads((folder / "config.json").read_text())
+            problems += [f"config.json: {p}" for p in _config_problems(config)]
+        except json.JSONDecodeError as e:
+            problems.append(f"config.json is not JSON: {e}")
+    record: dict[str, Any] = {}
+    if "export.json" in files:
+        record = json.loads((folder / "export.json").read_text())
+        for e in record.get("exports", []):
+            limit = TOLERANCE.get(e["precision"])
+            if limit is not None and not e["max_rel_error"] <= limit:
+                problems.append(f"{e['file']}: parity {e['max_rel_error']:.3g} exceeds {limit:g}")
+    for name in sorted(files & set(ONNX_FILES.values())):
+        import onnx
+
+        try:
+            onnx.checker.check_model(str(folder / name))
+        except Exception as e:  # the checker raises several types for corrupt files
+            problems.append(f"{name} is not a valid ONNX model: {str(e).splitlines()[0]}")
+    if problems:
+        raise BundleError(f"bundle {folder} failed verification:\n  " + "\n  ".join(problems))
+    return {"config": config, "record": record, "files": sorted(files)}
+
+
+def _config_problems(cfg: dict[str, Any]) -> list[str]:
+    problems = []
+    for key, kind in (("architecture", str), ("num_classes", int), ("pretrained_cfg", dict)):
+        if not isinstance(cfg.get(key), kind):
+            problems.append(f"'{key}' must be a {kind.__name__}")
+    pre = cfg.get("pretrained_cfg") if isinstance(cfg.get("pretrained_cfg"), dict) else {}
+    for key in ("input_size", "mean", "std", "interpolation", "crop_pct"):
+        if key not in pre:
+            problems.append(f"pretrained_cfg lacks '{key}'")
+    labels = cfg.get("label_names")
+    if labels is not None and len(labels) != cfg.get("num_classes"):
+        problems.append(f"{len(labels)} label_names for {cfg.get('num_classes')} classes")
+    return problems
+
+
+def check_repo_id(repo_id: str) -> str:
+    if not REPO_ID.match(repo_id or ""):
+        raise ValueError(f"repo id {repo_id!r} is not of the form ORG/NAME")
+    return repo_id
+
+
+def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
+            create_pr: bool = False, dry_run: bool = False, token: str | None = None,
+            endpoint: str | None = None) -> dict[str, Any]:
+    """Upload a verified bundle in one commit, then download it back and compare checksums.
+
+    The token comes from ``token``, ``HF_TOKEN`` or the login cache (huggingface_hub's rules); it is
+    never printed or logged.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+
+    check_repo_id(repo_id)
+    folder = Path(folder)
+    info = verify_bundle(folder)
+    sums = read_checksums(folder)
+    plan = {"repo_id": repo_id, "files": info["files"], "private": private, "revision": revision,
+            "create_pr": create_pr, "bytes": sum((folder / f).stat().st_size for f in info["files"])}
+    if dry_run:
+        return {**plan, "dry_run": True}
+    api = HfApi(endpoint=endpoint, token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
+                               commit_message=f"Upload {info['config'].get('architecture', 'model')} bundle "
+                                              "(nfnet-hub)")
+    ref = commit.oid
+    with tempfile.TemporaryDirectory() as cache:
+        for name, digest in sums.items():
+            got = Path(hf_hub_download(repo_id, name, revision=ref, cache_dir=cache, endpoint=endpoint,
+                                       token=token))
+            if sha256(got) != digest:
+                raise BundleError(f"after upload, {name} on the Hub does not match the bundle's checksum")
+    return {**plan, "commit": ref, "commit_url": commit.commit_url, "pr_url": commit.pr_url, "verified": True}

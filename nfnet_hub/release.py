@@ -1,0 +1,109 @@
+"""Release manifests (``export/release.toml``): build and publish every listed model, resumably."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .hub import BundleError, build_bundle, check_repo_id, publish, verify_bundle
+
+STATE = "release-state.json"
+_ENTRY_KEYS = {"repo_id", "model", "weights", "img_size", "precisions", "calibration", "labels", "license",
+               "dataset", "private"}
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Entries with defaults applied; every problem is reported before anything is built."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no release manifest at {path}")
+    data = tomllib.loads(path.read_text())
+    defaults = data.get("defaults", {})
+    entries, problems = [], []
+    for i, raw in enumerate(data.get("model", [])):
+        entry = {"precisions": ["fp32"], "license": "apache-2.0", "private": False, **defaults, **raw}
+        if unknown := sorted(set(entry) - _ENTRY_KEYS):
+            problems.append(f"model {i}: unknown keys {', '.join(unknown)}")
+        for key in ("repo_id", "model", "weights"):
+            if key not in entry:
+                problems.append(f"model {i}: missing '{key}'")
+        try:
+            check_repo_id(entry.get("repo_id", ""))
+        except ValueError as e:
+            problems.append(f"model {i}: {e}")
+        if "int8" in entry["precisions"] and "calibration" not in entry:
+            problems.append(f"model {i}: int8 needs 'calibration' (a folder of images)")
+        entries.append(entry)
+    if not entries:
+        problems.append("the manifest lists no [[model]]")
+    if problems:
+        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
+    base = path.parent
+    for e in entries:  # relative paths are relative to the manifest
+        for key in ("calibration", "labels"):
+            if key in e:
+                e[key] = str((base / e[key]).resolve())
+        if not str(e["weights"]).startswith("timm:"):
+            e["weights"] = str((base / e["weights"]).resolve())
+    return entries
+
+
+def _load(entry: dict[str, Any]):
+    import timm
+
+    from .models.convert import create_model
+
+    weights = str(entry["weights"])
+    if weights.startswith("timm:"):  # a pretrained tag, loaded by timm's own machinery
+        return timm.create_model(f"{entry['model']}.{weights[5:]}", pretrained=True)
+    return create_model(entry["model"], weights)
+
+
+def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/release", dry_run: bool = False,
+            endpoint: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
+    """Build and publish each entry; entries already published (see ``OUT/release-state.json``) are skipped."""
+    import numpy as np
+
+    from .runtime import Preprocess, list_images
+
+    entries = read_manifest(manifest)
+    out = Path(out)
+    state_file = out / STATE
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    results = []
+    for i, entry in enumerate(entries, 1):
+        repo_id = entry["repo_id"]
+        tag = f"[{i}/{len(entries)}] {repo_id}"
+        if repo_id in state and not dry_run:
+            print(f"{tag}: already published as {state[repo_id]['commit']}, skipped", flush=True)
+            results.append({"repo_id": repo_id, "skipped": True, **state[repo_id]})
+            continue
+        folder = out / repo_id.replace("/", "__")
+        try:
+            verify_bundle(folder)
+            print(f"{tag}: reusing the verified bundle in {folder}", flush=True)
+        except BundleError:
+            print(f"{tag}: building {entry['model']} from {entry['weights']}", flush=True)
+            model = _load(entry)
+            if "img_size" in entry:
+                size = entry["img_size"]
+                model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, size, size)}
+            calibration = None
+            if "calibration" in entry:
+                pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
+                calibration = np.stack([pre(p) for p in list_images(entry["calibration"])])
+            labels = Path(entry["labels"]).read_text().splitlines() if "labels" in entry else None
+            build_bundle(model, folder, label_names=labels, precisions=entry["precisions"], calibration=calibration,
+                         dataset=entry.get("dataset"), repo_id=repo_id, license=entry["license"], overwrite=True)
+        print(f"{tag}: {'checking (dry run)' if dry_run else 'publishing'}", flush=True)
+        result = publish(folder, repo_id, private=entry["private"], dry_run=dry_run, endpoint=endpoint, token=token)
+        if not dry_run:
+            state[repo_id] = {"commit": result["commit"], "commit_url": result["commit_url"]}
+            out.mkdir(parents=True, exist_ok=True)
+            state_file.write_text(json.dumps(state, indent=2))
+            print(f"{tag}: published {result['commit_url']}", flush=True)
+        results.append(result)
+    return results
