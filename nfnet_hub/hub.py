@@ -219,7 +219,7 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
     The token comes from ``token``, ``HF_TOKEN`` or the login cache (huggingface_hub's rules); it is
     never printed or logged.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
     check_repo_id(repo_id)
     folder = Path(folder)
@@ -233,7 +233,8 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision, create_pr=create_pr,
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in info["files"]]
+    commit = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,  # one commit, always
                                commit_message=f"Upload {info['config'].get('architecture', 'model')} bundle "
                                               "(nfnet-hub)")
     ref = commit.oid

@@ -58,8 +58,10 @@ class HubStub:
                     req = json.loads(body)
                     repo_id = f"{req['organization']}/{req['name']}" if req.get("organization") else req["name"]
                     if repo_id in stub.repos:
-                        return self._json(409, {"error": "You already created this model repo"})
-                    stub.repos[repo_id] = {"private": req.get("private", False), "refs": {"main": None},
+                        return self._json(409, {"error": "You already created this model repo",
+                                                "url": f"{stub.url}/{repo_id}"})
+                    private = bool(req.get("private")) or req.get("visibility") == "private"
+                    stub.repos[repo_id] = {"private": private, "refs": {"main": None},
                                            "commits": {None: {}}}
                     return self._json(200, {"url": f"{stub.url}/{repo_id}", "name": repo_id})
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/(.+)$", self.path)

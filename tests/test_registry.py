@@ -174,3 +174,13 @@ def test_pickled_checkpoints_load_weights_only(tmp_path):
         read_state_dict(tmp_path / "evil.pth")
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.safetensors")
+
+
+def test_import_order_does_not_matter():
+    import subprocess
+    import sys
+
+    for code in ("import nfnet_hub, timm", "import timm, nfnet_hub"):
+        out = subprocess.run([sys.executable, "-c", f"{code}; print(len(timm.list_models('nfnet_hub_*')))"],
+                             capture_output=True, text=True)
+        assert out.stdout.strip() == "17", out.stderr

@@ -1,0 +1,235 @@
+"""Bundles, publishing and consuming, against a loopback Hub: the real huggingface_hub client
+uploads to tests/hub_stub.py (a stand-in for the upload endpoints) and downloads through olah
+(a real self-hosted Hub mirror, offline, serving a git repository the test creates)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import randomise
+from hub_stub import HubStub
+
+from nfnet_hub.cli import main
+from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
+from nfnet_hub.release import read_manifest, release
+
+LABELS = [f"class {i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=11)
+    m.pretrained_cfg = {**m.pretrained_cfg, "crop_pct": 0.9}
+    return m
+
+
+@pytest.fixture(scope="module")
+def bundle(model, tmp_path_factory):
+    calib = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    return build_bundle(model, tmp_path_factory.mktemp("b") / "bundle", label_names=LABELS,
+                        precisions=("fp32", "fp16", "int8"), calibration=calib, metrics={"top1": 91.5, "top5": 99.0},
+                        dataset="digits", repo_id="me/nano", progress=False)
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(bundle, dst)
+    return dst
+
+
+def test_bundle_contents_and_card(bundle):
+    assert sorted(p.name for p in bundle.iterdir()) == sorted([
+        "README.md", "checksums.sha256", "config.json", "export.json", "model.onnx", "model.safetensors",
+        "model_fp16.onnx", "model_int8.onnx"])
+    cfg = json.loads((bundle / "config.json").read_text())
+    assert cfg["architecture"] == "nfnet_hub_nano" and cfg["num_classes"] == 10 and cfg["label_names"] == LABELS
+    assert cfg["pretrained_cfg"]["crop_pct"] == 0.9 and cfg["num_features"] == 256
+    card = (bundle / "README.md").read_text()
+    front = card.split("---")[1]
+    for needle in ("library_name: timm", "- onnx", "- nfnet", "pipeline_tag: image-classification", "model-index",
+                   "value: 91.5", "license: apache-2.0", "- digits"):
+        assert needle in front, needle
+    record = json.loads((bundle / "export.json").read_text())
+    fp32 = next(e for e in record["exports"] if e["precision"] == "fp32")
+    assert f"{fp32['max_rel_error']:.2g}" in card  # figures come from the measurements
+    assert "hf-hub:me/nano" in card and "OnnxClassifier.from_pretrained(\"me/nano\")" in card
+    verify_bundle(bundle)
+
+
+def test_local_dir_loads_in_timm_and_the_runtime(bundle, model):
+    from nfnet_hub.runtime import OnnxClassifier
+
+    loaded = timm.create_model(f"local-dir:{bundle}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    clf = OnnxClassifier.from_pretrained(bundle)
+    assert clf.labels == LABELS
+    np.testing.assert_allclose(clf.logits(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.onnx").unlink(), "missing files: model.onnx"),
+    (lambda d: (d / "notes.txt").write_text("x"), "unexpected files: notes.txt"),
+    (lambda d: (d / "model.safetensors").write_bytes(b"tampered"), "model.safetensors does not match its checksum"),
+    (lambda d: (d / "config.json").write_text(json.dumps({"architecture": 3})), "'architecture' must be a str"),
+    (lambda d: (d / "model_int8.onnx").write_bytes(b"\x00corrupt"), "model_int8.onnx is not a valid ONNX model"),
+    (lambda d: (d / "export.json").write_text(json.dumps({"exports": [
+        {"file": "model.onnx", "precision": "fp32", "max_rel_error": 0.5}]})), "parity 0.5 exceeds"),
+])
+def test_bad_bundles_are_refused_before_upload(bundle, tmp_path, damage, message):
+    broken = _copy(bundle, tmp_path)
+    damage(broken)
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(broken)
+    with HubStub() as hub:
+        with pytest.raises(BundleError):
+            publish(broken, "me/nano", endpoint=hub.url, token="hf_test")
+        assert hub.requests == []  # nothing half-published
+
+
+def test_publish_uploads_one_commit_and_verifies(bundle, capsys):
+    token = "hf_VerySecretTokenValue"
+    with HubStub() as hub:
+        r = publish(bundle, "me/nano", endpoint=hub.url, token=token, private=True)
+        commits = [p for m, p in hub.requests if m == "POST" and "/commit/" in p]
+        assert len(commits) == 1 and r["verified"]
+        assert hub.repos["me/nano"]["private"] is True
+        stored = hub.files("me/nano")
+        assert {n: __import__("hashlib").sha256(b).hexdigest() for n, b in stored.items()} == \
+            {p.name: sha256(p) for p in bundle.iterdir()}
+        assert all(h == f"Bearer {token}" for h in hub.auth_headers)
+        pr = publish(bundle, "me/nano", endpoint=hub.url, token=token, create_pr=True)
+        assert pr["pr_url"] and "refs/pr/1" in hub.repos["me/nano"]["refs"]
+        dev = publish(bundle, "me/nano", endpoint=hub.url, token=token, revision="dev")
+        assert hub.repos["me/nano"]["refs"]["dev"] == dev["commit"]
+    assert token not in capsys.readouterr().out
+
+
+def test_publish_cli_dry_run_and_bad_repo_ids(bundle, capsys):
+    assert main(["publish", str(bundle), "--repo-id", "me/nano", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run: would upload 8 files" in out and "one commit" in out
+    for bad in ("nano", "me/nano/extra", "-me/nano", "me/"):
+        assert main(["publish", str(bundle), f"--repo-id={bad}", "--dry-run"]) == 2
+        assert "ORG/NAME" in capsys.readouterr().err
+
+
+def test_release_builds_publishes_and_resumes(model, tmp_path, capsys):
+    from nfnet_hub.models.convert import save_safetensors
+
+    save_safetensors(model, tmp_path / "nano.safetensors")
+    (tmp_path / "release.toml").write_text(
+        '[defaults]\nprecisions = ["fp32"]\ndataset = "digits"\n\n'
+        '[[model]]\nrepo_id = "me/nano-a"\nmodel = "nfnet_hub_nano"\nweights = "nano.safetensors"\n\n'
+        '[[model]]\nrepo_id = "me/nano-b"\nmodel = "nfnet_hub_nano"\nweights = "nano.safetensors"\n'
+        'img_size = 64\n')
+    with HubStub() as hub:
+        dry = release(tmp_path / "release.toml", out=tmp_path / "rel", dry_run=True, endpoint=hub.url, token="hf_x")
+        assert all(r["dry_run"] for r in dry) and not [p for m, p in hub.requests if "/commit/" in p]
+        first = release(tmp_path / "release.toml", out=tmp_path / "rel", endpoint=hub.url, token="hf_x")
+        assert [r["verified"] for r in first] == [True, True]
+        assert json.loads(hub.files("me/nano-b")["config.json"])["pretrained_cfg"]["test_input_size"] == [3, 64, 64]
+        commits = len([p for m, p in hub.requests if "/commit/" in p])
+        again = release(tmp_path / "release.toml", out=tmp_path / "rel", endpoint=hub.url, token="hf_x")
+        assert all(r["skipped"] for r in again)
+        assert len([p for m, p in hub.requests if "/commit/" in p]) == commits
+    assert "[2/2] me/nano-b: already published" in capsys.readouterr().out
+
+
+def test_release_manifest_errors(tmp_path):
+    (tmp_path / "bad.toml").write_text('[[model]]\nrepo_id = "nope"\nmodel = "x"\nprecisions = ["int8"]\ncolour = 1\n')
+    with pytest.raises(ValueError) as e:
+        read_manifest(tmp_path / "bad.toml")
+    for needle in ("unknown keys colour", "missing 'weights'", "not of the form ORG/NAME", "int8 needs"):
+        assert needle in str(e.value)
+    entries = read_manifest(Path(__file__).parent.parent / "export" / "release.toml")
+    assert entries[0]["repo_id"] == "nfnet-hub/nfnet_f0.dm_in1k" and entries[0]["weights"] == "timm:dm_in1k"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def olah(tmp_path):
+    """olah in offline mode, serving git repositories under ``mirrors/models/ORG/NAME``."""
+    port = _free_port()
+    (tmp_path / "olah.toml").write_text(
+        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nmirror-netloc = "127.0.0.1:{port}"\n'
+        f'mirror-lfs-netloc = "127.0.0.1:{port}"\nrepos-path = "./repos"\nmirrors-path = ["./mirrors"]\n\n'
+        '[accessibility]\noffline = true\n')
+    proc = subprocess.Popen([sys.executable, "-m", "olah.server", "-c", "olah.toml"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            time.sleep(0.2)
+    yield url, tmp_path / "mirrors" / "models"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_round_trip_publish_then_download_through_olah(bundle, model, olah, tmp_path):
+    url, mirrors = olah
+    with HubStub() as hub:
+        publish(bundle, "me/nano", endpoint=hub.url, token="hf_x")
+        uploaded = hub.files("me/nano")
+    repo = mirrors / "me" / "nano"
+    repo.mkdir(parents=True)
+    for name, data in uploaded.items():
+        (repo / name).write_bytes(data)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "upload"], cwd=repo, check=True)
+
+    script = """
+import json, sys, numpy as np, torch
+import nfnet_hub, timm
+from huggingface_hub import snapshot_download
+from nfnet_hub.runtime import OnnxClassifier
+from nfnet_hub.hub import sha256
+from pathlib import Path
+local = Path(snapshot_download("me/nano", cache_dir=sys.argv[1]))
+sums = {p.name: sha256(p) for p in local.iterdir() if p.is_file()}
+model = timm.create_model("hf-hub:me/nano", pretrained=True).eval()
+clf = OnnxClassifier.from_pretrained("me/nano", cache_dir=sys.argv[1])
+x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+with torch.no_grad():
+    torch_logits = model(x).numpy()
+print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logits(x.numpy()).tolist(),
+                  "labels": clf.labels}))
+"""
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "30"}
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["sums"] == {p.name: sha256(p) for p in bundle.iterdir()}
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_array_equal(np.array(got["timm"], np.float32), expected)
+    np.testing.assert_allclose(np.array(got["onnx"]), expected, rtol=1e-4, atol=1e-5)
+    assert got["labels"] == LABELS

@@ -1,0 +1,84 @@
+"""The torch-free runtime: timm's eval preprocessing in numpy, and logits equal to timm's model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import randomise, rel_error
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from nfnet_hub.export import export_onnx
+from nfnet_hub.runtime import OnnxClassifier, Preprocess, load_image
+
+
+def test_importing_the_runtime_does_not_import_torch():
+    code = ("import sys, nfnet_hub.runtime as r; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import onnxruntime, numpy, PIL; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(input_size=(3, 256, 256), crop_pct=0.9, crop_mode="squash", interpolation="bicubic"),
+    dict(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="center", interpolation="bilinear"),
+    dict(input_size=(3, 64, 64), crop_pct=1.0, crop_mode="center", interpolation="bicubic"),
+], ids=["squash-bicubic", "center-bilinear", "center-full"])
+def test_preprocessing_matches_timm_on_real_photos(cfg, sample_images):
+    full = {**cfg, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    transform = create_transform(**resolve_data_config(pretrained_cfg=full), is_training=False)
+    pre = Preprocess.from_pretrained_cfg(full)
+    for path in sorted(sample_images.iterdir()):
+        expected = transform(load_image(path)).numpy()
+        got = pre(path)
+        assert got.shape == expected.shape == (3, *cfg["input_size"][1:])
+        np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path.name)
+
+
+def test_image_modes_are_handled(sample_images):
+    assert load_image(sample_images / "camera_grey.png").mode == "RGB"
+    assert load_image(sample_images / "rocket_rgba.png").mode == "RGB"
+    moon16 = np.asarray(load_image(sample_images / "moon_16bit.png"))
+    moon8 = np.asarray(Image.open(sample_images / "moon_16bit.png"), dtype=np.float64) / 257
+    assert moon16.dtype == np.uint8 and np.abs(moon16[..., 0] - moon8).max() <= 1  # rescaled, not clipped
+    (sample_images.parent / "not_image.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a readable image"):
+        load_image(sample_images.parent / "not_image.txt")
+
+
+def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_path):
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=7)
+    model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, 64, 64), "crop_pct": 0.9}
+    export_onnx(model, tmp_path / "model.onnx", label_names=[f"c{i}" for i in range(10)])
+    clf = OnnxClassifier(tmp_path / "model.onnx")  # preprocessing and labels from the ONNX metadata alone
+    assert clf.providers == ["CPUExecutionProvider"]
+    transform = create_transform(**resolve_data_config(model=model, use_test_size=True), is_training=False)
+    paths = sorted(sample_images.iterdir())
+    x = torch.stack([transform(load_image(p)) for p in paths])
+    with torch.no_grad():
+        expected = model(x)
+    got = clf.logits(np.stack([clf.preprocess(p) for p in paths]))
+    assert rel_error(torch.from_numpy(got), expected) < 1e-5
+    preds = clf.predict(paths, top_k=3, batch_size=4)
+    assert [p[0].index for p in preds] == expected.argmax(-1).tolist()
+    assert all(p[0].label == f"c{p[0].index}" and p[0].probability >= p[1].probability for p in preds)
+    probs = torch.softmax(expected.double(), -1).max(-1).values.tolist()
+    assert [p[0].probability for p in preds] == pytest.approx(probs, rel=1e-4)
+    with pytest.raises(ValueError, match="no images"):
+        clf.predict([])
+    with pytest.raises(ValueError, match="top_k"):
+        clf.predict(paths, top_k=0)
+
+
+def test_bad_models_and_repo_ids(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+        OnnxClassifier(tmp_path / "model.onnx")
+    with pytest.raises(FileNotFoundError):
+        OnnxClassifier(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="ORG/NAME"):
+        OnnxClassifier.from_pretrained("not-a-folder-nor-repo")
