@@ -1,0 +1,18 @@
+"""The README's first command: the whole chain, offline, on scikit-learn's digits."""
+from __future__ import annotations
+
+from nfnet_hub.hub import verify_bundle
+from nfnet_hub.quickstart import run
+
+
+def test_quickstart_end_to_end(tmp_path, capsys):
+    result = run(tmp_path, progress=False)
+    acc = {name: accuracy for name, accuracy, _, _ in result["rows"]}
+    assert acc["PyTorch"] >= 95.0
+    assert result["agree"] == result["n"] == 360  # ONNX fp32 agrees with PyTorch on every test image
+    assert acc["ONNX fp32"] == acc["PyTorch"]
+    assert abs(acc["ONNX int8"] - acc["ONNX fp32"]) <= 1.0
+    out = capsys.readouterr().out
+    assert "ONNX int8" in out and "latency (batch 1)" in out
+    assert f"nfnet-hub publish {tmp_path / 'bundle'} --repo-id" in out
+    verify_bundle(tmp_path / "bundle")
