@@ -43,8 +43,8 @@ elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
 
 
 def __getattr__(name: str) -> Any:
-    if name == "fold":  # the function, not the submodule of the same name
-        from .fold import fold
+    if name == "fold":
+        from .folding import fold
 
         globals()["fold"] = fold
         return fold

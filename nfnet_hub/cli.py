@@ -9,8 +9,7 @@ from pathlib import Path
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    import timm
-
+    from .models.nfnet import default_cfgs
     from .models.stats import model_stats
     from .models.variants import VARIANTS, model_name
 
@@ -18,7 +17,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for variant, v in VARIANTS.items():
         name = model_name(variant)
         train, test = model_stats(name, v.train_size), model_stats(name, v.test_size)
-        tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{name}.*")] or ["-"]
+        tags = [t for t in default_cfgs[name].tags if t] or ["-"]
         rows.append((name, f"{train.params / 1e6:.1f}M", f"{train.gmacs:.4g}", f"{test.gmacs:.4g}",
                      str(v.train_size), str(v.test_size), ", ".join(tags)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -56,6 +55,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .models.convert import create_model
     from .runtime import Preprocess
 
+    print(f"loading {args.model} ...", flush=True)
     model = create_model(args.model, args.checkpoint)
     labels = Path(args.labels).read_text().split("\n") if args.labels else None
     labels = [label for label in labels if label] if labels else None
@@ -67,6 +67,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         size = args.img_size or cfg.get("test_input_size", cfg["input_size"])[-1]
         pre = Preprocess.from_pretrained_cfg({**cfg, "input_size": (3, size, size), "test_input_size": None})
         calibration = np.stack([pre(p) for p in _load_images(args.calibration)])
+    print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
     report = export_onnx(model, Path(args.out) / args.filename, img_size=args.img_size, precision=args.precision,
                          opset=args.opset, label_names=labels, calibration=calibration)
     print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {report.img_size[0]}px, "
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nfnet-hub", description="Train, export and ship NFNets.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train with timm train.py arguments (see nfnet-hub train --help)", add_help=False)
+    sub.add_parser("timm-train", help="run timm's own train.py (PATH ARGS...) with nfnet-hub's AGC", add_help=False)
 
     s = sub.add_parser("list", help="registered variants with parameters, GMACs, sizes and pretrained tags")
     s.set_defaults(fn=_cmd_list)
@@ -237,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["timm-train"] and len(argv) > 1:  # timm's own train.py, with our AGC behind --clip-mode agc
+        import runpy
+
+        from .agc import patch_timm
+
+        patch_timm()
+        sys.argv = argv[1:]
+        runpy.run_path(argv[1], run_name="__main__")
+        return 0
     if argv[:1] == ["train"]:  # timm's train.py arguments, parsed by the trainer itself
         try:
             return _cmd_train(argv[1:])

@@ -25,7 +25,7 @@ import onnx
 import torch
 from torch import nn
 
-from .fold import fold
+from .folding import fold
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
            "onnx_logits", "validate_onnx"]

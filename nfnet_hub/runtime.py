@@ -134,6 +134,10 @@ class OnnxClassifier:
         """The execution providers the session actually runs on (CUDA only if it could load)."""
         return self.session.get_providers()
 
+    @property
+    def device(self) -> str:
+        return "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+
     @classmethod
     def from_pretrained(cls, repo_or_dir: str | os.PathLike, *, revision: str | None = None,
                         filename: str = "model.onnx", providers: Sequence[str] | None = None,

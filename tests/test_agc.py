@@ -125,3 +125,18 @@ def test_timm_dispatch_uses_ours_after_patch(monkeypatch):
     cg.dispatch_clip_grad([p], 0.01, mode="agc")
     assert cg.adaptive_clip_grad.__module__ == "nfnet_hub.agc"
     torch.testing.assert_close(p.grad.norm(dim=1), torch.full((2,), 0.01 * 3 ** 0.5))
+
+
+def test_timm_train_script_runs_with_our_agc(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"  # stands in for timm's train.py: the same call it makes for --clip-mode agc
+    script.write_text("import sys, torch\nfrom timm.utils import dispatch_clip_grad\nimport timm.utils.clip_grad as c\n"
+                      "p = torch.nn.Parameter(torch.ones(2, 3)); p.grad = torch.full((2, 3), 10.0)\n"
+                      "dispatch_clip_grad([p], float(sys.argv[2]), mode=sys.argv[1])\n"
+                      "print(c.adaptive_clip_grad.__module__, round(float(p.grad.norm(dim=1)[0]), 5))\n")
+    out = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "timm-train", str(script), "agc", "0.01"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["nfnet_hub.agc", str(round(0.01 * 3 ** 0.5, 5))]

@@ -10,7 +10,7 @@ from conftest import randomise, rel_error
 from torch import nn
 
 from nfnet_hub import fold
-from nfnet_hub.fold import FoldError, Scale
+from nfnet_hub.folding import FoldError, Scale
 from nfnet_hub.models.layers import SqueezeExcite
 
 TIMM_NF = [n for n in timm.list_models() if n.startswith(("dm_nfnet", "nfnet_f", "nfnet_l", "eca_nfnet", "nf_"))]
@@ -66,7 +66,7 @@ def test_fold_is_exact_in_double_precision(name):
 def test_full_size_f0_at_test_resolution_folds_every_constant():
     folded = _check("nfnet_hub_f0", size=256)
     for m in folded.modules():
-        if m is folded or isinstance(m, nn.Module) and type(m).__module__.startswith("nfnet_hub.fold"):
+        if m is folded or isinstance(m, nn.Module) and type(m).__module__.startswith("nfnet_hub.folding"):
             continue
         assert isinstance(m, PLAIN) or type(m).__module__.startswith("timm.layers"), type(m)
     assert not any(isinstance(m, Scale) for m in folded.modules())

@@ -184,3 +184,13 @@ def test_import_order_does_not_matter():
         out = subprocess.run([sys.executable, "-c", f"{code}; print(len(timm.list_models('nfnet_hub_*')))"],
                              capture_output=True, text=True)
         assert out.stdout.strip() == "17", out.stderr
+
+
+def test_list_command(capsys):
+    from nfnet_hub.cli import main
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 18
+    f0 = next(line for line in lines if line.startswith("nfnet_hub_f0 "))
+    assert f0.split()[1:6] == ["71.5M", "6.977", "12.38", "192", "256"] and "dm_in1k, deepmind_in1k" in f0

@@ -55,7 +55,7 @@ def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_p
     model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, 64, 64), "crop_pct": 0.9}
     export_onnx(model, tmp_path / "model.onnx", label_names=[f"c{i}" for i in range(10)])
     clf = OnnxClassifier(tmp_path / "model.onnx")  # preprocessing and labels from the ONNX metadata alone
-    assert clf.providers == ["CPUExecutionProvider"]
+    assert clf.providers == ["CPUExecutionProvider"] and clf.device == "cpu"
     transform = create_transform(**resolve_data_config(model=model, use_test_size=True), is_training=False)
     paths = sorted(sample_images.iterdir())
     x = torch.stack([transform(load_image(p)) for p in paths])
