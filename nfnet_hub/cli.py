@@ -49,7 +49,6 @@ def _load_images(folder: str | None) -> list[Path] | None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from .export import export_onnx
     from .models.convert import create_model
@@ -66,7 +65,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         cfg = dict(model.pretrained_cfg)
         size = args.img_size or cfg.get("test_input_size", cfg["input_size"])[-1]
         pre = Preprocess.from_pretrained_cfg({**cfg, "input_size": (3, size, size), "test_input_size": None})
-        calibration = np.stack([pre(p) for p in _load_images(args.calibration)])
+        calibration = pre.batch(_load_images(args.calibration))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
     report = export_onnx(model, Path(args.out) / args.filename, img_size=args.img_size, precision=args.precision,
                          opset=args.opset, label_names=labels, calibration=calibration)
@@ -97,7 +96,6 @@ def _cmd_train(argv: list[str]) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-    import numpy as np
 
     from .hub import build_bundle
     from .models.convert import create_model
@@ -109,8 +107,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     if "int8" in args.precision:
         if not args.calibration:
             raise ValueError("int8 needs --calibration DIR (images to calibrate the quantisation on)")
-        pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
-        calibration = np.stack([pre(p) for p in _load_images(args.calibration)])
+        calibration = Preprocess.from_pretrained_cfg(model.pretrained_cfg).batch(_load_images(args.calibration))
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
     out = build_bundle(model, args.out, label_names=labels, precisions=["fp32", *args.precision],
                        calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,

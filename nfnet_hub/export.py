@@ -252,7 +252,7 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     meta = session.get_modelmeta().custom_metadata_map
     pre = Preprocess.from_pretrained_cfg(json.loads(meta["nfnet_hub.preprocessing"]))
     if images:
-        batches = [np.stack([pre(p) for p in images[i:i + batch_size]]) for i in range(0, len(images), batch_size)]
+        batches = [pre.batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     else:
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((random_inputs, 3, *pre.input_size)).astype(np.float32)]

@@ -65,7 +65,6 @@ def _load(entry: dict[str, Any]):
 def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/release", dry_run: bool = False,
             endpoint: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
     """Build and publish each entry; entries already published (see ``OUT/release-state.json``) are skipped."""
-    import numpy as np
 
     from .runtime import Preprocess, list_images
 
@@ -94,7 +93,7 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
             calibration = None
             if "calibration" in entry:
                 pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
-                calibration = np.stack([pre(p) for p in list_images(entry["calibration"])])
+                calibration = pre.batch(list_images(entry["calibration"]))
             labels = Path(entry["labels"]).read_text().splitlines() if "labels" in entry else None
             build_bundle(model, folder, label_names=labels, precisions=entry["precisions"], calibration=calibration,
                          dataset=entry.get("dataset"), repo_id=repo_id, license=entry["license"], overwrite=True)

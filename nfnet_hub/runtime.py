@@ -82,6 +82,10 @@ class Preprocess:
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
+    def batch(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
+        """An NCHW float32 batch of preprocessed images."""
+        return np.stack([self(image) for image in images])
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -172,7 +176,7 @@ class OnnxClassifier:
             raise ValueError(f"top_k must be at least 1, got {top_k}")
         results = []
         for start in range(0, len(images), batch_size):
-            batch = np.stack([self.preprocess(img) for img in images[start:start + batch_size]])
+            batch = self.preprocess.batch(images[start:start + batch_size])
             probs = _softmax(self.logits(batch).astype(np.float64))
             for row in probs:
                 top = np.argsort(-row)[:top_k]

@@ -129,6 +129,14 @@ def authors_params(widths, depths, classes, group_size=128, stem=(16, 32, 64), s
     return params
 
 
+def assert_follows_the_authors(model, params, v, batch: int, size: int) -> None:
+    x = np.random.default_rng(size).standard_normal((batch, size, size, 3))
+    expected = authors_forward(params, x, v.widths, v.depths, v.group_size)
+    with torch.no_grad():
+        got = model(torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).double()
+    assert rel_error(got, torch.from_numpy(expected)) <= 1e-5
+
+
 def write_npz(params, path):
     np.savez(path, **{f"{mod}/{k}": v for mod, ps in params.items() for k, v in ps.items()})
 
@@ -146,11 +154,7 @@ def test_nano_follows_the_authors_numerics(tmp_path, form):
                  "--out", str(tmp_path / "nano.safetensors")]) == 0
     model = create_model("nfnet_hub_nano", tmp_path / "nano.safetensors").eval()
     assert model.cfg.ws == "deepmind" and model.cfg.act == "gelu_tanh"
-    x = np.random.default_rng(2).standard_normal((2, 32, 32, 3))
-    expected = authors_forward(params, x, v.widths, v.depths, v.group_size)
-    with torch.no_grad():
-        got = model(torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).double()
-    assert rel_error(got, torch.from_numpy(expected)) <= 1e-5
+    assert_follows_the_authors(model, params, v, batch=2, size=32)
 
 
 def test_f0_converted_weights_follow_the_authors_numerics(tmp_path):
@@ -161,11 +165,7 @@ def test_f0_converted_weights_follow_the_authors_numerics(tmp_path):
                  "--out", str(tmp_path / "f0.safetensors")]) == 0
     model = timm.create_model("nfnet_hub_f0.deepmind_in1k", pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "f0.safetensors"))).eval()
-    x = np.random.default_rng(3).standard_normal((1, 64, 64, 3))
-    expected = authors_forward(params, x, v.widths, v.depths)
-    with torch.no_grad():
-        got = model(torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).double()
-    assert rel_error(got, torch.from_numpy(expected)) <= 1e-5
+    assert_follows_the_authors(model, params, v, batch=1, size=64)
 
 
 def test_bad_deepmind_checkpoints(tmp_path):

@@ -117,6 +117,16 @@ def test_publish_uploads_one_commit_and_verifies(bundle, capsys):
     assert token not in capsys.readouterr().out
 
 
+def test_predict_cli(bundle, sample_images, capsys):
+    photos = [str(p) for p in sorted(sample_images.iterdir())[:2]]
+    assert main(["predict", *photos, "--model", str(bundle), "--top-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == photos[0] and len(out) == 8
+    assert all(line.strip().split("%")[1].strip() in LABELS for line in out[1:4])
+    assert main(["predict", str(bundle / "config.json"), "--model", str(bundle)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
 def test_publish_cli_dry_run_and_bad_repo_ids(bundle, capsys):
     assert main(["publish", str(bundle), "--repo-id", "me/nano", "--dry-run"]) == 0
     out = capsys.readouterr().out

@@ -109,3 +109,24 @@ def test_recipes_follow_the_authors(tmp_path):
         parse_args(["--config", str(tmp_path / "bad.yaml")])
     with pytest.raises(ValueError, match="recipes: f0, f1"):
         parse_args(["--config", "f9"])
+
+
+def test_image_folders_through_timms_loaders(tmp_path):
+    """``--dataset ''`` reads train/ and validation/ class folders with timm's datasets and transforms."""
+    from PIL import Image
+
+    from nfnet_hub.train.data import digits_split
+
+    xtr, xte, ytr, yte = digits_split()
+    for split, images, labels in (("train", xtr[:256], ytr[:256]), ("validation", xte[:64], yte[:64])):
+        for i, (img, label) in enumerate(zip(images, labels)):
+            folder = tmp_path / "data" / split / f"digit{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).resize((32, 32)).save(folder / f"{i}.png")
+    result = train(parse_args([*BASE, "--dataset", "", "--data-dir", str(tmp_path / "data"), "--img-size", "32",
+                               "--epochs", "6", "--batch-size", "32", "--lr", "0.2", "--workers", "0",
+                               "--aa", "rand-m3-n1", "--scale", "0.7", "1.0", "--hflip", "0",
+                               "--output", str(tmp_path / "out")]))
+    assert result["global_step"] == 6 * (256 // 32)
+    assert result["model"].num_classes == 10
+    assert result["metrics"]["top1"] > 50.0  # learns from timm's pipeline (chance: 10%)

@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mixup-prob", type=float, default=1.0)
     a("--mixup-switch-prob", type=float, default=0.5)
     a("--aa", default=None, help="AutoAugment/RandAugment policy, e.g. rand-m5-n4")
+    a("--scale", type=float, nargs=2, default=[0.08, 1.0], help="random resized crop area range")
+    a("--hflip", type=float, default=0.5)
     a("--model-ema", action="store_true")
     a("--model-ema-decay", type=float, default=0.9998)
     # precision and devices

@@ -34,7 +34,7 @@ def digits_preprocess(size: int) -> Preprocess:
 def digits_to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (N, 8, 8) -> normalised float (N, 3, size, size), through the runtime's preprocessing."""
     pre = digits_preprocess(size)
-    return torch.from_numpy(np.stack([pre(Image.fromarray(img)) for img in images]))
+    return torch.from_numpy(pre.batch([Image.fromarray(img) for img in images]))
 
 
 class GlobalBatchSampler(Sampler[int]):
@@ -103,7 +103,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                   std=data_cfg["std"], num_workers=args.workers, distributed=world > 1, pin_memory=args.pin_mem,
                   use_prefetcher=False)
     train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, auto_augment=args.aa,
-                          re_prob=0.0, **common)
+                          scale=tuple(args.scale), hflip=args.hflip, re_prob=0.0, **common)
     val = create_loader(val_ds, batch_size=args.batch_size, is_training=False, crop_pct=data_cfg["crop_pct"],
                         **common)
     num_classes = args.num_classes or len(getattr(train_ds, "reader", train_ds).class_to_idx)

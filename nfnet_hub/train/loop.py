@@ -222,7 +222,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, num_epochs):
         train_model.train()
-        if loaders.sampler is not None:
+        if hasattr(loaders.sampler, "set_epoch"):
             loaders.sampler.set_epoch(epoch)  # the same order after a resume
         batches = itertools.islice(iter(loaders.train), step_in_epoch * args.grad_accum_steps,
                                    updates_per_epoch * args.grad_accum_steps)
@@ -275,7 +275,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             lr_now = optimizer.param_groups[0]["lr"]
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{loss_sum / loss_n:.3f}", lr=f"{lr_now:.3g}")
+                progress.set_postfix(loss=f"{loss_sum / loss_n:.3f}", lr=f"{lr_now:.3g}",
+                                     img_s=f"{seen / (time.perf_counter() - tick):.0f}")
             elif main_process and args.log_interval and global_step % args.log_interval == 0:
                 rate = seen / (time.perf_counter() - tick)
                 print(f"epoch {epoch} step {step_in_epoch}/{updates_per_epoch} loss {loss_sum / loss_n:.4f} "
