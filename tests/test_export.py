@@ -107,6 +107,32 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     assert '"top1_agreement"' in capsys.readouterr().out
 
 
+def test_int8_accuracy_change_on_labelled_real_images(tmp_path):
+    """Images in folders named after the labels: validate reports both accuracies and the change."""
+    from PIL import Image
+
+    from nfnet_hub.train import parse_args, train
+    from nfnet_hub.train.data import digits_split, digits_to_tensor
+
+    result = train(parse_args(["--model", "nfnet_hub_nano", "--dataset", "digits", "--epochs", "4", "--lr", "0.2",
+                               "--batch-size", "64", "--clip-grad", "0.02", "--no-progress", "--log-interval", "0",
+                               "--output", str(tmp_path / "run")]))
+    model = result["model"].eval()
+    xtr, xte, _, yte = digits_split()
+    for i, (img, label) in enumerate(zip(xte[:120], yte[:120])):
+        (tmp_path / "val" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(tmp_path / "val" / str(label) / f"{i}.png")
+    export_onnx(model, tmp_path / "int8.onnx", precision="int8", label_names=[str(i) for i in range(10)],
+                calibration=digits_to_tensor(xtr[:64], 32).numpy())
+    images = sorted((tmp_path / "val").rglob("*.png"))
+    r = validate_onnx(tmp_path / "int8.onnx", model, images)
+    with torch.no_grad():
+        expected = (model(digits_to_tensor(xte[:120], 32)).argmax(-1).numpy() == yte[:120]).mean() * 100
+    assert r.inputs == 120 and r.torch_accuracy == pytest.approx(expected)  # same images, read from files
+    assert r.torch_accuracy > 80 and abs(r.accuracy_change) <= 5
+    assert r.accuracy_change == pytest.approx(r.onnx_accuracy - r.torch_accuracy)
+
+
 def test_cli_errors_are_clear(tmp_path, capsys):
     (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "broken.safetensors"),
