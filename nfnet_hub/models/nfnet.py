@@ -7,7 +7,7 @@ model, stochastic depth without rescaling, squeeze-excite width ``int(channels *
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -264,10 +264,6 @@ def model_cfg(variant: str) -> NFNetCfg:
     if variant not in VARIANTS:
         raise ValueError(f"unknown NFNet variant {variant!r}; valid: {', '.join(VARIANTS)}")
     return NFNetCfg.from_variant(VARIANTS[variant])
-
-
-def cfg_to_dict(cfg: NFNetCfg) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
