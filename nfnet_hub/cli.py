@@ -63,7 +63,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not args.calibration:
             raise ValueError("--precision int8 needs --calibration DIR (images to calibrate the quantisation on)")
         cfg = dict(model.pretrained_cfg)
-        size = args.img_size or cfg.get("test_input_size", cfg["input_size"])[-1]
+        size = args.img_size or (cfg.get("test_input_size") or cfg["input_size"])[-1]
         pre = Preprocess.from_pretrained_cfg({**cfg, "input_size": (3, size, size), "test_input_size": None})
         calibration = pre.batch(_load_images(args.calibration))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)

@@ -88,7 +88,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, label_names: Seque
         save_safetensors(model, tmp / "model.safetensors")
         save_config_for_hf(model, str(tmp / "config.json"), model_config={"label_names": list(label_names)}
                            if label_names is not None else None, model_args=_model_args(model))
-        size = model.pretrained_cfg.get("test_input_size", model.pretrained_cfg["input_size"])[-1]
+        size = (model.pretrained_cfg.get("test_input_size") or model.pretrained_cfg["input_size"])[-1]
         exports = []
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)

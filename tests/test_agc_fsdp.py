@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
+    dist.barrier()  # leave together: a rank exiting while the other still talks to gloo can abort
     dist.destroy_process_group()
 
 

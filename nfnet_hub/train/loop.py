@@ -119,8 +119,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     np.random.seed(args.seed + rank)
 
     model_kw = {k: v for k, v in dict(drop_rate=args.drop, drop_path_rate=args.drop_path).items() if v is not None}
-    probe_cfg = timm.create_model(args.model, pretrained=False).pretrained_cfg if args.dataset != "digits" else {}
-    loaders = create_loaders(args, probe_cfg, world, rank)
+    data_cfg = {}
+    if args.dataset != "digits":  # the model's preprocessing, without building the model twice
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(args.model)
+        data_cfg = cfg.to_dict() if cfg is not None else {}
+    loaders = create_loaders(args, data_cfg, world, rank)
     model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes or
                               loaders.num_classes, **model_kw)
     model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(loaders.mean), "std": tuple(loaders.std)}
