@@ -130,3 +130,30 @@ def test_image_folders_through_timms_loaders(tmp_path):
     assert result["global_step"] == 6 * (256 // 32)
     assert result["model"].num_classes == 10
     assert result["metrics"]["top1"] > 50.0  # learns from timm's pipeline (chance: 10%)
+
+
+def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
+    common = [*BASE, "--epochs", "3", "--batch-size", "64", "--lr", "0.2", "--recovery-interval", "4",
+              "--checkpoint-hist", "0", "--experiment", "run"]
+    reference = _cli(*common, "--output", str(tmp_path / "ref"))
+    agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                              "--max-restarts", "1", "-m", "nfnet_hub.cli", "train", *common,
+                              "--output", str(tmp_path / "elastic")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "elastic/run/last.pth.tar"
+    deadline = time.time() + 300
+    while not ckpt.exists() and agent.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(agent.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert pids, "no worker to kill"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    out, _ = agent.communicate(timeout=600)
+    assert agent.returncode == 0 and "resumed from" in out, out
+    ref_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_out
+    a, b = _weights(tmp_path / "ref/run/last.pth.tar"), _weights(ckpt)
+    assert a["global_step"] == b["global_step"] == 3 * (1437 // 64)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
