@@ -3,6 +3,7 @@ uploads to tests/hub_stub.py (a stand-in for the upload endpoints) and downloads
 (a real self-hosted Hub mirror, offline, serving a git repository the test creates)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -107,7 +108,7 @@ def test_publish_uploads_one_commit_and_verifies(bundle, capsys):
         assert len(commits) == 1 and r["verified"]
         assert hub.repos["me/nano"]["private"] is True
         stored = hub.files("me/nano")
-        assert {n: __import__("hashlib").sha256(b).hexdigest() for n, b in stored.items()} == \
+        assert {n: hashlib.sha256(b).hexdigest() for n, b in stored.items()} == \
             {p.name: sha256(p) for p in bundle.iterdir()}
         assert all(h == f"Bearer {token}" for h in hub.auth_headers)
         pr = publish(bundle, "me/nano", endpoint=hub.url, token=token, create_pr=True)

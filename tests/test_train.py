@@ -26,6 +26,18 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _assert_same_final_state(reference: subprocess.Popen, ref_ckpt: Path, ckpt: Path) -> None:
+    """The interrupted run ends exactly where the uninterrupted reference run (3 epochs) ends."""
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    a, b = _weights(ref_ckpt), _weights(ckpt)
+    assert a["global_step"] == b["global_step"] == 3 * (1437 // 64)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
 def test_nano_learns_digits(tmp_path):
     result = train(parse_args([*BASE, "--epochs", "10", "--batch-size", "64", "--lr", "0.2", "--drop", "0",
                                "--model-ema", "--model-ema-decay", "0.99", "--output", str(tmp_path)]))
@@ -77,14 +89,7 @@ def test_killed_run_resumes_to_the_same_state(tmp_path):
     resumed = _cli(*common, "--output", str(tmp_path / "victim"), env={"TORCHELASTIC_RESTART_COUNT": "1"})
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and f"step {killed_at}" in out, out
-    ref_out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, ref_out
-    a, b = _weights(tmp_path / "ref/run/last.pth.tar"), _weights(ckpt)
-    assert a["global_step"] == b["global_step"] == 3 * (1437 // 64)
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=1e-5, atol=1e-6)
+    _assert_same_final_state(reference, tmp_path / "ref/run/last.pth.tar", ckpt)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -151,9 +156,4 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
         os.kill(pid, signal.SIGKILL)
     out, _ = agent.communicate(timeout=600)
     assert agent.returncode == 0 and "resumed from" in out, out
-    ref_out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, ref_out
-    a, b = _weights(tmp_path / "ref/run/last.pth.tar"), _weights(ckpt)
-    assert a["global_step"] == b["global_step"] == 3 * (1437 // 64)
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    _assert_same_final_state(reference, tmp_path / "ref/run/last.pth.tar", ckpt)
