@@ -26,6 +26,7 @@ import nfnet_hub  # noqa: E402,F401
 from nfnet_hub import fold  # noqa: E402
 from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters  # noqa: E402
 from nfnet_hub.export import export_onnx  # noqa: E402
+from nfnet_hub.folding import prepack  # noqa: E402
 from nfnet_hub.models.stats import model_stats  # noqa: E402
 
 SIZE = 256
@@ -57,14 +58,16 @@ def copy_gbps() -> float:
 
 def bench_fold(ref: torch.nn.Module) -> dict:
     folded = fold(ref, img_size=SIZE)
+    eager = {"timm_eager_ms": ref, "folded_eager_ms": folded, "prepacked_eager_ms": prepack(folded)}
     x = torch.randn(1, 3, SIZE, SIZE)
     out = {}
     with torch.inference_mode():
-        for _ in range(3):  # interleave the two models so drift hits both alike
-            out.setdefault("timm_eager_ms", []).append(median_s(lambda: ref(x), runs=7) * 1e3)
-            out.setdefault("folded_eager_ms", []).append(median_s(lambda: folded(x), runs=7) * 1e3)
+        for _ in range(5):  # interleave the models so drift hits all alike
+            for key, model in eager.items():
+                out.setdefault(key, []).append(median_s(lambda model=model: model(x), runs=7) * 1e3)
     res = {k: float(np.median(v)) for k, v in out.items()}
     res["eager_speedup"] = res["timm_eager_ms"] / res["folded_eager_ms"]
+    res["prepacked_speedup"] = res["timm_eager_ms"] / res["prepacked_eager_ms"]
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # weights become constants: what an inference server compiles
@@ -131,7 +134,7 @@ def bench_onnx(ref: torch.nn.Module, peak: float) -> dict:
             x = np.random.default_rng(1).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
             runs = 10 if batch == 1 else 4
             ms = {}
-            for _ in range(2):  # interleaved rounds
+            for _ in range(3):  # interleaved rounds
                 for k, s in sessions.items():
                     ms.setdefault(k, []).append(median_s(lambda s=s, x=x: s.run(None, {"pixel_values": x}),
                                                          runs=runs, warmup=1) * 1e3)

@@ -10,7 +10,7 @@ from conftest import randomise, rel_error
 from torch import nn
 
 from nfnet_hub import fold
-from nfnet_hub.folding import FoldError, Scale
+from nfnet_hub.folding import FoldError, PackedConv2d, Scale, prepack
 from nfnet_hub.models.layers import SqueezeExcite
 
 TIMM_NF = [n for n in timm.list_models() if n.startswith(("dm_nfnet", "nfnet_f", "nfnet_l", "eca_nfnet", "nf_"))]
@@ -112,3 +112,31 @@ def test_fold_leaves_the_model_untouched_and_in_its_mode():
     assert model.training
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
+
+
+@pytest.mark.parametrize("name, kwargs", [("nfnet_hub_nano", {}), ("nfnet_hub_nano", {"act": "gelu_tanh"}),
+                                          ("dm_nfnet_f0", {}), ("nf_resnet26", {}), ("nf_regnet_b0", {}),
+                                          ("eca_nfnet_l0", {})])
+def test_prepacked_model_computes_the_same_function(name, kwargs):
+    """GELU (erf and tanh), ReLU and SiLU fused into oneDNN convolutions; any batch, either memory format."""
+    model = randomise(timm.create_model(name, num_classes=16, **kwargs))
+    folded = fold(model, img_size=64)
+    packed = prepack(folded)
+    assert not any(type(m) is nn.Conv2d for m in packed.modules())
+    pairs = [(a, b) for seq in packed.modules() if isinstance(seq, nn.Sequential) for a, b in zip(seq, seq[1:])]
+    assert not [b for a, b in pairs if isinstance(a, PackedConv2d) and isinstance(b, (nn.GELU, nn.ReLU, nn.SiLU))]
+    assert any(m.act != "none" for m in packed.modules() if isinstance(m, PackedConv2d))
+    with torch.no_grad():
+        for batch in (1, 3):
+            x = torch.randn(batch, 3, 64, 64)
+            assert rel_error(packed(x), model(x)) <= 1e-5
+            assert rel_error(packed(x.contiguous(memory_format=torch.channels_last)), folded(x)) <= 1e-5
+    assert any(type(m) is nn.Conv2d for m in folded.modules())  # the folded model is left plain
+
+
+def test_prepack_refuses_what_it_cannot_pack():
+    model = randomise(timm.create_model("nfnet_hub_nano"))
+    with pytest.raises(TypeError, match="result of fold"):
+        prepack(model)
+    with pytest.raises(ValueError, match="float32 models on the CPU, this one is torch.float64"):
+        prepack(fold(model, img_size=32).double())
