@@ -22,6 +22,12 @@ def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _torchrun(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "nfnet_hub.cli", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -53,22 +59,44 @@ def test_nano_learns_digits(tmp_path):
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, mode):
-    common = [*BASE, "--epochs", "1", "--lr", "0.1", "--drop", "0", "--drop-path", "0", "--checkpoint-hist", "0"]
+    common = [*BASE, "--epochs", "1", "--lr", "0.1", "--drop", "0", "--drop-path", "0", "--checkpoint-hist", "0",
+              "--model-ema", "--model-ema-decay", "0.9"]
     one = _cli(*common, "--batch-size", "32", "--output", str(tmp_path / "one"), "--experiment", "run")
-    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            "-m", "nfnet_hub.cli", "train", *common, *mode, "--batch-size", "16",
-                            "--output", str(tmp_path / "two"), "--experiment", "run"],
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    two = _torchrun(*common, *mode, "--batch-size", "16", "--output", str(tmp_path / "two"), "--experiment", "run")
     for p in (one, two):
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
     a, b = _weights(tmp_path / "one/run/last.pth.tar"), _weights(tmp_path / "two/run/last.pth.tar")
     assert a["global_step"] == b["global_step"] == 1437 // 32
-    for k, v in a["state_dict"].items():
-        torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    for weights in ("state_dict", "state_dict_ema"):
+        for k, v in a[weights].items():
+            torch.testing.assert_close(b[weights][k], v, rtol=1e-4, atol=1e-5, msg=f"{weights}: {k}")
     moved = sum(float((v - b["state_dict"][k]).abs().max()) for k, v in a["state_dict"].items())
     assert moved < 1e-2
+
+
+def test_fsdp_run_resumes_with_its_shards_optimiser_and_ema(tmp_path):
+    """Sharded weights, momentum and EMA are gathered into the checkpoint and re-sharded on resume."""
+    common = [*BASE, "--epochs", "2", "--lr", "0.1", "--batch-size", "16", "--fsdp", "--model-ema",
+              "--model-ema-decay", "0.9", "--checkpoint-hist", "2", "--output", str(tmp_path)]
+    reference = _torchrun(*common, "--experiment", "ref")
+    out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, out
+    resumed = _torchrun(*common, "--experiment", "resumed", "--resume", str(tmp_path / "ref/checkpoint-0.pth.tar"))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in out, out
+    a, b = _weights(tmp_path / "ref/last.pth.tar"), _weights(tmp_path / "resumed/last.pth.tar")
+    assert a["global_step"] == b["global_step"] == 2 * (1437 // 32)
+    for weights in ("state_dict", "state_dict_ema"):
+        assert a[weights].keys() == b[weights].keys()
+        for k, v in a[weights].items():
+            torch.testing.assert_close(b[weights][k], v, rtol=1e-5, atol=1e-6, msg=f"{weights}: {k}")
+    momenta = a["optimizer"]["state"]
+    assert len(momenta) == len(a["state_dict"])  # every parameter, by name, unsharded
+    for k, v in momenta.items():
+        assert v["momentum_buffer"].shape == a["state_dict"][k].shape
+        torch.testing.assert_close(b["optimizer"]["state"][k]["momentum_buffer"], v["momentum_buffer"], rtol=1e-5,
+                                   atol=1e-6, msg=k)
 
 
 def test_killed_run_resumes_to_the_same_state(tmp_path):

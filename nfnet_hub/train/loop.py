@@ -35,7 +35,8 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device, bool]:
+    """World size, rank, device, and whether this call started the process group (and must end it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if args.device:
@@ -46,7 +47,8 @@ def _setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return world, rank, device
+        return world, rank, device, True
+    return world, rank, device, False
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -88,9 +90,50 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    sd = _unwrap(model).state_dict()
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sd.items()}
+def _shard(model: nn.Module) -> None:
+    """FSDP2: each block is one unit of all-gather, then the rest of the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for stage in model.stages:
+        for block in stage:
+            fully_shard(block)
+    fully_shard(model)
+
+
+class _State:
+    """Checkpoint contents of the model, its EMA and the optimiser.
+
+    Without FSDP these are the plain state dicts timm's train.py writes. Under FSDP2 every rank holds
+    shards, so they are gathered into full, unsharded tensors (optimiser state keyed by parameter name)
+    on save, and every rank takes its own shards back from them on resume, at any world size.
+    """
+
+    def __init__(self, fsdp: bool):
+        self.fsdp = fsdp
+        if fsdp:
+            from torch.distributed.checkpoint import state_dict as dcp
+
+            self.dcp, self.full = dcp, dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    def model(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.dcp.get_model_state_dict(model, options=self.full) if self.fsdp else _unwrap(model).state_dict()
+
+    def load_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.fsdp:
+            self.dcp.set_model_state_dict(model, state, options=self.dcp.StateDictOptions(full_state_dict=True))
+        else:
+            _unwrap(model).load_state_dict(state)
+
+    def optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return self.dcp.get_optimizer_state_dict(model, optimizer, options=self.full) if self.fsdp \
+            else optimizer.state_dict()
+
+    def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.fsdp:
+            self.dcp.set_optimizer_state_dict(model, optimizer, state,
+                                              options=self.dcp.StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
 
 
 @torch.no_grad()
@@ -112,7 +155,7 @@ def evaluate(model: nn.Module, loader, device: torch.device, world: int) -> dict
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the final evaluation and where the checkpoints are."""
-    world, rank, device = _setup_distributed(args)
+    world, rank, device, owns_group = _setup_distributed(args)
     main_process = rank == 0
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     random.seed(args.seed)
@@ -140,16 +183,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     if args.fsdp:  # before the optimiser: fully_shard replaces the parameters with sharded ones
         if world < 2:
             raise ValueError("--fsdp shards across processes: start it with torchrun --nproc_per_node N (N >= 2)")
-        if args.model_ema:
-            raise ValueError("--model-ema with --fsdp is not supported yet")
-        from torch.distributed.fsdp import fully_shard
-        for stage in model.stages:
-            for block in stage:
-                fully_shard(block)
-        fully_shard(model)
+        _shard(model)
+        if ema is not None:  # sharded alike, so each rank averages its own shards
+            _shard(ema.module)
+    states = _State(args.fsdp)
     clip_params = agc_parameters(model, args.agc_partition) if args.clip_grad and args.clip_mode == "agc" else None
 
     global_batch = args.batch_size * world * args.grad_accum_steps
@@ -162,7 +203,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                                                 warmup_epochs=args.warmup_epochs, warmup_lr=args.warmup_lr,
                                                 min_lr=args.min_lr, step_on_epochs=not args.sched_on_updates,
                                                 updates_per_epoch=updates_per_epoch)
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
@@ -184,11 +224,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     resume = _resume_path(args, out_dir)
     if resume is not None:
         ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        _unwrap(model).load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        states.load_model(model, ckpt["state_dict"])
+        states.load_optimizer(model, optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ema is not None and "state_dict_ema" in ckpt:
-            ema.module.load_state_dict(ckpt["state_dict_ema"])
+            states.load_model(ema.module, ckpt["state_dict_ema"])
         if scaler is not None and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
@@ -206,12 +246,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             dist.all_gather_object(rngs, _rng_state())
         else:
             rngs = [_rng_state()]
-        state = {"state_dict": _model_state(train_model), "optimizer": optimizer.state_dict(),
+        state = {"state_dict": states.model(train_model), "optimizer": states.optimizer(model, optimizer),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                  "global_step": global_step, "best": best, "rng": rngs, "arch": args.model,
                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
         if ema is not None:
-            state["state_dict_ema"] = ema.module.state_dict()
+            state["state_dict_ema"] = states.model(ema.module)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         return state
@@ -304,6 +344,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                             optimizer.param_groups[0]["lr"])
             print(f"epoch {epoch}: train loss {loss_sum / max(loss_n, 1):.4f}, eval loss {metrics['loss']:.4f}, "
                   f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
+    if owns_group:
+        dist.barrier()  # leave together: a rank exiting while another still talks to gloo can abort
+        dist.destroy_process_group()
     return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
             "model": _unwrap(model)}
 
