@@ -67,7 +67,7 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     num_classes: int
-    sampler: Sampler | None
+    shuffler: Sampler | Dataset | None  # what reshuffles each epoch: a sampler, or an iterable dataset (wds)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -106,5 +106,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                           scale=tuple(args.scale), hflip=args.hflip, re_prob=0.0, **common)
     val = create_loader(val_ds, batch_size=args.batch_size, is_training=False, crop_pct=data_cfg["crop_pct"],
                         **common)
-    num_classes = args.num_classes or len(getattr(train_ds, "reader", train_ds).class_to_idx)
-    return Loaders(train, val, num_classes, getattr(train, "sampler", None), data_cfg["mean"], data_cfg["std"])
+    num_classes = args.num_classes or len(getattr(getattr(train_ds, "reader", train_ds), "class_to_idx", {}))
+    if not num_classes:
+        raise ValueError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
+                         "(webdataset shards name none): pass --num-classes")
+    shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
+    return Loaders(train, val, num_classes, shuffler, data_cfg["mean"], data_cfg["std"])

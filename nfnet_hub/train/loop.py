@@ -266,8 +266,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, num_epochs):
         train_model.train()
-        if hasattr(loaders.sampler, "set_epoch"):
-            loaders.sampler.set_epoch(epoch)  # the same order after a resume
+        if hasattr(loaders.shuffler, "set_epoch"):
+            loaders.shuffler.set_epoch(epoch)  # the same order after a resume
         batches = itertools.islice(iter(loaders.train), step_in_epoch * args.grad_accum_steps,
                                    updates_per_epoch * args.grad_accum_steps)
         progress = None
