@@ -109,8 +109,9 @@ def bench_agc(model: torch.nn.Module, bandwidth: float) -> dict:
             "fraction_of_copy_bandwidth": moved / ours_s / 1e9 / bandwidth}
 
 
-def timm_onnx(model: torch.nn.Module, path: Path) -> None:
-    x = torch.zeros(2, 3, SIZE, SIZE)
+def timm_onnx(model: torch.nn.Module, path: Path, size: int = SIZE) -> None:
+    """timm's own model through torch's dynamo exporter, dynamic batch: the anchor of our export."""
+    x = torch.zeros(2, 3, size, size)
     with contextlib.redirect_stdout(io.StringIO()):
         prog = torch.onnx.export(model, (x,), input_names=["pixel_values"], dynamo=True, external_data=False,
                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},), opset_version=20)

@@ -1,16 +1,21 @@
 """GPU benchmarks, all in one call of well under 8 minutes (run it when a device is lent):
 
     python benchmarks/gpu.py            # writes benchmarks/results/gpu.json
+    python benchmarks/gpu.py --smoke    # every step on the CPU with nfnet_hub_nano: checks the script, not speed
 
-Against the anchors in the same run: folded vs timm's dm_nfnet_f0 (fp32 and bf16, batch 1 and 32),
-our AGC vs timm's on F0's parameters with fresh gradients and as a share of an F0 training step,
-and ONNX Runtime's CUDA provider (when onnxruntime-gpu is installed) on our export vs timm's.
+Against the anchors in the same run: folded vs timm's dm_nfnet_f0 (fp32 and bf16, batch 1 and 32);
+our AGC vs timm's on F0's parameters with fresh gradients, and as a share of an F0 training step;
+ONNX Runtime's CUDA provider (with onnxruntime-gpu) on our fp32 export vs timm's own export, our fp16
+and int8 exports vs our fp32, each at batch 1 and 32 with inputs and outputs kept on the device; and
+the achieved GFLOP/s against the GPU's measured matmul peak.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,98 +29,166 @@ from timm.utils.agc import adaptive_clip_grad  # noqa: E402
 import nfnet_hub  # noqa: E402,F401
 from nfnet_hub import fold  # noqa: E402
 from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters  # noqa: E402
+from nfnet_hub.models.stats import model_stats  # noqa: E402
 
-SIZE, DEADLINE = 256, time.time() + 7 * 60
-
-
-def sync() -> None:
-    torch.cuda.synchronize()
+DEADLINE = time.time() + 7 * 60
 
 
-def bench_fold(ref) -> dict:
-    folded = fold(ref, img_size=SIZE)
+@dataclass(frozen=True)
+class Setup:
+    device: str
+    anchor: str  # timm's model, the anchor of every comparison
+    ours: str  # our model for the training step
+    size: int
+    batches: tuple[int, int]
+    step_batch: int
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+FULL = Setup("cuda", "dm_nfnet_f0", "nfnet_hub_f0", 256, (1, 32), 64)
+SMOKE = Setup("cpu", "nfnet_hub_nano", "nfnet_hub_nano", 64, (1, 2), 4)
+
+
+def peak_tflops(s: Setup) -> dict:
+    """Measured matmul throughput: fp32 (no TF32) and bf16, the yardsticks for achieved FLOP/s."""
+    n = 8192 if s.device == "cuda" else 512
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, device=s.device, dtype=dtype), torch.randn(n, n, device=s.device, dtype=dtype)
+        res[str(dtype)[6:]] = 2 * n ** 3 / median_s(lambda a=a, b=b: a @ b, runs=10, sync=s.sync) / 1e12
+    return res
+
+
+def bench_fold(s: Setup, ref: torch.nn.Module, peak: dict) -> dict:
+    folded = fold(ref, img_size=s.size)
+    flops = 2e9 * model_stats(s.anchor, s.size).gmacs
     res = {}
     for dtype in (torch.float32, torch.bfloat16):
         r, f = ref.to(dtype), folded.to(dtype)
-        for batch in (1, 32):
-            x = torch.randn(batch, 3, SIZE, SIZE, device="cuda", dtype=dtype)
+        for batch in s.batches:
+            x = torch.randn(batch, 3, s.size, s.size, device=s.device, dtype=dtype)
             with torch.inference_mode():
-                t = median_s(lambda r=r, x=x: r(x), sync=sync) * 1e3
-                o = median_s(lambda f=f, x=x: f(x), sync=sync) * 1e3
-            res[f"{str(dtype)[6:]}_b{batch}"] = {"timm_ms": t, "folded_ms": o, "speedup": t / o}
+                t = median_s(lambda r=r, x=x: r(x), sync=s.sync) * 1e3
+                o = median_s(lambda f=f, x=x: f(x), sync=s.sync) * 1e3
+            kind = str(dtype)[6:]
+            res[f"{kind}_b{batch}"] = {"timm_ms": t, "folded_ms": o, "speedup": t / o,
+                                       "folded_tflops": flops * batch / o / 1e9,
+                                       "fraction_of_peak": flops * batch / o / 1e9 / peak[kind]}
     ref.float()
     return res
 
 
-def bench_agc_and_step() -> dict:
-    model = trained_like(timm.create_model("nfnet_hub_f0")).cuda().train()
+def bench_agc_and_step(s: Setup) -> dict:
+    model = trained_like(timm.create_model(s.ours)).to(s.device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    x, y = torch.randn(64, 3, 192, 192, device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+    size = s.size * 3 // 4  # the authors' training resolution is below the test one
+    x = torch.randn(s.step_batch, 3, size, size, device=s.device)
+    y = torch.randint(0, model.num_classes, (s.step_batch,), device=s.device)
     params = agc_parameters(model)
 
-    def step(clip=None):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def step():
+        with torch.autocast(s.device, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        if clip:
-            clip(params, 0.01)
+        adaptive_clip_grad_(params, 0.01)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step_ms = median_s(step, runs=10, sync=sync) * 1e3
-    model(x[:8]).logsumexp(1).mean().backward()
+    step_ms = median_s(step, runs=10, sync=s.sync) * 1e3
+    model(x[:2]).logsumexp(1).mean().backward()  # a real gradient, not noise
     grads = [p.grad.clone() for p in params]
 
     def timed(fn) -> float:
         samples = []
         for _ in range(20):
             for p, g in zip(params, grads):
-                p.grad = g.clone()
-            sync()
+                p.grad = g.clone()  # fresh gradients each step, as in training
+            s.sync()
             t = time.perf_counter()
             fn(params, 0.01)
-            sync()
+            s.sync()
             samples.append(time.perf_counter() - t)
         return float(np.median(samples)) * 1e3
 
     timm_ms, ours_ms = timed(adaptive_clip_grad), timed(adaptive_clip_grad_)
-    return {"train_step_ms_f0_b64_bf16": step_ms, "timm_agc_ms": timm_ms, "ours_agc_ms": ours_ms,
-            "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms}
+    return {"train_step_ms_bf16": step_ms, "step_batch": s.step_batch, "step_size": size, "timm_agc_ms": timm_ms,
+            "ours_agc_ms": ours_ms, "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms}
 
 
-def bench_ort(ref) -> dict:
+def _device_runner(session, batch: int, s: Setup, provider: str):
+    """session.run with input and output on the device: measures the model, not host copies."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return {"skipped": "onnxruntime-gpu is not installed (pip install nfnet-hub[gpu])"}
+    device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    x = np.random.default_rng(0).standard_normal((batch, 3, s.size, s.size)).astype(np.float32)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("pixel_values", ort.OrtValue.ortvalue_from_numpy(x, device, 0))
+    binding.bind_output(session.get_outputs()[0].name, device)
+    return lambda: session.run_with_iobinding(binding)
+
+
+def bench_ort(s: Setup, ref: torch.nn.Module, peak: dict) -> dict:
+    import onnxruntime as ort
+
+    provider = "CUDAExecutionProvider" if s.device == "cuda" else "CPUExecutionProvider"
+    if provider not in ort.get_available_providers():
+        return {"skipped": "onnxruntime-gpu is not installed (pip install 'nfnet-hub[gpu]')"}
     from cpu import timm_onnx
 
     from nfnet_hub.export import export_onnx
 
-    res = {}
+    flops = 2e9 * model_stats(s.anchor, s.size).gmacs
+    res: dict = {"provider": provider}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cpu_ref = ref.cpu()
-        timm_onnx(cpu_ref, tmp / "timm.onnx")
-        export_onnx(cpu_ref, tmp / "ours.onnx", img_size=SIZE)
-        export_onnx(cpu_ref, tmp / "fp16.onnx", img_size=SIZE, precision="fp16")
-        for name in ("timm", "ours", "fp16"):
-            s = ort.InferenceSession(str(tmp / f"{name}.onnx"), providers=["CUDAExecutionProvider"])
-            for batch in (1, 32):
-                x = np.random.default_rng(0).standard_normal((batch, 3, SIZE, SIZE)).astype(np.float32)
-                res[f"{name}_b{batch}_ms"] = median_s(lambda s=s, x=x: s.run(None, {"pixel_values": x})) * 1e3
-    for batch in (1, 32):
-        res[f"ours_vs_timm_b{batch}"] = res[f"ours_b{batch}_ms"] / res[f"timm_b{batch}_ms"]
+        timm_onnx(cpu_ref, tmp / "timm.onnx", s.size)
+        calibration = np.random.default_rng(1).standard_normal((8, 3, s.size, s.size)).astype(np.float32)
+        for precision in ("fp32", "fp16", "int8"):
+            export_onnx(cpu_ref, tmp / f"{precision}.onnx", img_size=s.size, precision=precision,
+                        calibration=calibration)
+        ref.to(s.device)
+        sessions = {}
+        for name in ("timm", "fp32", "fp16", "int8"):
+            try:  # a precision the provider cannot run is recorded, the others are still measured
+                sessions[name] = ort.InferenceSession(str(tmp / f"{name}.onnx"), providers=[provider])
+            except Exception as e:
+                res[f"{name}_error"] = f"{type(e).__name__}: {e}"
+        for batch in s.batches:
+            ms: dict[str, list[float]] = {}
+            for _ in range(3):  # interleaved rounds
+                for name, session in sessions.items():
+                    run = _device_runner(session, batch, s, provider)
+                    ms.setdefault(name, []).append(median_s(run, runs=10, warmup=2) * 1e3)
+            b = {f"{name}_ms": float(np.median(v)) for name, v in ms.items()}
+            ratios = {"ours_vs_timm": ("fp32", "timm"), "fp16_speedup": ("fp32", "fp16"),
+                      "int8_speedup": ("fp32", "int8")}
+            b.update({k: b[f"{x}_ms"] / b[f"{y}_ms"] for k, (x, y) in ratios.items() if x in ms and y in ms})
+            for name, kind in (("fp32", "float32"), ("fp16", "bfloat16")):
+                if name in ms:
+                    b[f"{name}_fraction_of_{kind}_peak"] = flops * batch / b[f"{name}_ms"] / 1e9 / peak[kind]
+            res[f"b{batch}"] = b
     return res
 
 
 def main() -> None:
-    if not torch.cuda.is_available():
-        sys.exit("no CUDA device: run this on a GPU machine")
-    torch.backends.cudnn.benchmark = True
-    ref = trained_like(timm.create_model("dm_nfnet_f0")).cuda()
-    results = {}
-    for name, fn in (("fold", lambda: bench_fold(ref)), ("agc", bench_agc_and_step), ("onnx", lambda: bench_ort(ref))):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="run every step on the CPU with a tiny model")
+    s = SMOKE if p.parse_args().smoke else FULL
+    if s.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run this on a GPU machine (or --smoke to check the script on the CPU)")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
+    ref = trained_like(timm.create_model(s.anchor)).to(s.device)
+    results: dict = {"peak_tflops": peak_tflops(s)}
+    print("peak", results["peak_tflops"], flush=True)
+    steps = (("fold", lambda: bench_fold(s, ref, results["peak_tflops"])), ("agc", lambda: bench_agc_and_step(s)),
+             ("onnx", lambda: bench_ort(s, ref, results["peak_tflops"])))
+    for name, fn in steps:
         if time.time() > DEADLINE:
             results[name] = {"skipped": "time budget"}
             continue
@@ -124,7 +197,8 @@ def main() -> None:
         except Exception as e:  # record and go on: one failure must not cost the whole device slot
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(name, results[name], flush=True)
-    save("gpu", results)
+    if s is FULL:
+        save("gpu", results)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,10 @@ def gpu_section(r: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if r is None:
         return lines + ["Not measured yet: no GPU was lent to the sessions so far. `benchmarks/gpu.py` is ready "
-                        "(fold, AGC vs timm and vs a training step, ONNX Runtime CUDA; under 8 minutes); its "
-                        "results land in `benchmarks/results/gpu.json` and here.", ""]
+                        "(fold fp32/bf16 vs timm, AGC vs timm and as a share of a training step, ONNX Runtime CUDA: "
+                        "our fp32 vs timm's export, fp16 and int8 vs fp32, achieved FLOP/s vs the measured matmul "
+                        "peak; under 8 minutes; `--smoke` runs every step on the CPU, in the tests); its results "
+                        "land in `benchmarks/results/gpu.json` and here.", ""]
     lines += [f"Machine: {_machine(r['machine'])}. Command: `python benchmarks/gpu.py`.", "", "```json",
               json.dumps({k: v for k, v in r.items() if k != "machine"}, indent=2), "```", ""]
     return lines
