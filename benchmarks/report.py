@@ -1,4 +1,4 @@
-"""Regenerate BENCHMARKS.md from benchmarks/results/*.json.
+"""Regenerate BENCHMARKS.md (and the README's summary table) from benchmarks/results/*.json.
 
     python benchmarks/report.py --run     # run the CPU benchmarks here first, then write BENCHMARKS.md
     python benchmarks/report.py           # only rewrite BENCHMARKS.md from the stored results
@@ -13,6 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "BENCHMARKS.md"
+README = HERE.parent / "README.md"
 
 
 def _machine(m: dict) -> str:
@@ -71,6 +72,32 @@ def cpu_section(r: dict) -> list[str]:
     return lines
 
 
+def readme_table(r: dict) -> str:
+    """The README's summary of the CPU results."""
+    f, a, o = r["fold"], r["agc"], r["onnx"]
+    return "\n".join([
+        "| what | timm | nfnet-hub | ratio |", "|---|---|---|---|",
+        f"| F0 eager inference, batch 1, 256 px | {f['timm_eager_ms']:.1f} ms | {f['folded_eager_ms']:.1f} ms "
+        f"(`fold`) | {f['eager_speedup']:.2f}x faster |",
+        f"| the same, kernels prepacked for oneDNN | {f['timm_eager_ms']:.1f} ms | {f['prepacked_eager_ms']:.1f} ms "
+        f"(`prepack(fold(...))`) | {f['prepacked_speedup']:.2f}x faster |",
+        f"| AGC on F0's parameters | {a['timm_ms']:.1f} ms | {a['ours_ms']:.1f} ms | {a['speedup']:.1f}x faster "
+        f"({a['fraction_of_copy_bandwidth']:.0%} of copy bandwidth) |",
+        f"| ONNX F0 graph | {o['timm_nodes']} nodes | {o['ours_nodes']} nodes | |",
+        f"| ONNX Runtime F0, batch 1 / batch 8 | {o['b1']['timm_ms']:.1f} / {o['b8']['timm_ms']:.1f} ms "
+        f"| {o['b1']['ours_ms']:.1f} / {o['b8']['ours_ms']:.1f} ms | {o['b1']['ours_vs_timm']:.2f}x / "
+        f"{o['b8']['ours_vs_timm']:.2f}x the time |",
+        f"| ONNX Runtime int8 vs our fp32, batch 8 | | {o['b8']['int8_ms']:.1f} ms | "
+        f"{o['b8']['int8_speedup']:.1f}x faster |"])
+
+
+def _write_readme_table(table: str) -> None:
+    start, end = "<!-- benchmarks: written by benchmarks/report.py -->\n", "\n<!-- /benchmarks -->"
+    text = README.read_text()
+    head, rest = text.split(start, 1)
+    README.write_text(head + start + table + end + rest.split(end, 1)[1])
+
+
 def gpu_section(r: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if r is None:
@@ -97,7 +124,8 @@ def main() -> None:
             "Every number is a median, measured against the anchor (timm) in the same run. Regenerate with "
             "`python benchmarks/report.py --run`.", "", *cpu_section(cpu), *gpu_section(gpu)]
     OUT.write_text("\n".join(text))
-    print(f"wrote {OUT}")
+    _write_readme_table(readme_table(cpu))
+    print(f"wrote {OUT} and the table in {README.name}")
 
 
 if __name__ == "__main__":
