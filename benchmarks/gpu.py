@@ -4,7 +4,8 @@
     python benchmarks/gpu.py --smoke    # every step on the CPU with nfnet_hub_nano: checks the script, not speed
 
 Against the anchors in the same run: folded vs timm's dm_nfnet_f0 (fp32 and bf16, batch 1 and 32);
-our AGC vs timm's on F0's parameters with fresh gradients, and as a share of an F0 training step;
+our AGC vs timm's on F0's parameters with fresh gradients (default, and each way of reducing row
+norms), and as a share of an F0 training step;
 ONNX Runtime's CUDA provider (with onnxruntime-gpu) on our fp32 export vs timm's own export, our fp16
 and int8 exports vs our fp32, each at batch 1 and 32 with inputs and outputs kept on the device; and
 the achieved GFLOP/s against the GPU's measured matmul peak.
@@ -114,8 +115,11 @@ def bench_agc_and_step(s: Setup) -> dict:
         return float(np.median(samples)) * 1e3
 
     timm_ms, ours_ms = timed(adaptive_clip_grad), timed(adaptive_clip_grad_)
+    per_tensor_ms = timed(lambda ps, c: adaptive_clip_grad_(ps, c, grouped=False))
+    grouped_ms = timed(lambda ps, c: adaptive_clip_grad_(ps, c, grouped=True))
     return {"train_step_ms_bf16": step_ms, "step_batch": s.step_batch, "step_size": size, "timm_agc_ms": timm_ms,
-            "ours_agc_ms": ours_ms, "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms}
+            "ours_agc_ms": ours_ms, "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms,
+            "per_tensor_norms_ms": per_tensor_ms, "grouped_norms_ms": grouped_ms}
 
 
 def _device_runner(session, batch: int, s: Setup, provider: str):

@@ -37,19 +37,24 @@ def _cases():
     bias_w, bias_g = rng.standard_normal(4).astype(np.float32), rng.standard_normal(4) * 5
     scalar_w, scalar_g = np.float32(0.3), np.float64(-0.5)
     small_w, small_g = rng.standard_normal(3).astype(np.float32), rng.standard_normal(3) * 1e-5
+    # matrices sharing a fan-in (27: 3x3x3 kernels; 7: the linear layers) are reduced together when grouped
+    conv2_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    conv2_g = rng.standard_normal((4, 3, 3, 3)) * np.array([3, 1e-5, 1, 1e-4])[:, None, None, None]
+    lin2_w, lin2_g = rng.standard_normal((3, 7)).astype(np.float32), rng.standard_normal((3, 7)) * 2
     return [(conv_w, conv_g), (lin_w, lin_g), (bias_w, bias_g), (np.array(scalar_w), np.array(scalar_g)),
-            (small_w, small_g)]
+            (conv2_w, conv2_g), (small_w, small_g), (lin2_w, lin2_g)]
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_tensor", "grouped"])
 @pytest.mark.parametrize("clipping,eps", [(0.01, 1e-3), (0.1, 1e-3), (0.05, 1e-2)])
-def test_matches_the_authors_formula(clipping, eps):
+def test_matches_the_authors_formula(clipping, eps, grouped):
     cases = _cases()
     params = []
     for w, g in cases:
         p = nn.Parameter(torch.from_numpy(np.array(w, np.float32)))
         p.grad = torch.from_numpy(np.array(g, np.float32))
         params.append(p)
-    adaptive_clip_grad_(params, clipping, eps)
+    adaptive_clip_grad_(params, clipping, eps, grouped=grouped)
     clipped_any = unclipped_any = False
     for p, (w, g) in zip(params, cases):
         expected = numpy_agc(np.array(w), np.array(g, np.float32), clipping, eps)
@@ -60,7 +65,8 @@ def test_matches_the_authors_formula(clipping, eps):
     assert clipped_any and unclipped_any  # the cases exercise both branches
 
 
-def test_matches_timm_on_a_real_network_gradient():
+@pytest.mark.parametrize("grouped", [False, True], ids=["per_tensor", "grouped"])
+def test_matches_timm_on_a_real_network_gradient(grouped):
     from timm.utils.agc import adaptive_clip_grad
 
     model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10)).train()
@@ -71,7 +77,7 @@ def test_matches_timm_on_a_real_network_gradient():
     expected = [p.grad.clone() for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    adaptive_clip_grad_(params, 0.01)
+    adaptive_clip_grad_(params, 0.01, grouped=grouped)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e)
     assert any(not torch.equal(e, g) for e, g in zip(expected, grads))
