@@ -134,6 +134,19 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
+def test_compiled_training_writes_the_bare_models_checkpoint(tmp_path):
+    """--torchcompile wraps the model; the checkpoint must still load into a plain timm model."""
+    import timm
+
+    result = train(parse_args([*BASE, "--epochs", "1", "--batch-size", "64", "--torchcompile", "eager",
+                               "--output", str(tmp_path), "--experiment", "run"]))
+    ckpt = _weights(tmp_path / "run/last.pth.tar")
+    fresh = timm.create_model("nfnet_hub_nano", num_classes=10)
+    fresh.load_state_dict(ckpt["state_dict"])  # strict: no "_orig_mod." prefixes
+    for k, v in result["model"].state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v)
+
+
 def test_recipes_follow_the_authors(tmp_path):
     args = parse_args(["--config", "f3", "--batch-size", "512"])
     assert (args.model, args.opt, args.momentum, args.weight_decay) == ("nfnet_hub_f3", "sgd", 0.9, 2e-5)

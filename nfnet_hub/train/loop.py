@@ -86,10 +86,6 @@ def _resume_path(args: argparse.Namespace, out_dir: Path) -> Path | None:
     return Path(args.resume) if args.resume else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def _shard(model: nn.Module) -> None:
     """FSDP2: each block is one unit of all-gather, then the rest of the model."""
     from torch.distributed.fsdp import fully_shard
@@ -116,13 +112,13 @@ class _State:
             self.dcp, self.full = dcp, dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def model(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return self.dcp.get_model_state_dict(model, options=self.full) if self.fsdp else _unwrap(model).state_dict()
+        return self.dcp.get_model_state_dict(model, options=self.full) if self.fsdp else model.state_dict()
 
     def load_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if self.fsdp:
             self.dcp.set_model_state_dict(model, state, options=self.dcp.StateDictOptions(full_state_dict=True))
         else:
-            _unwrap(model).load_state_dict(state)
+            model.load_state_dict(state)
 
     def optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return self.dcp.get_optimizer_state_dict(model, optimizer, options=self.full) if self.fsdp \
@@ -212,7 +208,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     criterion = SoftTargetCrossEntropy() if mixup else (
         LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing else nn.CrossEntropyLoss())
 
-    train_model = model
+    train_model = model  # model stays the bare module: checkpoints and EMA read it, never a wrapper
     if world > 1 and not args.fsdp:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                           else None)
@@ -246,7 +242,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             dist.all_gather_object(rngs, _rng_state())
         else:
             rngs = [_rng_state()]
-        state = {"state_dict": states.model(train_model), "optimizer": states.optimizer(model, optimizer),
+        state = {"state_dict": states.model(model), "optimizer": states.optimizer(model, optimizer),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                  "global_step": global_step, "best": best, "rng": rngs, "arch": args.model,
                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
@@ -348,7 +344,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         dist.barrier()  # leave together: a rank exiting while another still talks to gloo can abort
         dist.destroy_process_group()
     return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
-            "model": _unwrap(model)}
+            "model": model}
 
 
 def _append_summary(path: Path, epoch: int, train_loss: float, metrics: dict[str, float], lr: float) -> None:
