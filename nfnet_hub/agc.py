@@ -5,12 +5,12 @@ output unit; scalars and vectors are one unit):
 ``max_norm = clipping * max(||W_i||, eps)`` and, where ``||G_i|| > max_norm``,
 ``G_i <- G_i * max_norm / max(||G_i||, 1e-6)``.
 
-Speed: weights and gradients are each read once (on the CPU one row-norm reduction per matrix,
-on GPUs one per fan-in over the stacked rows, to save launches; one multi-tensor norm for all
-scalars and vectors), the clip factors of all units are computed in one vectorised pass, and only
-clipped units are written (whole tensors, in one multi-tensor
-multiply, where most of their rows clip). timm's ``adaptive_clip_grad`` allocates several
-full-size temporaries per tensor and rewrites every gradient.
+Speed: on the CPU, weights and gradients are each read once (one row-norm reduction per
+matrix, one multi-tensor norm for all scalars and vectors); on GPUs, where kernel launches cost
+more than bytes, the rows of all matrices of one fan-in are stacked and reduced in one kernel.
+The clip factors of all units are computed in one vectorised pass, and only clipped units are
+written (whole tensors, in one multi-tensor multiply, where most of their rows clip). timm's
+``adaptive_clip_grad`` allocates several full-size temporaries per tensor and rewrites every gradient.
 """
 from __future__ import annotations
 
