@@ -338,12 +338,17 @@ class PackedConv2d(nn.Module):
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}{fused}")
 
 
+def _spliced(seq: nn.Sequential) -> list[nn.Module]:
+    """The children of ``seq`` with nested Sequentials spliced in (a padded conv then meets its activation)."""
+    return [m for child in seq for m in (_spliced(child) if type(child) is nn.Sequential else [child])]
+
+
 def _pack(module: nn.Module, shapes: dict[nn.Module, tuple[int, ...]]) -> nn.Module:
     """Pack, in place, every convolution that ran, fusing an activation that follows it in a Sequential."""
     if isinstance(module, nn.Conv2d):
         return PackedConv2d(module, shapes[module]) if module in shapes else module
     if isinstance(module, nn.Sequential):
-        children, packed, i = list(module), [], 0
+        children, packed, i = _spliced(module), [], 0
         while i < len(children):
             child, after = children[i], children[i + 1] if i + 1 < len(children) else None
             fuse = isinstance(child, nn.Conv2d) and child in shapes and type(after) in _FUSABLE
