@@ -34,7 +34,8 @@ def _row_norms(tensors: list[torch.Tensor], sharded_vectors: list[Any], grouped:
     ``tensors`` are local: under FSDP2 a matrix sharded on dim 0 holds whole rows, so its unit
     norms need nothing from other ranks; a vector is one unit split across ranks, so its squared
     norm is summed over the process group given in ``sharded_vectors`` (None where not sharded).
-    ``grouped`` stacks the rows of all matrices of one fan-in and reduces them in one kernel.
+    Scalars, vectors and matrices of one element per row (the gains) take one multi-tensor op each;
+    other matrices one reduction each, or, ``grouped``, one per fan-in over their stacked rows.
     """
     parts: list[torch.Tensor | None] = [None] * len(tensors)
     vectors = [i for i, t in enumerate(tensors) if t.ndim <= 1]
@@ -45,14 +46,20 @@ def _row_norms(tensors: list[torch.Tensor], sharded_vectors: list[Any], grouped:
             dist.all_reduce(square, group=sharded_vectors[i])
             norm = square.sqrt()
         parts[i] = norm
+    singles = [i for i, t in enumerate(tensors) if t.ndim > 1 and t[0].numel() == 1]
+    for i, norm in zip(singles, torch._foreach_abs([tensors[i] for i in singles]) if singles else []):
+        parts[i] = norm.reshape(-1)
     by_fan_in: dict[int, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
-        if t.ndim > 1:
+        if parts[i] is None:
             by_fan_in[t[0].numel() if grouped else -1 - i].append(i)  # ungrouped: each matrix alone
     for members in by_fan_in.values():
+        if len(members) == 1:
+            parts[members[0]] = torch.linalg.vector_norm(tensors[members[0]].flatten(1), dim=1)
+            continue
         rows = [tensors[i].reshape(tensors[i].shape[0], -1) for i in members]
-        norms = torch.linalg.vector_norm(torch.cat(rows) if len(rows) > 1 else rows[0], dim=1)
-        for i, norm in zip(members, norms.split([r.shape[0] for r in rows])):
+        norms = torch.linalg.vector_norm(torch.cat(rows), dim=1).split([r.shape[0] for r in rows])
+        for i, norm in zip(members, norms):
             parts[i] = norm
     return torch.cat(parts)
 

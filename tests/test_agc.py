@@ -41,8 +41,11 @@ def _cases():
     conv2_w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     conv2_g = rng.standard_normal((4, 3, 3, 3)) * np.array([3, 1e-5, 1, 1e-4])[:, None, None, None]
     lin2_w, lin2_g = rng.standard_normal((3, 7)).astype(np.float32), rng.standard_normal((3, 7)) * 2
+    # a gain: one weight per output row, so each row's norm is the absolute value
+    gain_w = np.array([1.0, -0.5, 0.0, 2.0], np.float32).reshape(4, 1, 1, 1)
+    gain_g = np.array([0.5, -1e-5, 1e-6, -3.0]).reshape(4, 1, 1, 1)
     return [(conv_w, conv_g), (lin_w, lin_g), (bias_w, bias_g), (np.array(scalar_w), np.array(scalar_g)),
-            (conv2_w, conv2_g), (small_w, small_g), (lin2_w, lin2_g)]
+            (conv2_w, conv2_g), (small_w, small_g), (gain_w, gain_g), (lin2_w, lin2_g)]
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["per_tensor", "grouped"])
