@@ -1,16 +1,22 @@
-"""CPU benchmarks against the anchors, in one run: timm's dm_nfnet_f0 (eager and folded PyTorch),
-timm's AGC, and timm's own ONNX export of dm_nfnet_f0 under ONNX Runtime.
+"""CPU benchmarks against the anchors, in one run (each section in its own process): timm's
+dm_nfnet_f0 (eager and folded PyTorch), timm's AGC, and timm's own ONNX export of dm_nfnet_f0 under
+ONNX Runtime.
 
-    python benchmarks/cpu.py            # writes benchmarks/results/cpu.json
+    python benchmarks/cpu.py [--repeat 3]     # writes benchmarks/results/cpu.json
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -147,18 +153,68 @@ def bench_onnx(ref: torch.nn.Module, peak: float) -> dict:
     return res
 
 
+SECTIONS = {
+    "fold": lambda peak: bench_fold(trained_like(timm.create_model("dm_nfnet_f0"))),
+    "agc": lambda peak: bench_agc(trained_like(timm.create_model("nfnet_hub_f0")), copy_gbps()),
+    "onnx": lambda peak: bench_onnx(trained_like(timm.create_model("dm_nfnet_f0")), peak),
+}
+
+
+SPREAD = (("fold", "prepacked_speedup"), ("fold", "eager_speedup"), ("agc", "speedup"), ("onnx", "b1", "ours_vs_timm"),
+          ("onnx", "b8", "ours_vs_timm"), ("onnx", "b1", "int8_speedup"), ("onnx", "b8", "int8_speedup"))
+
+
+def _median(runs: list) -> Any:
+    """Element-wise median of repeated results (numbers), the first run's value otherwise."""
+    if isinstance(runs[0], dict):
+        return {k: _median([r[k] for r in runs]) for k in runs[0]}
+    if isinstance(runs[0], bool):
+        return runs[0]
+    if isinstance(runs[0], int):
+        return statistics.median_low(runs)
+    if isinstance(runs[0], float):
+        return statistics.median(runs)
+    return runs[0]
+
+
+def _section(name: str, peak: float) -> dict:
+    run = subprocess.run([sys.executable, __file__, "--section", name, "--peak", str(peak)], capture_output=True,
+                         text=True)
+    if run.returncode:
+        sys.exit(f"the {name} benchmark failed:\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
+    """Each section runs in a process of its own (what one leaves behind, compiled graphs or memory in
+    other pages, measurably slows the memory-bound ones that follow), and the whole set ``--repeat``
+    times, interleaved: this shared machine drifts by 10% between runs, so medians and ranges are kept."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=3, help="runs of every section (default 3)")
+    p.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
+    p.add_argument("--peak", type=float, help=argparse.SUPPRESS)
+    args = p.parse_args()
     torch.manual_seed(0)
-    peak, bandwidth = peak_gflops(), copy_gbps()
-    print(f"machine: matmul peak {peak:.0f} GFLOP/s, copy bandwidth {bandwidth:.1f} GB/s", flush=True)
-    ref = trained_like(timm.create_model("dm_nfnet_f0"))
-    results = {"peak_gflops": peak, "copy_gbps": bandwidth}
-    results["fold"] = bench_fold(ref)
-    print("fold:", results["fold"], flush=True)
-    results["agc"] = bench_agc(trained_like(timm.create_model("nfnet_hub_f0")), bandwidth)
-    print("agc:", results["agc"], flush=True)
-    results["onnx"] = bench_onnx(ref, peak)
-    print("onnx:", results["onnx"], flush=True)
+    if args.section:
+        print(json.dumps(SECTIONS[args.section](args.peak)))
+        return
+    peak = peak_gflops()
+    print(f"machine: matmul peak {peak:.0f} GFLOP/s", flush=True)
+    runs: dict[str, list[dict]] = {name: [] for name in SECTIONS}
+    for i in range(args.repeat):
+        for name in SECTIONS:
+            runs[name].append(_section(name, peak))
+            print(f"run {i + 1}/{args.repeat} {name}:", runs[name][-1], flush=True)
+    results = {"peak_gflops": peak, "repeat": args.repeat, **{name: _median(r) for name, r in runs.items()}}
+    results["copy_gbps"] = results["agc"]["copy_gbps"]  # measured beside each AGC run, on the same memory state
+    results["spread"] = {}
+    for path in SPREAD:
+        values = []
+        for run in runs[path[0]]:
+            for key in path[1:]:
+                run = run[key]
+            values.append(run)
+        results["spread"][".".join(path)] = [min(values), max(values)]
     save("cpu", results)
 
 

@@ -21,27 +21,37 @@ def _machine(m: dict) -> str:
             f"({m['threads']} threads){', ' + m['gpu'] if m.get('gpu') else ''}; {m['date']}")
 
 
+def _ratio(r: dict, *path: str) -> str:
+    """A median ratio in bold, with its range over the repeated runs."""
+    value = r
+    for key in path:
+        value = value[key]
+    low, high = r.get("spread", {}).get(".".join(path), (None, None))
+    return f"**{value:.2f}x**" + (f" ({low:.2f}-{high:.2f})" if low is not None and r["repeat"] > 1 else "")
+
+
 def cpu_section(r: dict) -> list[str]:
     f, a, o = r["fold"], r["agc"], r["onnx"]
     lines = [
         "## CPU", "",
         f"Machine: {_machine(r['machine'])}. Measured here: fp32 matmul {r['peak_gflops']:.0f} GFLOP/s, "
         f"copy bandwidth {r['copy_gbps']:.1f} GB/s.", "",
-        "Command: `python benchmarks/report.py --run` (runs `benchmarks/cpu.py`). Medians of repeated, interleaved "
-        "runs; F0 at 256 px; models with non-zero skip gains (at initialisation they are zero and would flatter "
-        "folding).", "",
+        f"Command: `python benchmarks/report.py --run` (runs `benchmarks/cpu.py`: {r['repeat']} interleaved runs of "
+        "every section, each in a fresh process). Every time is the median over the runs of medians of repeated, "
+        "interleaved calls; headline ratios give their range over the runs in brackets. F0 at 256 px; models "
+        "with non-zero skip gains (at initialisation they are zero and would flatter folding).", "",
         "### Folded PyTorch vs timm's `dm_nfnet_f0` (batch 1)", "",
         "| | timm | folded | ratio |", "|---|---|---|---|",
         f"| eager, plain modules (`fold`) | {f['timm_eager_ms']:.1f} ms | {f['folded_eager_ms']:.1f} ms "
-        f"| {f['eager_speedup']:.2f}x |",
+        f"| {_ratio(r, 'fold', 'eager_speedup')} |",
         f"| eager, kernels laid out once for oneDNN (`prepack(fold(...))`) | {f['timm_eager_ms']:.1f} ms "
-        f"| {f['prepacked_eager_ms']:.1f} ms | **{f['prepacked_speedup']:.2f}x** |",
+        f"| {f['prepacked_eager_ms']:.1f} ms | {_ratio(r, 'fold', 'prepacked_speedup')} |",
         f"| `torch.compile` (inductor, freezing) | {f['timm_compiled_ms']:.1f} ms | {f['folded_compiled_ms']:.1f} ms "
         f"| {f['compiled_speedup']:.2f}x |",
         f"| folded compiled vs timm eager | | | **{f['folded_compiled_vs_timm_eager']:.2f}x** |", "",
         "### AGC vs `timm.utils.agc.adaptive_clip_grad` (F0's parameters, fresh real gradients each step)", "",
         "| timm | ours | ratio | ours: bytes moved / copy bandwidth |", "|---|---|---|---|",
-        f"| {a['timm_ms']:.1f} ms | {a['ours_ms']:.1f} ms | **{a['speedup']:.2f}x** | "
+        f"| {a['timm_ms']:.1f} ms | {a['ours_ms']:.1f} ms | {_ratio(r, 'agc', 'speedup')} | "
         f"{a['ours_gbps']:.1f} GB/s = {a['fraction_of_copy_bandwidth']:.0%} of {a['copy_gbps']:.1f} GB/s |", "",
         f"{a['params']} tensors, {a['megabytes']:.0f} MB of weights; the floor is reading weights and gradients "
         "once (the few clipped units are written in place).", "",
@@ -54,8 +64,8 @@ def cpu_section(r: dict) -> list[str]:
     for b in ("b1", "b8"):
         x = o[b]
         lines.append(f"| batch {b[1:]} latency | {x['timm_ms']:.1f} ms | {x['ours_ms']:.1f} ms "
-                     f"(**{x['ours_vs_timm']:.2f}x** timm's time) | {x['int8_ms']:.1f} ms "
-                     f"(**{x['int8_speedup']:.2f}x** faster than fp32) |")
+                     f"({_ratio(r, 'onnx', b, 'ours_vs_timm')} timm's time) | {x['int8_ms']:.1f} ms "
+                     f"({_ratio(r, 'onnx', b, 'int8_speedup')} faster than fp32) |")
     lines += ["", "Achieved throughput of our fp32 export: " + ", ".join(
         f"batch {b[1:]}: {o[b]['ours_gflops']:.0f} GFLOP/s ({o[b]['fraction_of_peak']:.0%} of the measured matmul "
         "rate)" for b in ("b1", "b8")) + ". Above 100% means ONNX Runtime's convolution kernels outrun the "
