@@ -52,7 +52,7 @@ def _row_norms(tensors: list[torch.Tensor], sharded_vectors: list[Any], grouped:
     by_fan_in: dict[int, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         if parts[i] is None:
-            by_fan_in[t[0].numel() if grouped else -1 - i].append(i)  # ungrouped: each matrix alone
+            by_fan_in[t[0].numel() if grouped else i].append(i)  # ungrouped: each matrix alone
     for members in by_fan_in.values():
         if len(members) == 1:
             parts[members[0]] = torch.linalg.vector_norm(tensors[members[0]].flatten(1), dim=1)

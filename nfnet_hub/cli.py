@@ -49,7 +49,6 @@ def _load_images(folder: str | None) -> list[Path] | None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-
     from .export import export_onnx
     from .models.convert import create_model
     from .runtime import Preprocess
@@ -96,7 +95,6 @@ def _cmd_train(argv: list[str]) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
-
     from .hub import build_bundle
     from .models.convert import create_model
     from .runtime import Preprocess

@@ -324,7 +324,7 @@ class PackedConv2d(nn.Module):
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.weight = torch.ops.mkldnn._reorder_convolution_weight(
             conv.weight.detach(), self.padding, self.stride, self.dilation, self.groups, list(input_shape))
-        self.bias = None if conv.bias is None else conv.bias.detach().clone()
+        self.bias = None if conv.bias is None else conv.bias.detach()
         self.act = "none" if act is None else _FUSABLE[type(act)]
         self.algorithm = getattr(act, "approximate", "")  # GELU's erf ("none") or tanh form
 

@@ -65,7 +65,6 @@ def _load(entry: dict[str, Any]):
 def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/release", dry_run: bool = False,
             endpoint: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
     """Build and publish each entry; entries already published (see ``OUT/release-state.json``) are skipped."""
-
     from .runtime import Preprocess, list_images
 
     entries = read_manifest(manifest)

@@ -109,25 +109,26 @@ class _State:
         if fsdp:
             from torch.distributed.checkpoint import state_dict as dcp
 
-            self.dcp, self.full = dcp, dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+            self.dcp = dcp
+            self.gather = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # to rank 0's CPU
+            self.scatter = dcp.StateDictOptions(full_state_dict=True)  # every rank keeps its own shards
 
     def model(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return self.dcp.get_model_state_dict(model, options=self.full) if self.fsdp else model.state_dict()
+        return self.dcp.get_model_state_dict(model, options=self.gather) if self.fsdp else model.state_dict()
 
     def load_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         if self.fsdp:
-            self.dcp.set_model_state_dict(model, state, options=self.dcp.StateDictOptions(full_state_dict=True))
+            self.dcp.set_model_state_dict(model, state, options=self.scatter)
         else:
             model.load_state_dict(state)
 
     def optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return self.dcp.get_optimizer_state_dict(model, optimizer, options=self.full) if self.fsdp \
+        return self.dcp.get_optimizer_state_dict(model, optimizer, options=self.gather) if self.fsdp \
             else optimizer.state_dict()
 
     def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         if self.fsdp:
-            self.dcp.set_optimizer_state_dict(model, optimizer, state,
-                                              options=self.dcp.StateDictOptions(full_state_dict=True))
+            self.dcp.set_optimizer_state_dict(model, optimizer, state, options=self.scatter)
         else:
             optimizer.load_state_dict(state)
 
