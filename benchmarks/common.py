@@ -54,9 +54,9 @@ def machine() -> dict:
     return info
 
 
-def save(name: str, results: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def save(name: str, results: dict, directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **results}, indent=2))
     print(f"wrote {path}")
     return path

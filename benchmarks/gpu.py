@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py            # writes benchmarks/results/gpu.json
     python benchmarks/gpu.py --smoke    # every step on the CPU with nfnet_hub_nano: checks the script, not speed
+    bash benchmarks/device.sh           # on a bare GPU machine: versions, then this script, results to $OUT
 
 Against the anchors in the same run: folded vs timm's dm_nfnet_f0 (fp32 and bf16, batch 1 and 32);
 our AGC vs timm's on F0's parameters with fresh gradients (default, and each way of reducing row
@@ -16,7 +17,7 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_s, save, trained_like  # noqa: E402
+from common import RESULTS, median_s, save, trained_like  # noqa: E402
 from timm.utils.agc import adaptive_clip_grad  # noqa: E402
 
 import nfnet_hub  # noqa: E402,F401
@@ -181,14 +182,16 @@ def bench_ort(s: Setup, ref: torch.nn.Module, peak: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="run every step on the CPU with a tiny model")
-    s = SMOKE if p.parse_args().smoke else FULL
+    p.add_argument("--results", type=Path, help=f"folder for gpu.json (default: {RESULTS}; --smoke writes none)")
+    args = p.parse_args()
+    s = SMOKE if args.smoke else FULL
     if s.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("no CUDA device: run this on a GPU machine (or --smoke to check the script on the CPU)")
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32
     ref = trained_like(timm.create_model(s.anchor)).to(s.device)
-    results: dict = {"peak_tflops": peak_tflops(s)}
+    results: dict = {"setup": asdict(s), "peak_tflops": peak_tflops(s)}
     print("peak", results["peak_tflops"], flush=True)
     steps = (("fold", lambda: bench_fold(s, ref, results["peak_tflops"])), ("agc", lambda: bench_agc_and_step(s)),
              ("onnx", lambda: bench_ort(s, ref, results["peak_tflops"])))
@@ -201,8 +204,8 @@ def main() -> None:
         except Exception as e:  # record and go on: one failure must not cost the whole device slot
             results[name] = {"error": f"{type(e).__name__}: {e}"}
         print(name, results[name], flush=True)
-    if s is FULL:
-        save("gpu", results)
+    if args.results or s is FULL:
+        save("gpu", results, args.results or RESULTS)
 
 
 if __name__ == "__main__":

@@ -108,16 +108,73 @@ def _write_readme_table(table: str) -> None:
     README.write_text(head + start + table + end + rest.split(end, 1)[1])
 
 
+def _failed(section) -> str | None:
+    """Why a GPU section has no numbers (gpu.py records a failure and goes on), or None."""
+    if not isinstance(section, dict):
+        return "not run"
+    return section.get("error") or section.get("skipped")
+
+
+def _gpu_fold(f: dict, setup: dict) -> list[str]:
+    lines = [f"### Folded PyTorch vs timm's `{setup['anchor']}` (eager, {setup['size']} px)", "",
+             "| precision, batch | timm | folded | speed-up | folded: achieved TFLOP/s (share of measured peak) |",
+             "|---|---|---|---|---|"]
+    for key, x in f.items():
+        precision, batch = key.rsplit("_b", 1)
+        lines.append(f"| {precision}, {batch} | {x['timm_ms']:.2f} ms | {x['folded_ms']:.2f} ms | "
+                     f"**{x['speedup']:.2f}x** | {x['folded_tflops']:.1f} ({x['fraction_of_peak']:.0%}) |")
+    return lines + [""]
+
+
+def _gpu_agc(a: dict, setup: dict) -> list[str]:
+    return [f"### AGC vs `timm.utils.agc.adaptive_clip_grad` (`{setup['ours']}`'s parameters, fresh real gradients "
+            "each step)", "",
+            "| timm | ours (default: grouped) | ours, per-tensor norms | ours, grouped norms | speed-up "
+            "(target >= 10x) | share of a training step (target < 1%) |", "|---|---|---|---|---|---|",
+            f"| {a['timm_agc_ms']:.2f} ms | {a['ours_agc_ms']:.2f} ms | {a['per_tensor_norms_ms']:.2f} ms | "
+            f"{a['grouped_norms_ms']:.2f} ms | **{a['speedup']:.1f}x** | **{a['ours_share_of_step']:.2%}** of "
+            f"{a['train_step_ms_bf16']:.1f} ms |", "",
+            f"The step: `{setup['ours']}`, SGD with Nesterov momentum, bf16 autocast, batch {a['step_batch']} at "
+            f"{a['step_size']} px, AGC included.", ""]
+
+
+def _gpu_onnx(o: dict, setup: dict) -> list[str]:
+    lines = [f"### ONNX Runtime ({o['provider']}), `{setup['anchor']}` at {setup['size']} px, inputs and outputs "
+             "on the device", ""]
+    lines += [f"- {name[:-6]}: could not run: {error}" for name, error in o.items() if name.endswith("_error")]
+    lines += ["| batch | timm's export | ours fp32 (ratio to timm's time) | ours fp16 (speed-up) | ours int8 "
+              "(speed-up) | fp32 share of fp32 peak |", "|---|---|---|---|---|---|"]
+
+    def cell(x: dict, name: str, ratio: str) -> str:
+        return f"{x[name + '_ms']:.2f} ms ({x[ratio]:.2f}x)" if ratio in x else "-"
+
+    for key, x in o.items():
+        if key.startswith("b") and isinstance(x, dict):
+            timm = f"{x['timm_ms']:.2f} ms" if "timm_ms" in x else "-"
+            share = x.get("fp32_fraction_of_float32_peak")
+            lines.append(f"| {key[1:]} | {timm} | {cell(x, 'fp32', 'ours_vs_timm')} | "
+                         f"{cell(x, 'fp16', 'fp16_speedup')} | {cell(x, 'int8', 'int8_speedup')} | "
+                         f"{'-' if share is None else format(share, '.0%')} |")
+    return lines + [""]
+
+
 def gpu_section(r: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if r is None:
-        return lines + ["Not measured yet: no GPU was lent to the sessions so far. `benchmarks/gpu.py` is ready "
-                        "(fold fp32/bf16 vs timm, AGC vs timm and as a share of a training step, ONNX Runtime CUDA: "
-                        "our fp32 vs timm's export, fp16 and int8 vs fp32, achieved FLOP/s vs the measured matmul "
-                        "peak; under 8 minutes; `--smoke` runs every step on the CPU, in the tests); its results "
-                        "land in `benchmarks/results/gpu.json` and here.", ""]
-    lines += [f"Machine: {_machine(r['machine'])}. Command: `python benchmarks/gpu.py`.", "", "```json",
-              json.dumps({k: v for k, v in r.items() if k != "machine"}, indent=2), "```", ""]
+        return lines + ["Not measured yet: no GPU was lent to the sessions so far. `benchmarks/device.sh` runs "
+                        "every GPU measurement in one call of under 8 minutes on a bare GPU machine (fold fp32/bf16 "
+                        "vs timm, AGC vs timm and as a share of a training step, ONNX Runtime CUDA: our fp32 vs "
+                        "timm's export, fp16 and int8 vs fp32, achieved FLOP/s vs the measured matmul peak; "
+                        "`benchmarks/gpu.py --smoke` runs every step on the CPU, in the tests); its results land "
+                        "in `benchmarks/results/gpu.json` and here.", ""]
+    peak = r["peak_tflops"]
+    lines += [f"Machine: {_machine(r['machine'])}. Measured here: matmul {peak['float32']:.0f} TFLOP/s fp32 "
+              f"(TF32 off), {peak['bfloat16']:.0f} TFLOP/s bf16.", "",
+              "Command: `bash benchmarks/device.sh` (runs `benchmarks/gpu.py`). Every time is the median of "
+              "repeated calls, each pair measured in the same run.", ""]
+    for name, render in (("fold", _gpu_fold), ("agc", _gpu_agc), ("onnx", _gpu_onnx)):
+        why = _failed(r.get(name))
+        lines += [f"### {name}: no numbers ({why})", ""] if why else render(r[name], r["setup"])
     return lines
 
 

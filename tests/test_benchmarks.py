@@ -1,18 +1,59 @@
-"""The GPU benchmark script runs only when a device is lent: its CPU smoke mode keeps it working."""
+"""The GPU benchmark runs only when a device is lent: its CPU smoke mode, and the report of what it
+measures, keep it working meanwhile."""
 from __future__ import annotations
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_gpu_benchmark_script_runs_every_step_in_smoke_mode():
-    run = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[str, dict]:
+    """gpu.py --smoke's printed steps and the results it saved."""
+    out = tmp_path_factory.mktemp("gpu")
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "gpu.py"), "--smoke", "--results", str(out)],
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    steps = {line.split(" ", 1)[0]: line for line in run.stdout.splitlines()}
+    return run.stdout, json.loads((out / "gpu.json").read_text())
+
+
+def _gpu_report(results: dict) -> str:
+    spec = importlib.util.spec_from_file_location("report", BENCHMARKS / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    return "\n".join(report.gpu_section(results))
+
+
+def test_gpu_benchmark_script_runs_every_step_in_smoke_mode(smoke):
+    stdout, _ = smoke
+    steps = {line.split(" ", 1)[0]: line for line in stdout.splitlines()}
     for step in ("peak", "fold", "agc", "onnx"):
-        assert step in steps, run.stdout
+        assert step in steps, stdout
         assert "'error'" not in steps[step] and "_error'" not in steps[step], steps[step]
     assert "ours_vs_timm" in steps["onnx"] and "int8_speedup" in steps["onnx"]
+
+
+def test_gpu_report_renders_every_headline_number(smoke):
+    _, results = smoke
+    text = _gpu_report(results)
+    assert "no numbers" not in text
+    agc = results["agc"]
+    assert f"**{agc['speedup']:.1f}x**" in text and f"**{agc['ours_share_of_step']:.2%}**" in text
+    assert f"**{results['fold']['float32_b1']['speedup']:.2f}x**" in text
+    assert f"({results['onnx']['b2']['int8_speedup']:.2f}x)" in text
+
+
+def test_gpu_report_names_a_failed_or_skipped_section_and_keeps_the_others(smoke):
+    _, results = smoke
+    results = {**results, "agc": {"error": "RuntimeError: CUDA error: out of memory"},
+               "onnx": {"skipped": "onnxruntime-gpu is not installed"}}
+    text = _gpu_report(results)
+    assert "### agc: no numbers (RuntimeError: CUDA error: out of memory)" in text
+    assert "### onnx: no numbers (onnxruntime-gpu is not installed)" in text
+    assert "### Folded PyTorch" in text
