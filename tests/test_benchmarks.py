@@ -49,6 +49,13 @@ def test_gpu_report_renders_every_headline_number(smoke):
     assert f"({results['onnx']['b2']['int8_speedup']:.2f}x)" in text
 
 
+def test_gpu_benchmark_checks_our_clipping_against_timms_on_gradients_that_clip(smoke):
+    _, results = smoke
+    agc = results["agc"]
+    assert 0 < agc["tensors_clipped_by_timm"] <= agc["tensors"]
+    assert agc["max_rel_difference_vs_timm"] < 1e-5
+
+
 def test_gpu_report_names_a_failed_or_skipped_section_and_keeps_the_others(smoke):
     _, results = smoke
     results = {**results, "agc": {"error": "RuntimeError: CUDA error: out of memory"},
