@@ -36,7 +36,7 @@ torchrun="$python -m torch.distributed.run --standalone --nproc_per_node 1"
     "$python" -c 'import sys, torch, timm, onnxruntime as ort
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "timm", timm.__version__, "onnxruntime", ort.__version__, ort.get_available_providers())'
-    timeout 330 "$python" benchmarks/gpu.py --results "$out" --budget-s 270 "$@"
+    timeout 300 "$python" benchmarks/gpu.py --results "$out" --budget-s 240 "$@"
     echo "gpu.py exit $?"
     train amp-fp16 "$python" "--amp --amp-dtype float16 --channels-last --model-ema --model-ema-decay 0.9"
     train ddp-nccl-bf16 "$torchrun" "--amp --amp-dtype bfloat16 --grad-accum-steps 2"
