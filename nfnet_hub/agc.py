@@ -14,9 +14,11 @@ written (whole tensors, in one multi-tensor multiply, where most of their rows c
 """
 from __future__ import annotations
 
+import itertools
+import math
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -28,37 +30,51 @@ __all__ = ["PARTITIONS", "adaptive_clip_grad_", "agc_parameters", "patch_timm"]
 PARTITIONS = ("exclude_classifier", "authors")
 
 
-def _row_norms(tensors: list[torch.Tensor], sharded_vectors: list[Any], grouped: bool) -> torch.Tensor:
+class _Plan(NamedTuple):
+    """Which reduction each tensor takes. It depends on shapes alone, so weights and gradients share it."""
+    vectors: list[int]  # scalars and vectors: one unit each, one multi-tensor norm for all
+    singles: list[int]  # matrices of one element per row (the gains): one multi-tensor abs for all
+    matrices: list[list[int]]  # other matrices: one reduction per list, over its members' stacked rows
+    units: list[int]  # units (rows) per tensor
+
+
+def _plan(tensors: list[torch.Tensor], grouped: bool) -> _Plan:
+    vectors, singles, by_fan_in = [], [], defaultdict(list)
+    for i, t in enumerate(tensors):
+        fan_in = math.prod(t.shape[1:])
+        if t.ndim <= 1:
+            vectors.append(i)
+        elif fan_in == 1:
+            singles.append(i)
+        else:
+            by_fan_in[fan_in if grouped else i].append(i)  # ungrouped: each matrix alone
+    units = [1 if t.ndim <= 1 else t.shape[0] for t in tensors]
+    return _Plan(vectors, singles, list(by_fan_in.values()), units)
+
+
+def _row_norms(tensors: list[torch.Tensor], plan: _Plan, sharded_vectors: list[Any]) -> torch.Tensor:
     """Unit norms of every tensor, concatenated in order: one per row of a matrix, one per scalar or vector.
 
     ``tensors`` are local: under FSDP2 a matrix sharded on dim 0 holds whole rows, so its unit
     norms need nothing from other ranks; a vector is one unit split across ranks, so its squared
     norm is summed over the process group given in ``sharded_vectors`` (None where not sharded).
-    Scalars, vectors and matrices of one element per row (the gains) take one multi-tensor op each;
-    other matrices one reduction each, or, ``grouped``, one per fan-in over their stacked rows.
     """
     parts: list[torch.Tensor | None] = [None] * len(tensors)
-    vectors = [i for i, t in enumerate(tensors) if t.ndim <= 1]
-    for i, norm in zip(vectors, torch._foreach_norm([tensors[i] for i in vectors]) if vectors else []):
+    for i, norm in zip(plan.vectors, torch._foreach_norm([tensors[i] for i in plan.vectors]) if plan.vectors else []):
         norm = norm.reshape(1)
         if sharded_vectors[i] is not None:
             square = norm.square()
             dist.all_reduce(square, group=sharded_vectors[i])
             norm = square.sqrt()
         parts[i] = norm
-    singles = [i for i, t in enumerate(tensors) if t.ndim > 1 and t[0].numel() == 1]
-    for i, norm in zip(singles, torch._foreach_abs([tensors[i] for i in singles]) if singles else []):
+    for i, norm in zip(plan.singles, torch._foreach_abs([tensors[i] for i in plan.singles]) if plan.singles else []):
         parts[i] = norm.reshape(-1)
-    by_fan_in: dict[int, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        if parts[i] is None:
-            by_fan_in[t[0].numel() if grouped else i].append(i)  # ungrouped: each matrix alone
-    for members in by_fan_in.values():
+    for members in plan.matrices:
         if len(members) == 1:
             parts[members[0]] = torch.linalg.vector_norm(tensors[members[0]].flatten(1), dim=1)
             continue
-        rows = [tensors[i].reshape(tensors[i].shape[0], -1) for i in members]
-        norms = torch.linalg.vector_norm(torch.cat(rows), dim=1).split([r.shape[0] for r in rows])
+        rows = [tensors[i].reshape(plan.units[i], -1) for i in members]
+        norms = torch.linalg.vector_norm(torch.cat(rows), dim=1).split([plan.units[i] for i in members])
         for i, norm in zip(members, norms):
             parts[i] = norm
     return torch.cat(parts)
@@ -87,23 +103,23 @@ def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipp
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
     for p in parameters:
-        if p.grad is not None:
-            groups[(p.device, p.dtype, p.grad.dtype)].append(p)
-    for params in groups.values():
-        weights, groups_of = zip(*(_local(p.detach()) for p in params))
-        grads = [_local(p.grad.detach())[0] for p in params]
-        units = [1 if w.ndim <= 1 else w.shape[0] for w in weights]
-        group_rows = grads[0].device.type != "cpu" if grouped is None else grouped
-        max_norm = _row_norms(weights, groups_of, group_rows).float().clamp_(min=eps).mul_(clipping)
-        grad_norm = _row_norms(grads, groups_of, group_rows).float()
+        if (g := p.grad) is not None:
+            groups[(g.device, p.dtype, g.dtype)].append((p, g))
+    for pairs in groups.values():
+        weights, groups_of = zip(*(_local(p) for p, _ in pairs))
+        grads = [_local(g)[0] for _, g in pairs]
+        plan = _plan(weights, grads[0].device.type != "cpu" if grouped is None else grouped)
+        units = plan.units
+        max_norm = _row_norms(weights, plan, groups_of).float().clamp_(min=eps).mul_(clipping)
+        grad_norm = _row_norms(grads, plan, groups_of).float()
         clip = grad_norm > max_norm
         clipped = clip.nonzero().flatten().tolist()  # the only host sync; usually a handful of units
         if not clipped:
             continue
         scale = (max_norm / grad_norm.clamp(min=1e-6)).to(grads[0].dtype)
-        starts = torch.tensor(units).cumsum(0).sub_(torch.tensor(units)).tolist()
+        starts = [0, *itertools.accumulate(units)][:-1]
         rows_of: dict[int, list[int]] = defaultdict(list)
         tensor = 0
         for unit in clipped:
