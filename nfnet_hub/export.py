@@ -96,6 +96,35 @@ def _to_onnx(module: nn.Module, img_size: tuple[int, int], opset: int) -> onnx.M
         del node.metadata_props[:]
         node.doc_string = ""
     del proto.graph.value_info[:]
+    return _global_pools(proto)
+
+
+def _global_pools(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Turn each mean over the spatial axes of an NCHW tensor (squeeze-excite, head) into GlobalAveragePool.
+
+    The same function, but ONNX Runtime keeps GlobalAveragePool in int8 (QLinearGlobalAveragePool) and
+    in its channels-last layout, where a ReduceMean falls back to float behind a dequantise and reduces
+    over strided memory: about a sixth of F0's int8 time at batch 1."""
+    graph = proto.graph
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim)
+             for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+
+    def pooled(node: onnx.NodeProto) -> onnx.NodeProto:
+        axes = constants.get(node.input[1]) if node.op_type == "ReduceMean" and len(node.input) == 2 else None
+        keepdims = next((a.i for a in node.attribute if a.name == "keepdims"), 1)
+        if (axes is None or keepdims != 1 or ranks.get(node.input[0]) != 4
+                or sorted(int(a) % 4 for a in axes.reshape(-1)) != [2, 3]):
+            return node
+        return onnx.helper.make_node("GlobalAveragePool", [node.input[0]], list(node.output), name=node.name)
+
+    nodes = [pooled(node) for node in graph.node]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    unused = [i for i in graph.initializer if i.name not in used]
+    for init in unused:
+        graph.initializer.remove(init)
     return proto
 
 

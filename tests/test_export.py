@@ -54,6 +54,38 @@ def test_f0_graph_is_small(tmp_path):
     assert report.nodes <= 350
     assert report.file_bytes <= 1.01 * report.weight_bytes
     assert report.max_rel_error < 1e-4
+    assert report.op_counts["GlobalAveragePool"] == 13 and "ReduceMean" not in report.op_counts  # 12 SE + head
+
+
+def _mean_graph(shape: list[int], axes: list[int], keepdims: int) -> onnx.ModelProto:
+    node = onnx.helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=keepdims)
+    graph = onnx.helper.make_graph(
+        [node], "mean", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(np.array(axes, np.int64), "axes")])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 20)])
+
+
+def _relu_before(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with the mean reading an intermediate value, as in an exported network."""
+    proto.graph.node[0].input[0] = "r"
+    proto.graph.node.insert(0, onnx.helper.make_node("Relu", ["x"], ["r"]))
+    return proto
+
+
+@pytest.mark.parametrize("shape,axes,keepdims,pooled", [
+    ([2, 3, 5, 7], [2, 3], 1, True), ([2, 3, 5, 7], [-1, -2], 1, True),
+    ([2, 3, 5, 7], [2, 3], 0, False), ([2, 3, 5, 7], [1, 2], 1, False), ([2, 3, 5], [-2, -1], 1, False)])
+def test_spatial_means_become_global_pools_and_nothing_else_does(shape, axes, keepdims, pooled):
+    original = _relu_before(_mean_graph(shape, axes, keepdims))
+    rewritten = export_mod._global_pools(onnx.ModelProto.FromString(original.SerializeToString()))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops == ["Relu", "GlobalAveragePool" if pooled else "ReduceMean"]
+    assert [i.name for i in rewritten.graph.initializer] == ([] if pooled else ["axes"])
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    run = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+           for p in (original, rewritten)]
+    np.testing.assert_allclose(run[1], run[0], rtol=1e-6, atol=1e-7)
 
 
 def test_fp16_and_int8(nano, tmp_path):
