@@ -29,7 +29,7 @@ from common import RESULTS, median_s, save, trained_like  # noqa: E402
 from timm.utils.agc import adaptive_clip_grad  # noqa: E402
 
 import nfnet_hub  # noqa: E402,F401
-from nfnet_hub import fold  # noqa: E402
+from nfnet_hub import agc_triton, fold  # noqa: E402
 from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters  # noqa: E402
 from nfnet_hub.models.stats import model_stats  # noqa: E402
 
@@ -48,6 +48,7 @@ class Setup:
             torch.cuda.synchronize()
 
 
+SECTIONS = ("fold", "agc", "onnx")
 FULL = Setup("cuda", "dm_nfnet_f0", "nfnet_hub_f0", 256, (1, 32), 64)
 SMOKE = Setup("cpu", "nfnet_hub_nano", "nfnet_hub_nano", 64, (1, 2), 4)
 
@@ -89,15 +90,22 @@ def bench_agc_and_step(s: Setup) -> dict:
     y = torch.randint(0, model.num_classes, (s.step_batch,), device=s.device)
     params = agc_parameters(model)
 
-    def step():
+    def step(clip: bool):
         with torch.autocast(s.device, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        adaptive_clip_grad_(params, 0.01)
+        if clip:
+            adaptive_clip_grad_(params, 0.01)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step_ms = median_s(step, runs=10, sync=s.sync) * 1e3
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rounds = {True: [], False: []}  # interleaved rounds: the step with and without AGC see the same machine
+    for _ in range(3):
+        for clip in rounds:
+            rounds[clip].append(median_s(lambda clip=clip: step(clip), runs=10, sync=s.sync) * 1e3)
+    step_ms, step_without_agc_ms = (float(np.median(rounds[clip])) for clip in (True, False))
+    model.load_state_dict(weights)  # the unclipped steps on noise may have diverged: check AGC on sane weights
     model(x[:2]).logsumexp(1).mean().backward()  # a real gradient, not noise
     grads = [p.grad.clone() for p in params]
 
@@ -113,6 +121,22 @@ def bench_agc_and_step(s: Setup) -> dict:
             samples.append(time.perf_counter() - t)
         return float(np.median(samples)) * 1e3
 
+    def device_ms(fn, *args) -> float:
+        """GPU time alone: the GPU sleeps while the host queues fn's kernels, so no launch gap is counted."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(20):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            torch.cuda.synchronize()
+            torch.cuda._sleep(10_000_000)  # about 5 ms: far longer than the host needs to queue fn
+            start.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        return float(np.median(samples))
+
     def clipped(fn) -> list[torch.Tensor]:
         for p, g in zip(params, grads):
             p.grad = g.clone()
@@ -124,17 +148,30 @@ def bench_agc_and_step(s: Setup) -> dict:
         return max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
                    for a, b in zip(clipped(fn), reference))
 
-    per_tensor = lambda ps, c: adaptive_clip_grad_(ps, c, grouped=False)  # noqa: E731
-    grouped = lambda ps, c: adaptive_clip_grad_(ps, c, grouped=True)  # noqa: E731
+    names = ["per_tensor", "grouped"] + ["triton"] * agc_triton.usable([p.detach() for p in params], grads)
+    methods = {m: (lambda ps, c, m=m: adaptive_clip_grad_(ps, c, method=m)) for m in names}
+    default = "per_tensor" if s.device == "cpu" else names[-1]  # what method="auto" picks
     reference = clipped(adaptive_clip_grad)
     changed = sum(int((a != g).any()) for a, g in zip(reference, grads))  # a check that clips nothing proves nothing
     timm_ms, ours_ms = timed(adaptive_clip_grad), timed(adaptive_clip_grad_)
-    return {"train_step_ms_bf16": step_ms, "step_batch": s.step_batch, "step_size": size, "timm_agc_ms": timm_ms,
-            "ours_agc_ms": ours_ms, "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms,
-            "per_tensor_norms_ms": timed(per_tensor), "grouped_norms_ms": timed(grouped),
+    gpu = {}
+    if s.device == "cuda":  # AGC's floor is reading weights and gradients once: compare with a plain copy
+        read = sum(2 * p.numel() * p.element_size() for p in params)
+        src = torch.empty(read, dtype=torch.uint8, device=s.device)
+        dst = torch.empty_like(src)
+        ours_gpu_ms, copy_ms = device_ms(adaptive_clip_grad_, params, 0.01), device_ms(dst.copy_, src)
+        gpu = {"ours_gpu_ms": ours_gpu_ms, "ours_gpu_share_of_step": ours_gpu_ms / step_ms,
+               "ours_read_gb_s": read / ours_gpu_ms / 1e6, "copy_gb_s": 2 * read / copy_ms / 1e6}
+        del src, dst
+    return {**gpu, "train_step_ms_bf16": step_ms, "train_step_without_agc_ms": step_without_agc_ms,
+            "agc_share_of_step": 1 - step_without_agc_ms / step_ms,
+            "step_batch": s.step_batch, "step_size": size, "timm_agc_ms": timm_ms,
+            "ours_agc_ms": ours_ms, "ours_method": default,
+            "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms,
+            **{f"{m}_ms": timed(fn) for m, fn in methods.items()},
             "tensors_clipped_by_timm": changed, "tensors": len(params),
             "max_rel_difference_vs_timm": max(max_difference(fn, reference)
-                                              for fn in (adaptive_clip_grad_, per_tensor, grouped))}
+                                              for fn in (adaptive_clip_grad_, *methods.values()))}
 
 
 def _device_runner(session, batch: int, s: Setup, provider: str):
@@ -198,6 +235,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="run every step on the CPU with a tiny model")
     p.add_argument("--results", type=Path, help=f"folder for gpu.json (default: {RESULTS}; --smoke writes none)")
     p.add_argument("--budget-s", type=float, default=420, help="start no section after this many seconds")
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=SECTIONS, help="what to measure (default: all)")
     args = p.parse_args()
     deadline = time.time() + args.budget_s
     s = SMOKE if args.smoke else FULL
@@ -212,6 +250,8 @@ def main() -> None:
     steps = (("fold", lambda: bench_fold(s, ref, results["peak_tflops"])), ("agc", lambda: bench_agc_and_step(s)),
              ("onnx", lambda: bench_ort(s, ref, results["peak_tflops"])))
     for name, fn in steps:
+        if name not in args.sections:
+            continue
         if time.time() > deadline:
             results[name] = {"skipped": "time budget"}
             continue

@@ -5,12 +5,13 @@ output unit; scalars and vectors are one unit):
 ``max_norm = clipping * max(||W_i||, eps)`` and, where ``||G_i|| > max_norm``,
 ``G_i <- G_i * max_norm / max(||G_i||, 1e-6)``.
 
-Speed: on the CPU, weights and gradients are each read once (one row-norm reduction per
-matrix, one multi-tensor norm for all scalars and vectors); on GPUs, where kernel launches cost
-more than bytes, the rows of all matrices of one fan-in are stacked and reduced in one kernel.
-The clip factors of all units are computed in one vectorised pass, and only clipped units are
-written (whole tensors, in one multi-tensor multiply, where most of their rows clip). timm's
-``adaptive_clip_grad`` allocates several full-size temporaries per tensor and rewrites every gradient.
+Speed: on GPUs, one Triton kernel pass (``nfnet_hub.agc_triton``) reads weights and gradients
+once and rewrites only the rows that clip, with no host sync. The torch path, for CPUs (and GPUs
+without Triton), reads each once too (one row-norm reduction per matrix, or per fan-in where launches
+cost more than bytes; one multi-tensor norm for all scalars and vectors), computes the clip factors
+of all units in one vectorised pass, and writes only clipped units (whole tensors, in one
+multi-tensor multiply, where most of their rows clip). timm's ``adaptive_clip_grad`` allocates
+several full-size temporaries per tensor and rewrites every gradient.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-__all__ = ["PARTITIONS", "adaptive_clip_grad_", "agc_parameters", "patch_timm"]
+from nfnet_hub import agc_triton
+
+__all__ = ["METHODS", "PARTITIONS", "adaptive_clip_grad_", "agc_parameters", "patch_timm"]
 
 PARTITIONS = ("exclude_classifier", "authors")
+METHODS = ("auto", "triton", "grouped", "per_tensor")
 
 
 class _Plan(NamedTuple):
@@ -93,24 +97,42 @@ def _local(t: torch.Tensor) -> tuple[torch.Tensor, Any]:
 
 @torch.no_grad()
 def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipping: float = 0.01,
-                        eps: float = 1e-3, *, grouped: bool | None = None) -> None:
+                        eps: float = 1e-3, *, method: str = "auto") -> None:
     """Clip gradients in place, unit-wise, as the authors define AGC. Parameters without grad are skipped.
 
-    ``grouped``: reduce the rows of all matrices of one fan-in in one kernel, after copying them
-    together, instead of one kernel per tensor. That trades memory traffic for fewer kernel launches:
-    a gain on GPUs, where launches dominate, a loss on CPUs, where bandwidth does. None (the default)
-    groups on every device but the CPU.
+    ``method`` (all give the same result):
+    ``"triton"``: one fused kernel pass (``nfnet_hub.agc_triton``): no host sync, gradients rewritten
+    only where they clip; needs Triton and a GPU, and rows dense in memory.
+    ``"grouped"``: torch ops; the rows of all matrices of one fan-in are copied together and reduced
+    in one kernel: fewer launches for more memory traffic, the fallback on GPUs without Triton.
+    ``"per_tensor"``: torch ops, one reduction per tensor: the fastest where bandwidth, not launches,
+    is the limit (CPUs).
+    ``"auto"`` (default): ``"triton"`` where it can run, else ``"grouped"`` on GPUs, ``"per_tensor"`` on CPUs.
     """
+    if method not in METHODS:
+        raise ValueError(f"unknown AGC method {method!r}: choose one of {METHODS}")
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
-    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     for p in parameters:
         if (g := p.grad) is not None:
-            groups[(g.device, p.dtype, g.dtype)].append((p, g))
-    for pairs in groups.values():
-        weights, groups_of = zip(*(_local(p) for p, _ in pairs))
-        grads = [_local(g)[0] for _, g in pairs]
-        plan = _plan(weights, grads[0].device.type != "cpu" if grouped is None else grouped)
+            weights, grads = groups[(g.device, p.dtype, g.dtype)]
+            weights.append(p)
+            grads.append(g)
+    for weights, grads in groups.values():
+        groups_of = [None] * len(weights)
+        if dist.is_initialized() and any(isinstance(w, DTensor) for w in weights):  # FSDP2's shards
+            weights, groups_of = zip(*map(_local, weights))
+            grads = [_local(g)[0] for g in grads]
+        on_cpu = grads[0].device.type == "cpu"
+        fused = method == "triton" or (method == "auto" and not on_cpu)
+        if fused and not any(groups_of) and agc_triton.usable(weights, grads):
+            agc_triton.clip_(weights, grads, clipping, eps)
+            continue
+        if method == "triton":
+            raise ValueError("AGC method 'triton' needs Triton, a GPU, float32/16 or bfloat16 tensors with dense rows "
+                             "(contiguous or channels-last), and no vector sharded across ranks; use method='auto'")
+        plan = _plan(weights, method == "grouped" or (method == "auto" and not on_cpu))
         units = plan.units
         max_norm = _row_norms(weights, plan, groups_of).float().clamp_(min=eps).mul_(clipping)
         grad_norm = _row_norms(grads, plan, groups_of).float()
@@ -136,8 +158,8 @@ def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipp
             if i in dense:
                 continue
             idx = torch.tensor(units_clipped, device=scale.device)
-            rows = grads[i].reshape(units[i], -1)
-            rows.index_copy_(0, idx - starts[i], rows.index_select(0, idx - starts[i]) * scale[idx, None])
+            rows, g = idx - starts[i], grads[i]  # indexed along dim 0: a reshape would copy a channels-last tensor
+            g.index_copy_(0, rows, g.index_select(0, rows) * scale[idx].reshape(-1, *([1] * (g.ndim - 1))))
 
 
 def agc_parameters(model: nn.Module, partition: str = "exclude_classifier") -> list[nn.Parameter]:

@@ -5,11 +5,16 @@ skip gain and bias before comparing anything.
 """
 from __future__ import annotations
 
-import pytest
-import torch
-from torch import nn
+import os
 
-import nfnet_hub  # noqa: F401  (registers the models)
+# Triton kernels (AGC's) run here on CPU tensors through Triton's interpreter, read when they are defined
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import nfnet_hub  # noqa: E402,F401  (registers the models)
 
 
 @torch.no_grad()

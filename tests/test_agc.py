@@ -1,6 +1,8 @@
 """AGC against an independent numpy implementation of the authors' formula."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import timm
@@ -8,6 +10,7 @@ import torch
 from conftest import randomise
 from torch import nn
 
+from nfnet_hub import agc_triton
 from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters, patch_timm
 
 
@@ -44,20 +47,38 @@ def _cases():
     # a gain: one weight per output row, so each row's norm is the absolute value
     gain_w = np.array([1.0, -0.5, 0.0, 2.0], np.float32).reshape(4, 1, 1, 1)
     gain_g = np.array([0.5, -1e-5, 1e-6, -3.0]).reshape(4, 1, 1, 1)
+    # long rows and a long vector, which the Triton kernel reads in several blocks, in tiles of one row
+    # or (with other tile shapes) of several, the last one part full
+    wide_w, wide_g = rng.standard_normal((3, 1500)).astype(np.float32), rng.standard_normal((3, 1500)) * 0.1
+    mid_w, mid_g = rng.standard_normal((3, 600)).astype(np.float32), rng.standard_normal((3, 600)) * 0.03
+    huge_w = rng.standard_normal((2, 2500)).astype(np.float32)
+    huge_g = rng.standard_normal((2, 2500)) * np.array([1e-4, 1.0])[:, None]
+    long_w, long_g = rng.standard_normal(3000).astype(np.float32), rng.standard_normal(3000) * 0.05
     return [(conv_w, conv_g), (lin_w, lin_g), (bias_w, bias_g), (np.array(scalar_w), np.array(scalar_g)),
-            (conv2_w, conv2_g), (small_w, small_g), (gain_w, gain_g), (lin2_w, lin2_g)]
+            (conv2_w, conv2_g), (small_w, small_g), (gain_w, gain_g), (lin2_w, lin2_g),
+            (wide_w, wide_g), (mid_w, mid_g), (huge_w, huge_g), (long_w, long_g)]
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["per_tensor", "grouped"])
-@pytest.mark.parametrize("clipping,eps", [(0.01, 1e-3), (0.1, 1e-3), (0.05, 1e-2)])
-def test_matches_the_authors_formula(clipping, eps, grouped):
-    cases = _cases()
+def _params(cases, dtype=torch.float32) -> list[nn.Parameter]:
     params = []
     for w, g in cases:
-        p = nn.Parameter(torch.from_numpy(np.array(w, np.float32)))
-        p.grad = torch.from_numpy(np.array(g, np.float32))
+        p = nn.Parameter(torch.from_numpy(np.array(w, np.float32)).to(dtype))
+        p.grad = torch.from_numpy(np.array(g, np.float32)).to(dtype)
         params.append(p)
-    adaptive_clip_grad_(params, clipping, eps, grouped=grouped)
+    return params
+
+
+needs_triton = pytest.mark.skipif(not agc_triton.available(torch.device("cpu")),
+                                  reason="Triton is not installed (CPU-only torch)")
+METHODS = ["per_tensor", "grouped", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("clipping,eps", [(0.01, 1e-3), (0.1, 1e-3), (0.05, 1e-2)])
+def test_matches_the_authors_formula(clipping, eps, method):
+    cases = _cases()
+    params = _params(cases)
+    adaptive_clip_grad_(params, clipping, eps, method=method)
     clipped_any = unclipped_any = False
     for p, (w, g) in zip(params, cases):
         expected = numpy_agc(np.array(w), np.array(g, np.float32), clipping, eps)
@@ -68,22 +89,82 @@ def test_matches_the_authors_formula(clipping, eps, grouped):
     assert clipped_any and unclipped_any  # the cases exercise both branches
 
 
-@pytest.mark.parametrize("grouped", [False, True], ids=["per_tensor", "grouped"])
-def test_matches_timm_on_a_real_network_gradient(grouped):
+@needs_triton
+def test_triton_kernel_with_other_tile_shapes(monkeypatch):
+    """Tiles of several rows that loop over long rows, some clipped and some not: what tuning may choose."""
+    launch = agc_triton._Launch
+    monkeypatch.setattr(agc_triton, "_LAUNCHES", (launch(8, 4, 8, 1), launch(math.inf, 2, 512, 4)))
+    cases = _cases()
+    params = _params(cases)
+    adaptive_clip_grad_(params, 0.01, method="triton")
+    for p, (w, g) in zip(params, cases):
+        np.testing.assert_allclose(p.grad.numpy(), numpy_agc(np.array(w), np.array(g, np.float32), 0.01, 1e-3),
+                                   rtol=2e-6, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_kernel_in_half_precision(dtype):
+    """Half-precision weights and gradients: norms accumulate in float32, the result is rounded once."""
+    cases = _cases()
+    params = _params(cases, dtype)
+    inputs = [(p.detach().float().numpy(), p.grad.float().numpy()) for p in params]
+    adaptive_clip_grad_(params, 0.01, method="triton")
+    for p, (w, g) in zip(params, inputs):
+        expected = torch.from_numpy(numpy_agc(w, g, 0.01, 1e-3)).to(dtype)  # rounded as the kernel rounds
+        torch.testing.assert_close(p.grad.float(), expected.float(), rtol=8e-3, atol=1e-12)
+        assert p.grad.dtype == dtype
+
+
+@needs_triton
+def test_triton_method_says_what_it_needs(monkeypatch):
+    transposed = nn.Parameter(torch.randn(5, 4))
+    transposed.grad = torch.randn(4, 5).t()  # rows are strided, not dense
+    with pytest.raises(ValueError, match="dense rows"):
+        adaptive_clip_grad_([transposed], method="triton")
+    expected = torch.from_numpy(numpy_agc(transposed.detach().numpy(), transposed.grad.numpy(), 0.01, 1e-3))
+    adaptive_clip_grad_([transposed], method="auto")  # falls back to torch ops
+    torch.testing.assert_close(transposed.grad, expected.float())
+    monkeypatch.delenv("TRITON_INTERPRET")
+    p = nn.Parameter(torch.randn(3, 3))
+    p.grad = torch.randn(3, 3)
+    with pytest.raises(ValueError, match="needs Triton, a GPU"):
+        adaptive_clip_grad_([p], method="triton")
+    with pytest.raises(ValueError, match="unknown AGC method"):
+        adaptive_clip_grad_([p], method="fused")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("method", METHODS)
+def test_matches_timm_on_a_real_network_gradient(method, channels_last):
     from timm.utils.agc import adaptive_clip_grad
 
     model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10)).train()
+    if channels_last:  # conv weights and their gradients in channels-last layout: rows stay dense
+        model = model.to(memory_format=torch.channels_last)
     model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
     params = agc_parameters(model)
     grads = [p.grad.clone() for p in params]
+    assert channels_last == any(g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
+                                for g in grads)
     adaptive_clip_grad(params, 0.01)
     expected = [p.grad.clone() for p in params]
     for p, g in zip(params, grads):
         p.grad = g.clone()
-    adaptive_clip_grad_(params, 0.01, grouped=grouped)
+    adaptive_clip_grad_(params, 0.01, method=method)
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.grad, e)
-    assert any(not torch.equal(e, g) for e, g in zip(expected, grads))
+    clipped = [i for i, (e, g) in enumerate(zip(expected, grads)) if not torch.equal(e, g)]
+    assert clipped
+    # again, with the same gradient tensors but one: the Triton kernel's table of pointers must follow it
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)
+    old = params[clipped[-1]].grad  # kept alive, so that the new one cannot take its address
+    params[clipped[-1]].grad = grads[clipped[-1]].clone()
+    adaptive_clip_grad_(params, 0.01, method=method)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+    assert old.data_ptr() != params[clipped[-1]].grad.data_ptr()
 
 
 def test_classifier_is_found_by_identity_not_order():

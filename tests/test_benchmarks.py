@@ -44,7 +44,8 @@ def test_gpu_report_renders_every_headline_number(smoke):
     text = _gpu_report(results)
     assert "no numbers" not in text
     agc = results["agc"]
-    assert f"**{agc['speedup']:.1f}x**" in text and f"**{agc['ours_share_of_step']:.2%}**" in text
+    assert f"**{agc['speedup']:.1f}x**" in text and f"**{agc['agc_share_of_step']:.2%}**" in text
+    assert f"`per_tensor` {agc['per_tensor_ms']:.2f} ms" in text and f"`grouped` {agc['grouped_ms']:.2f} ms" in text
     assert f"**{results['fold']['float32_b1']['speedup']:.2f}x**" in text
     assert f"({results['onnx']['b2']['int8_speedup']:.2f}x)" in text
 
@@ -64,3 +65,15 @@ def test_gpu_report_names_a_failed_or_skipped_section_and_keeps_the_others(smoke
     assert "### agc: no numbers (RuntimeError: CUDA error: out of memory)" in text
     assert "### onnx: no numbers (onnxruntime-gpu is not installed)" in text
     assert "### Folded PyTorch" in text
+
+
+def test_gpu_report_renders_the_recorded_device_run():
+    """The committed results of a real GPU run (with the GPU-only numbers the smoke run lacks)."""
+    results = json.loads((BENCHMARKS / "results" / "gpu.json").read_text())
+    text = _gpu_report(results)
+    agc = results["agc"]
+    assert agc["ours_method"] == "triton" and agc["max_rel_difference_vs_timm"] < 1e-5
+    assert f"**{agc['speedup']:.1f}x**" in text and f"**{agc['ours_gpu_share_of_step']:.2%}**" in text
+    assert f"{agc['ours_read_gb_s'] / agc['copy_gb_s']:.0%} of the" in text
+    assert f"`triton` {agc['triton_ms']:.2f} ms" in text
+    assert "### onnx: no numbers" in text  # that image had no onnxruntime-gpu
