@@ -148,7 +148,8 @@ def bench_agc_and_step(s: Setup) -> dict:
         return max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
                    for a, b in zip(clipped(fn), reference))
 
-    names = ["per_tensor", "grouped"] + ["triton"] * agc_triton.usable([p.detach() for p in params], grads)
+    # Triton only on the GPU: on the CPU it can run only through its interpreter, which says nothing of speed
+    names = ["per_tensor", "grouped"] + ["triton"] * (s.device == "cuda" and agc_triton.usable(params, grads))
     methods = {m: (lambda ps, c, m=m: adaptive_clip_grad_(ps, c, method=m)) for m in names}
     default = "per_tensor" if s.device == "cpu" else names[-1]  # what method="auto" picks
     reference = clipped(adaptive_clip_grad)
