@@ -5,8 +5,9 @@
     bash benchmarks/device.sh           # on a bare GPU machine: versions, then this script, results to $OUT
 
 Against the anchors in the same run: folded vs timm's dm_nfnet_f0 (fp32 and bf16, batch 1 and 32);
-our AGC vs timm's on F0's parameters with fresh gradients (default, and each way of reducing row
-norms), and as a share of an F0 training step;
+our AGC vs timm's on F0's parameters with fresh gradients (default, and each method), its GPU time
+against a plain copy of the same bytes, and its share of an F0 training step (GPU time, and the step
+with against without it);
 ONNX Runtime's CUDA provider (with onnxruntime-gpu) on our fp32 export vs timm's own export, our fp16
 and int8 exports vs our fp32, each at batch 1 and 32 with inputs and outputs kept on the device; and
 the achieved GFLOP/s against the GPU's measured matmul peak.
