@@ -31,8 +31,8 @@ from timm.utils.agc import adaptive_clip_grad  # noqa: E402
 import nfnet_hub  # noqa: E402,F401
 from nfnet_hub import fold  # noqa: E402
 from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters  # noqa: E402
+from nfnet_hub.cpu import prepack  # noqa: E402
 from nfnet_hub.export import export_onnx  # noqa: E402
-from nfnet_hub.folding import prepack  # noqa: E402
 from nfnet_hub.models.stats import model_stats  # noqa: E402
 
 SIZE = 256

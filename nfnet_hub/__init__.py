@@ -30,14 +30,14 @@ class _RegisterWhenTimmLoads(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
-            importlib.import_module(f"{__name__}.models")
+            importlib.import_module(f"{__name__}.models.nfnet")
 
         spec.loader.exec_module = exec_and_register
         return spec
 
 
 if "timm" in sys.modules:
-    importlib.import_module(f"{__name__}.models")
+    importlib.import_module(f"{__name__}.models.nfnet")
 elif not any(isinstance(f, _RegisterWhenTimmLoads) for f in sys.meta_path):
     sys.meta_path.insert(0, _RegisterWhenTimmLoads())
 
@@ -49,5 +49,6 @@ def __getattr__(name: str) -> Any:
         globals()["fold"] = fold
         return fold
     if name == "models":
+        importlib.import_module(f"{__name__}.models.nfnet")  # registers the models
         return importlib.import_module(f"{__name__}.models")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,9 @@
-"""The ``nfnet-hub`` command line: thin wrappers over the library modules."""
+"""The ``nfnet-hub`` command line: parse, call one library function, print.
+
+Every command goes through one handler: a user error (``NfnetHubError``) is printed as one line,
+``nfnet-hub <command>: error: ...``, exit 2; Ctrl-C prints one line, exit 130; ``--debug`` (or
+``NFNET_HUB_DEBUG=1``) shows the traceback instead. Anything else is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,112 +11,169 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+from .errors import NfnetHubError, UsageError
+
+
+def _say_model(model_name: str, args: argparse.Namespace, size: int | None = None, warn_random: bool = True):
+    """Load the model the options name, and say where its weights and preprocessing come from."""
+    from .models.checkpoint import load_model
+    from .preprocess import Preprocess
+
+    print(f"loading {model_name} ...", flush=True)
+    model, source = load_model(model_name, args.checkpoint, pretrained=getattr(args, "pretrained", False))
+    pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size)
+    print(f"weights: {source.weights}\npreprocessing: {pre.describe()}, from {source.preprocessing}", flush=True)
+    if source.random and warn_random:
+        print(f"warning: {model_name} has random weights: its skip gains are zero, so every residual branch "
+              "folds away; pass --checkpoint FILE or --pretrained for a model worth exporting", file=sys.stderr)
+    return model, pre
+
+
+def _calibration(args: argparse.Namespace, pre) -> Any:
+    from .preprocess import list_images
+
+    if not args.calibration:
+        raise UsageError("int8 needs --calibration DIR (images like the ones the model will see; a fifth of them "
+                         "are held out to measure int8's agreement with fp32)")
+    return pre.batch(list_images(args.calibration))
+
+
+def _labels(args: argparse.Namespace) -> list[str] | None:
+    from .preprocess import read_labels
+
+    return read_labels(args.labels) if args.labels else None
+
+
+def _say_int8(report) -> None:
+    if report.int8:
+        r = report.int8
+        print(f"int8 agrees with fp32 on {r['top1_agreement']:.1%} of {r['held_out_images']} held-out calibration "
+              f"images (required: {r['min_agreement']:.0%}" + (", written anyway: --force)" if r["below_threshold"]
+                                                                else ")"), flush=True)
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .models.nfnet import default_cfgs
-    from .models.stats import model_stats
-    from .models.variants import VARIANTS, model_name
+    from .models.variants import table
 
-    rows = [("model", "params", "GMACs@train", "GMACs@test", "train px", "test px", "pretrained tags")]
-    for variant, v in VARIANTS.items():
-        name = model_name(variant)
-        train, test = model_stats(name, v.train_size), model_stats(name, v.test_size)
-        tags = [t for t in default_cfgs[name].tags if t] or ["-"]
-        rows.append((name, f"{train.params / 1e6:.1f}M", f"{train.gmacs:.4g}", f"{test.gmacs:.4g}",
-                     str(v.train_size), str(v.test_size), ", ".join(tags)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(table(markdown=args.markdown))
     return 0
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import timm
+    from .models.checkpoint import convert_authors_checkpoint
 
-    from .models.convert import check_fit, convert_deepmind, read_state_dict, save_safetensors
-    from .models.nfnet import DEEPMIND_NUMERICS
-
-    arrays = read_state_dict(args.checkpoint)
-    model = timm.create_model(args.model, num_classes=args.num_classes, **DEEPMIND_NUMERICS)
-    sd = convert_deepmind(arrays, model)
-    check_fit(sd, model, args.checkpoint)
-    model.load_state_dict(sd)
-    out = save_safetensors(model, args.out, {"nfnet_hub.source": Path(args.checkpoint).name})
-    print(f"wrote {out} ({len(sd)} tensors, the authors' numerics: {DEEPMIND_NUMERICS})")
+    out, n = convert_authors_checkpoint(args.checkpoint, args.model, args.out, num_classes=args.num_classes,
+                                        overwrite=args.overwrite)
+    print(f"wrote {out} ({n} tensors, the authors' numerics)")
     return 0
-
-
-def _load_images(folder: str | None) -> list[Path] | None:
-    from .runtime import list_images
-
-    return list_images(folder) if folder else None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
-    from .models.convert import create_model
-    from .runtime import Preprocess
+    from .files import check_writable_folder
+    from .preprocess import export_size
 
-    print(f"loading {args.model} ...", flush=True)
-    model = create_model(args.model, args.checkpoint)
-    labels = Path(args.labels).read_text().split("\n") if args.labels else None
-    labels = [label for label in labels if label] if labels else None
+    name = Path(args.filename)
+    if name.name != args.filename or name.suffix != ".onnx" or args.filename.startswith("."):
+        raise UsageError(f"--filename {args.filename!r} must be a plain file name ending in .onnx; "
+                         "--out chooses the folder")
+    check_writable_folder(Path(args.out))
+    model, _ = _say_model(args.model, args, args.img_size)
+    size = export_size(model.pretrained_cfg, args.img_size)
     calibration = None
     if args.precision == "int8":
-        if not args.calibration:
-            raise ValueError("--precision int8 needs --calibration DIR (images to calibrate the quantisation on)")
-        cfg = dict(model.pretrained_cfg)
-        size = args.img_size or (cfg.get("test_input_size") or cfg["input_size"])[-1]
-        pre = Preprocess.from_pretrained_cfg({**cfg, "input_size": (3, size, size), "test_input_size": None})
-        calibration = pre.batch(_load_images(args.calibration))
+        from .preprocess import Preprocess
+
+        calibration = _calibration(args, Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
-    report = export_onnx(model, Path(args.out) / args.filename, img_size=args.img_size, precision=args.precision,
-                         opset=args.opset, label_names=labels, calibration=calibration)
+    report = export_onnx(model, Path(args.out) / args.filename, img_size=size, precision=args.precision,
+                         opset=args.opset, label_names=_labels(args), calibration=calibration,
+                         min_agreement=args.min_agreement, force=args.force)
     print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {report.img_size[0]}px, "
           f"{report.nodes} nodes, {report.file_bytes / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs error "
           f"{report.max_abs_error:.3g} (relative {report.max_rel_error:.3g}) at batches {report.verify_batches}")
+    _say_int8(report)
+    if report.branches_folded_away:
+        print(f"warning: {report.branches_folded_away} of {report.blocks} residual branches have a zero skip gain "
+              "and were folded away (untrained weights?)", file=sys.stderr)
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .export import validate_onnx
-    from .models.convert import create_model
+    from .preprocess import list_images
 
-    model = create_model(args.model, args.checkpoint)
-    r = validate_onnx(args.onnx, model, _load_images(args.images))
+    if args.checkpoint is None and not args.pretrained and not args.random_weights:
+        raise UsageError("no --checkpoint: comparing the export with a freshly initialised model says nothing; "
+                         "pass --checkpoint FILE (or --pretrained), or --random-weights if you mean it")
+    model, _ = _say_model(args.model, args, warn_random=False)
+    r = validate_onnx(args.onnx, model, list_images(args.images) if args.images else None)
+    print(f"preprocessing (from {Path(args.onnx).name}'s metadata): {r.preprocessing}")
     print(json.dumps(r.__dict__, indent=2))
     return 0
 
 
-def _cmd_train(argv: list[str]) -> int:
-    from .train import parse_args, train
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
 
-    result = train(parse_args(argv))
+    options = {k: v for k, v in vars(args).items() if k not in ("fn", "command", "debug")}  # the run's own options
+    result = train(argparse.Namespace(**options))
     if result["metrics"] and int(os.environ.get("RANK", "0")) == 0:
         print(f"done: top-1 {result['metrics']['top1']:.2f}% after {result['global_step']} steps; "
               f"checkpoints in {result['output']}")
     return 0
 
 
-def _cmd_bundle(args: argparse.Namespace) -> int:
-    from .hub import build_bundle
-    from .models.convert import create_model
-    from .runtime import Preprocess
+def _cmd_timm_train(args: argparse.Namespace) -> int:
+    import runpy
 
-    model = create_model(args.model, args.checkpoint)
-    labels = [line for line in Path(args.labels).read_text().splitlines() if line] if args.labels else None
+    from .agc import patch_timm
+
+    if not Path(args.script).is_file():
+        raise UsageError(f"no such file: {args.script} (give the path of timm's train.py)")
+    patch_timm()  # timm's --clip-mode agc now runs ours
+    sys.argv = [args.script, *args.args]
+    runpy.run_path(args.script, run_name="__main__")
+    return 0
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from .files import check_writable_folder
+    from .hub import build_bundle, check_replaceable
+    from .hubclient import check_repo_id
+    from .preprocess import Preprocess, export_size
+
+    check_repo_id(args.repo_id)
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace the bundle there")
+    check_replaceable(out)
+    check_writable_folder(out.parent)
+    metrics = _read_metrics(args.metrics) if args.metrics else None
+    model, _ = _say_model(args.model, args, args.img_size)
+    size = export_size(model.pretrained_cfg, args.img_size)
     calibration = None
     if "int8" in args.precision:
-        if not args.calibration:
-            raise ValueError("int8 needs --calibration DIR (images to calibrate the quantisation on)")
-        calibration = Preprocess.from_pretrained_cfg(model.pretrained_cfg).batch(_load_images(args.calibration))
-    metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else None
-    out = build_bundle(model, args.out, label_names=labels, precisions=["fp32", *args.precision],
-                       calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
-                       license=args.license, overwrite=args.overwrite)
+        calibration = _calibration(args, Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size))
+    build_bundle(model, out, img_size=size, label_names=_labels(args), precisions=["fp32", *args.precision],
+                 calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
+                 license=args.license, overwrite=args.overwrite, min_agreement=args.min_agreement, force=args.force)
     print(f"bundle ready: {out}\npublish with: nfnet-hub publish {out} --repo-id {args.repo_id}")
     return 0
+
+
+def _read_metrics(path: str) -> dict[str, float]:
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no metrics file at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not JSON: {e}") from None
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        raise UsageError(f"{path} must hold a JSON object of numbers, e.g. {{\"top1\": 91.5, \"top5\": 99.0}}")
+    return metrics
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -138,7 +200,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .runtime import OnnxClassifier
 
     clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
-    for image, preds in zip(args.images, clf.predict(args.images, top_k=args.top_k)):
+    for image, preds in zip(args.images, clf.predict(args.images, top_k=args.top_k, batch_size=args.batch_size)):
         print(image)
         for p in preds:
             print(f"  {p.probability:7.2%}  {p.label}")
@@ -152,109 +214,177 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nfnet-hub", description="Train, export and ship NFNets.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train with timm train.py arguments (see nfnet-hub train --help)", add_help=False)
-    sub.add_parser("timm-train", help="run timm's own train.py (PATH ARGS...) with nfnet-hub's AGC", add_help=False)
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other error."""
 
-    s = sub.add_parser("list", help="registered variants with parameters, GMACs, sizes and pretrained tags")
-    s.set_defaults(fn=_cmd_list)
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-    s = sub.add_parser("convert", help="convert the authors' checkpoints to safetensors")
-    s.add_argument("source", choices=["deepmind"])
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def _model_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="model name as timm.create_model takes it (nfnet_hub_f0, nfnet_hub_f0.dm_in1k, "
+                   "hf-hub:ORG/NAME, local-dir:PATH)")
+    s.add_argument("--checkpoint", help="weights: safetensors, a training checkpoint (.pth.tar) or the authors' .npz")
+    s.add_argument("--pretrained", action="store_true", help="load the model's pretrained weights (through timm)")
+
+
+def _export_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--img-size", type=_positive, help="square input size, a multiple of 32 (default: the size the "
+                   "weights were evaluated at, else the model's test size)")
+    s.add_argument("--calibration", help="folder of images for int8 calibration")
+    s.add_argument("--labels", help="text file with one label per line (default: the class names the checkpoint "
+                   "records)")
+    s.add_argument("--min-agreement", type=_fraction, default=0.95, help="int8's least top-1 agreement with fp32 on "
+                   "held-out calibration images")
+    s.add_argument("--force", action="store_true", help="write int8 even below --min-agreement (the record says so)")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    from .train.args import add_arguments
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFNET_HUB_DEBUG=1)")
+    p = _Parser(prog="nfnet-hub", description="Train, export and ship NFNets.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    parsers: dict[str, argparse.ArgumentParser] = {}
+
+    def command(name: str, fn, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help, description=help, parents=[common],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s.set_defaults(fn=fn)
+        parsers[name] = s
+        return s
+
+    add_arguments(command("train", _cmd_train, "train with timm train.py arguments (and --config YAML files)"))
+
+    s = command("timm-train", _cmd_timm_train, "run timm's own train.py with nfnet-hub's AGC behind --clip-mode agc")
+    s.add_argument("script", help="path to timm's train.py")
+    s.add_argument("args", nargs=argparse.REMAINDER, help="train.py's arguments")
+
+    s = command("list", _cmd_list, "registered variants with parameters, GMACs, sizes, dropout and pretrained tags")
+    s.add_argument("--markdown", action="store_true", help="print a Markdown table")
+
+    s = command("convert", _cmd_convert, "convert the authors' Haiku checkpoints to safetensors")
+    s.add_argument("source", choices=["deepmind"], help="whose checkpoint")
     s.add_argument("checkpoint", help="the authors' FN_haiku.npz")
-    s.add_argument("--model", required=True)
-    s.add_argument("--num-classes", type=int, default=1000)
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_cmd_convert)
+    s.add_argument("--model", required=True, help="the variant it holds, e.g. nfnet_hub_f0")
+    s.add_argument("--num-classes", type=_positive, default=1000, help="classes of its classifier")
+    s.add_argument("--out", required=True, help="safetensors file to write")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
-    s = sub.add_parser("export", help="fold and export verified ONNX")
-    s.add_argument("model")
-    s.add_argument("--checkpoint")
-    s.add_argument("--img-size", type=int)
-    s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
-    s.add_argument("--opset", type=int, default=20)
-    s.add_argument("--calibration", help="folder of images for int8 calibration")
-    s.add_argument("--labels", help="text file with one label per line")
-    s.add_argument("--filename", default="model.onnx")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_cmd_export)
+    s = command("export", _cmd_export, "fold and export verified ONNX")
+    _model_options(s)
+    _export_options(s)
+    s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX precision")
+    s.add_argument("--opset", type=int, default=20, help="ONNX opset (20: the first with a Gelu operator)")
+    s.add_argument("--filename", default="model.onnx", help="file name inside --out")
+    s.add_argument("--out", required=True, help="folder to write into")
 
-    s = sub.add_parser("validate", help="compare an ONNX file with the PyTorch model")
-    s.add_argument("onnx")
-    s.add_argument("--model", required=True)
-    s.add_argument("--checkpoint")
-    s.add_argument("--images", help="folder of images (default: random inputs)")
-    s.set_defaults(fn=_cmd_validate)
+    s = command("validate", _cmd_validate, "compare an ONNX file with the PyTorch model it was exported from")
+    s.add_argument("onnx", help="the exported .onnx file")
+    s.add_argument("--model", required=True, help="model name (as for export)")
+    s.add_argument("--checkpoint", help="the weights it was exported from")
+    s.add_argument("--pretrained", action="store_true", help="compare with the model's pretrained weights")
+    s.add_argument("--random-weights", action="store_true", help="compare with a freshly initialised model "
+                   "(only useful to test the pipeline)")
+    s.add_argument("--images", help="folder of images; in folders named after the labels, accuracies are reported "
+                   "too (default: random inputs)")
 
-    s = sub.add_parser("bundle", help="build a verified Hub bundle (weights, config, ONNX, card, checksums)")
-    s.add_argument("model")
-    s.add_argument("--checkpoint")
+    s = command("bundle", _cmd_bundle, "build a verified Hub bundle (weights, config, ONNX, card, checksums)")
+    _model_options(s)
+    _export_options(s)
     s.add_argument("--precision", nargs="*", default=[], choices=["fp16", "int8"], help="extra ONNX precisions")
-    s.add_argument("--calibration", help="folder of images for int8 calibration")
-    s.add_argument("--labels", help="text file with one label per line")
     s.add_argument("--metrics", help="JSON file with measured top1/top5 for the card")
-    s.add_argument("--dataset")
-    s.add_argument("--repo-id", default="ORG/NAME", help="used in the card's usage examples")
-    s.add_argument("--license", default="apache-2.0")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--out", required=True)
-    s.set_defaults(fn=_cmd_bundle)
+    s.add_argument("--dataset", help="dataset name for the card")
+    s.add_argument("--repo-id", default="ORG/NAME", help="the Hub repository, used in the card's examples")
+    s.add_argument("--license", default="apache-2.0", help="license for the card")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it is a bundle")
+    s.add_argument("--out", required=True, help="bundle folder to create")
 
-    s = sub.add_parser("publish", help="upload a bundle to the Hub in one commit and verify it")
-    s.add_argument("bundle")
-    s.add_argument("--repo-id", required=True)
-    s.add_argument("--private", action="store_true")
-    s.add_argument("--revision")
-    s.add_argument("--create-pr", action="store_true")
-    s.add_argument("--dry-run", action="store_true")
-    s.set_defaults(fn=_cmd_publish)
+    s = command("publish", _cmd_publish, "upload a bundle to the Hub in one commit and verify it")
+    s.add_argument("bundle", help="bundle folder")
+    s.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
+    s.add_argument("--private", action="store_true", help="create the repository private")
+    s.add_argument("--revision", help="branch to commit to (created if needed)")
+    s.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    s.add_argument("--dry-run", action="store_true", help="verify and list what would be uploaded")
 
-    s = sub.add_parser("release", help="build and publish every model of a release manifest")
-    s.add_argument("manifest")
-    s.add_argument("--out", default="artifacts/release")
-    s.add_argument("--dry-run", action="store_true")
-    s.set_defaults(fn=_cmd_release)
+    s = command("release", _cmd_release, "build and publish every model of a release manifest")
+    s.add_argument("manifest", help="release manifest (TOML), e.g. export/release.toml")
+    s.add_argument("--out", default="artifacts/release", help="folder for bundles and the release state")
+    s.add_argument("--dry-run", action="store_true", help="build and verify, upload nothing")
 
-    s = sub.add_parser("predict", help="classify images with the torch-free ONNX runtime")
-    s.add_argument("images", nargs="+")
+    s = command("predict", _cmd_predict, "classify images with the torch-free ONNX runtime")
+    s.add_argument("images", nargs="+", help="image files")
     s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
-    s.add_argument("--top-k", type=int, default=5)
-    s.add_argument("--filename", default="model.onnx")
-    s.set_defaults(fn=_cmd_predict)
+    s.add_argument("--top-k", type=_positive, default=5, help="labels per image")
+    s.add_argument("--batch-size", type=_positive, default=16, help="images per ONNX Runtime call")
+    s.add_argument("--filename", default="model.onnx", help="ONNX file of the bundle (model_int8.onnx, ...)")
 
-    s = sub.add_parser("quickstart", help="the whole chain on bundled digits, offline, in minutes")
-    s.add_argument("--out", default="artifacts/quickstart")
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(fn=_cmd_quickstart)
-    return p
+    s = command("quickstart", _cmd_quickstart, "the whole chain on bundled digits, offline")
+    s.add_argument("--out", default="artifacts/quickstart", help="folder for the run, the bundle and the digits")
+    s.add_argument("--epochs", type=_positive, default=10, help="training epochs")
+    s.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
+    return p, parsers
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    from .train.args import apply_config
+
+    parser, parsers = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser, so the message names the command
+        parsers[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train" and args.config:  # YAML defaults first, then the command line on top
+        apply_config(parsers["train"], args.config)
+        args = parser.parse_args(argv)
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["timm-train"] and len(argv) > 1:  # timm's own train.py, with our AGC behind --clip-mode agc
-        import runpy
-
-        from .agc import patch_timm
-
-        patch_timm()
-        sys.argv = argv[1:]
-        runpy.run_path(argv[1], run_name="__main__")
-        return 0
-    if argv[:1] == ["train"]:  # timm's train.py arguments, parsed by the trainer itself
-        try:
-            return _cmd_train(argv[1:])
-        except (ValueError, RuntimeError) as e:
-            print(f"nfnet-hub train: error: {e}", file=sys.stderr)
-            return 2
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    debug = os.environ.get("NFNET_HUB_DEBUG", "") not in ("", "0") or "--debug" in argv
     try:
+        args = _parse(argv)
+        command = args.command
         return args.fn(args)
-    except (ValueError, OSError, RuntimeError, TypeError) as e:
-        print(f"nfnet-hub {args.command}: error: {e}", file=sys.stderr)
+    except NfnetHubError as e:
+        if debug:
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"nfnet-hub {command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"\nnfnet-hub {command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # the machine's, not the user's: a full disk, a lost mount
+        if debug:
+            raise
+        print(f"nfnet-hub {command}: error: {e} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

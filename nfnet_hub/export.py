@@ -6,6 +6,15 @@ runtime needs nothing else. Verification: the ONNX checker (full check), a clean
 (no weight-standardisation ops, no Identity, no per-inference work on weights), and ONNX Runtime
 outputs against the PyTorch model at two batch sizes. A failed check raises ``ExportError``
 with the numbers and leaves no file behind.
+
+int8 gives the same integers on every x86 CPU. Without VNNI, ONNX Runtime's u8 x s8 kernels add
+pairs of products in 16 bits with saturation (``vpmaddubsw``): with 8-bit weights a pair can exceed
+32767 and the result then depends on the CPU (a digits model lost 10 points on AVX2 and none with
+VNNI). Weights are therefore quantised to 7 bits (``reduce_range``: a pair is at most 2 x 255 x 64 =
+32640), which is checked on every export; the stem convolution, which sees raw pixels, and the
+classifier stay in fp32 (measured in ``benchmarks/int8.py``). Every int8 export is calibrated on
+four fifths of the calibration images and reports its top-1 agreement with the fp32 model on the
+fifth it never saw; below ``min_agreement`` it is refused unless forced.
 """
 from __future__ import annotations
 
@@ -25,21 +34,23 @@ import onnx
 import torch
 from torch import nn
 
+from .errors import ExportError, UsageError
+from .files import write_atomically
 from .folding import fold
+from .preprocess import Preprocess, data_config, export_size
 
-__all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
-           "onnx_logits", "validate_onnx"]
+__all__ = ["DEFAULT_OPSET", "MIN_AGREEMENT", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport",
+           "export_onnx", "onnx_logits", "validate_onnx"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 20  # the first opset with a Gelu operator: one node per activation
+MIN_AGREEMENT = 0.95  # int8 top-1 agreement with fp32 on held-out calibration images, below which export refuses
+HOLD_OUT_EVERY = 5  # every fifth calibration image is held out to measure agreement
+_INT8_PAIR_LIMIT = 64  # 7-bit weights: 2 x 255 x 64 = 32640 fits a signed 16-bit pair sum
 # Largest error of ONNX Runtime against PyTorch, relative to the largest logit magnitude.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
 VERIFY_BATCHES = (1, 3)
 _FORBIDDEN_OPS = {"BatchNormalization", "Identity", "InstanceNormalization"}
-
-
-class ExportError(RuntimeError):
-    """The export failed a check; nothing was written."""
 
 
 @dataclass
@@ -58,6 +69,9 @@ class ExportReport:
     max_rel_error: float
     verify_batches: tuple[int, ...] = VERIFY_BATCHES
     seconds: float = 0.0
+    blocks: int = 0
+    branches_folded_away: int = 0  # residual branches with a zero skip gain (untrained weights)
+    int8: dict[str, Any] | None = None  # top-1 agreement with fp32 on held-out calibration images
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,14 +88,6 @@ class _HalfPrecision(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.half()).float()
-
-
-def _preprocessing(model: nn.Module, img_size: tuple[int, int]) -> dict[str, Any]:
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    keep = ("crop_pct", "crop_mode", "interpolation", "mean", "std", "num_classes")
-    out = {k: (list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k]) for k in keep if k in cfg}
-    out["input_size"] = [3, *img_size]
-    return out
 
 
 def _to_onnx(module: nn.Module, img_size: tuple[int, int], opset: int) -> onnx.ModelProto:
@@ -131,6 +137,23 @@ def _global_pools(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _int8_excluded(proto: onnx.ModelProto) -> list[str]:
+    """The stem convolution (first Conv; it sees raw pixels) and the classifier (the Gemm or MatMul that
+    yields the logits), kept in fp32."""
+    graph = proto.graph
+    first_conv = next((n.name for n in graph.node if n.op_type == "Conv"), None)
+    producer = {out: n for n in graph.node for out in n.output}
+    node, classifier = producer.get(graph.output[0].name), None
+    while node is not None and classifier is None:
+        if node.op_type in ("Gemm", "MatMul"):
+            classifier = node.name
+        elif node.op_type in ("Add", "Reshape", "Flatten", "Squeeze"):
+            node = producer.get(node.input[0])
+        else:
+            node = None
+    return [name for name in (first_conv, classifier) if name]
+
+
 def _quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -147,8 +170,47 @@ def _quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.Mode
         onnx.save(proto, raw)
         quant_pre_process(str(raw), str(src))
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        return onnx.load(dst)
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=_int8_excluded(onnx.load(src)))
+        quantized = onnx.load(dst)
+    _check_no_saturation(quantized)
+    return quantized
+
+
+def _check_no_saturation(proto: onnx.ModelProto) -> None:
+    """Every int8 weight within +-64, so no x86 kernel can saturate (the result is the same on every CPU)."""
+    weights = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    for init in proto.graph.initializer:
+        if init.name in weights and init.data_type == onnx.TensorProto.INT8:
+            peak = int(np.abs(onnx.numpy_helper.to_array(init).astype(np.int32)).max(initial=0))
+            if peak > _INT8_PAIR_LIMIT:
+                raise ExportError(f"int8 weight {init.name} reaches {peak}, beyond the 7-bit range that keeps "
+                                  "x86 kernels without VNNI from saturating")
+
+
+def _split_calibration(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(calibrate on, held out): every fifth image is held out, at least one."""
+    n = len(images)
+    if n < 2:
+        raise UsageError(f"int8 export needs at least 2 calibration images (one is held out to measure "
+                         f"agreement), got {n}")
+    held = np.zeros(n, bool)
+    held[min(HOLD_OUT_EVERY, n) - 1::min(HOLD_OUT_EVERY, n)] = True
+    return images[~held], images[held]
+
+
+def _agreement(proto: bytes, reference: nn.Module, images: np.ndarray) -> float:
+    """Top-1 agreement of the exported model with ``reference`` on preprocessed ``images``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    same = 0
+    for i in range(0, len(images), 16):
+        x = images[i:i + 16]
+        with torch.no_grad():
+            ref = reference(torch.from_numpy(x)).float().numpy()
+        same += int((onnx_logits(session, x).argmax(-1) == ref.argmax(-1)).sum())
+    return same / len(images)
 
 
 def _check_clean(proto: onnx.ModelProto, precision: str) -> None:
@@ -169,10 +231,14 @@ def onnx_logits(session: Any, batch: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: batch.astype(np.float32)})[0]
 
 
-def _compare(proto: bytes, reference: nn.Module, img_size: tuple[int, int], seed: int = 0):
+def _compare(proto: bytes, reference: nn.Module, img_size: tuple[int, int], opset: int, seed: int = 0):
     import onnxruntime as ort
 
-    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own exception types
+        raise ExportError(f"ONNX Runtime {ort.__version__} cannot run the opset {opset} export "
+                          f"({str(e).splitlines()[0][:200]}); choose a lower --opset (20 works everywhere)") from None
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     for n in VERIFY_BATCHES:
@@ -188,47 +254,56 @@ def _compare(proto: bytes, reference: nn.Module, img_size: tuple[int, int], seed
     return max_abs, max_rel
 
 
-def _write_atomically(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _check_target(out: Path) -> None:
+    """Refuse to replace what nfnet-hub did not write: a folder, or a file that is not our ONNX."""
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder: give a file name (--filename) for the ONNX model")
+    if out.exists():
+        with out.open("rb") as f:
+            head = f.read(64)
+        if b"nfnet-hub" not in head:
+            raise UsageError(f"{out} exists and was not written by nfnet-hub: move it away or choose another name")
 
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | None = None, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, label_names: Sequence[str] | None = None,
-                calibration: np.ndarray | None = None) -> ExportReport:
+                calibration: np.ndarray | None = None, min_agreement: float = MIN_AGREEMENT,
+                force: bool = False) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``precision``, verify it, then write ``out`` (a file path).
 
-    ``calibration``: preprocessed NCHW float32 images for int8 static quantisation (required for int8).
+    ``img_size``: the square input size (default: the model's test size). ``label_names`` default to the
+    class names in the model's ``pretrained_cfg`` (a training checkpoint records them). ``calibration``: preprocessed
+    NCHW float32 images for int8 static quantisation (required for int8); every fifth is held out to
+    measure top-1 agreement with fp32, and an export below ``min_agreement`` is refused unless ``force``.
     """
     start = time.perf_counter()
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = img_size or (cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224))[-1]
-    if not isinstance(size, int) or size < 32 or size % 32:
-        raise ValueError(f"image size must be a positive multiple of 32 (the network's stride), got {size!r}")
+    size = export_size(cfg, img_size)
     if precision == "int8" and (calibration is None or len(calibration) == 0):
-        raise ValueError("int8 export needs calibration images (preprocessed NCHW float32)")
-    if opset < 20:
-        raise ValueError(f"opset {opset} has no Gelu operator; use 20 or newer")
+        raise UsageError("int8 export needs calibration images (preprocessed NCHW float32)")
+    max_opset = onnx.defs.onnx_opset_version()
+    if not DEFAULT_OPSET <= opset <= max_opset:
+        raise UsageError(f"opset {opset} is not supported: choose one from {DEFAULT_OPSET} (the first with a Gelu "
+                         f"operator) to {max_opset} (the newest this onnx {onnx.__version__} knows)")
+    num_classes = getattr(model, "num_classes", 0)
+    if label_names is None:  # the class names the weights were trained with, where recorded
+        label_names = cfg.get("label_names") if len(cfg.get("label_names") or ()) == num_classes else None
+    if label_names is not None and len(label_names) != num_classes:
+        raise UsageError(f"{len(label_names)} label names for a model with {num_classes} classes")
+    out = Path(out)
+    _check_target(out)
     hw = (size, size)
     model = model.eval()
     folded = fold(model, img_size=hw)
     proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, hw, opset)
+    held_out = None
     if precision == "int8":
-        proto = _quantize_int8(proto, np.asarray(calibration, np.float32))
-    num_classes = getattr(model, "num_classes", 0)
-    if label_names is not None and len(label_names) != num_classes:
-        raise ValueError(f"{len(label_names)} label names for a model with {num_classes} classes")
+        calibrate_on, held_out = _split_calibration(np.asarray(calibration, np.float32))
+        proto = _quantize_int8(proto, calibrate_on)
     meta = {
-        "nfnet_hub.preprocessing": json.dumps(_preprocessing(model, hw)),
+        "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, size), "label_names": None}),
         "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
         "nfnet_hub.precision": precision,
         "nfnet_hub.opset": str(opset),
@@ -244,19 +319,30 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         raise ExportError(f"ONNX checker rejected the {precision} export: {e}") from None
     _check_clean(proto, precision)
     data = proto.SerializeToString()
-    max_abs, max_rel = _compare(data, model, hw)
+    max_abs, max_rel = _compare(data, model, hw, opset)
     limit = TOLERANCE.get(precision)
     if limit is not None and max_rel > limit:
         raise ExportError(f"{precision} export disagrees with PyTorch: max abs error {max_abs:.3g}, relative "
                           f"{max_rel:.3g} > {limit:g} (batches {VERIFY_BATCHES})")
-    out = Path(out)
-    _write_atomically(data, out)
+    int8 = None
+    if held_out is not None:
+        agreement = _agreement(data, model, held_out)
+        int8 = {"top1_agreement": agreement, "held_out_images": len(held_out),
+                "calibration_images": len(calibration) - len(held_out), "min_agreement": min_agreement,
+                "below_threshold": agreement < min_agreement}
+        if agreement < min_agreement and not force:
+            raise ExportError(f"int8 agrees with fp32 on {agreement:.1%} of {len(held_out)} held-out calibration "
+                              f"images, below the {min_agreement:.0%} required: calibrate on more images like the "
+                              "ones it will see, or pass --force to write it anyway")
+    write_atomically(data, out)
     ops: dict[str, int] = {}
     for n in proto.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     weight_bytes = sum(p.numel() * p.element_size() for p in folded.parameters())
+    blocks = [b for stage in folded.stages for b in stage]
     return ExportReport(str(out), precision, opset, hw, len(proto.graph.node), ops, len(data), weight_bytes,
-                        max_abs, max_rel, seconds=time.perf_counter() - start)
+                        max_abs, max_rel, seconds=time.perf_counter() - start, blocks=len(blocks),
+                        branches_folded_away=sum(b.branch is None for b in blocks), int8=int8)
 
 
 @dataclass
@@ -268,6 +354,7 @@ class ValidationReport:
     max_abs_error: float
     mean_abs_error: float
     top1_agreement: float
+    preprocessing: str = ""  # what the ONNX metadata says, applied to both models
     # with images in folders named after the labels: accuracy of each, and what the export changes
     onnx_accuracy: float | None = None
     torch_accuracy: float | None = None
@@ -283,14 +370,22 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     """
     import onnxruntime as ort
 
-    from .runtime import Preprocess
-
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no ONNX model at {path}")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise ExportError(f"{path} is not a loadable ONNX model: {e}") from None
+    except Exception as e:  # onnxruntime's own exception types
+        raise ExportError(f"{path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
     meta = session.get_modelmeta().custom_metadata_map
+    if "nfnet_hub.preprocessing" not in meta:
+        raise UsageError(f"{path} carries no nfnet-hub metadata: validate compares exports written by nfnet-hub")
     pre = Preprocess.from_pretrained_cfg(json.loads(meta["nfnet_hub.preprocessing"]))
+    classes = session.get_outputs()[0].shape[-1]
+    num_classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes != num_classes:
+        raise UsageError(f"{path.name} ({meta.get('nfnet_hub.architecture', '?')}) has {classes} classes, the model "
+                         f"to compare with has {num_classes}: give the --model and --checkpoint it was exported from")
     if images:
         batches = [pre.batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     else:
@@ -311,7 +406,7 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
         torch_pred.append(ref.argmax(-1))
     err, onnx_pred, torch_pred = np.concatenate(errors), np.concatenate(onnx_pred), np.concatenate(torch_pred)
     report = ValidationReport(len(onnx_pred), "images" if images else "random", float(err.max()), float(err.mean()),
-                              float((onnx_pred == torch_pred).mean()))
+                              float((onnx_pred == torch_pred).mean()), pre.describe())
     if targets is not None:
         report.onnx_accuracy = float((onnx_pred == targets).mean() * 100)
         report.torch_accuracy = float((torch_pred == targets).mean() * 100)

@@ -1,17 +1,15 @@
-"""Hub bundles: build, verify, publish (one commit, verified after upload) and release manifests.
+"""Hub bundles: build, verify, and publish (one commit, verified after upload).
 
 A bundle is a folder a Hub repository can hold as is: ``model.safetensors`` and ``config.json``
 in timm's schema (so ``timm.create_model("hf-hub:ORG/NAME")`` works), ``model.onnx`` (folded and
 verified, optionally ``model_fp16.onnx`` and ``model_int8.onnx``), the model card ``README.md``,
-the parity record ``export.json`` and ``checksums.sha256``.
+the parity record ``export.json`` and ``checksums.sha256``, which lists every other file.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import re
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -21,16 +19,17 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .errors import BundleError, UsageError
+from .export import MIN_AGREEMENT
+from .files import atomic_folder, check_writable_folder, is_protected_folder
+from .hubclient import check_repo_id, hub_errors
+from .preprocess import data_config, export_size
+
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 REQUIRED = ("model.safetensors", "config.json", "model.onnx", "README.md", "export.json")
 CHECKSUMS = "checksums.sha256"
-REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class BundleError(ValueError):
-    """A bundle that is incomplete, altered or fails its parity record."""
 
 
 def sha256(path: Path) -> str:
@@ -60,46 +59,76 @@ def _model_args(model: nn.Module) -> dict[str, Any]:
     return {"ws": cfg.ws, "act": cfg.act} if cfg is not None and hasattr(cfg, "ws") else {}
 
 
-def build_bundle(model: nn.Module, out: str | os.PathLike, *, label_names: Sequence[str] | None = None,
-                 precisions: Sequence[str] = ("fp32",), calibration: np.ndarray | None = None,
-                 metrics: dict[str, float] | None = None, dataset: str | None = None,
-                 repo_id: str = "ORG/NAME", license: str = "apache-2.0", overwrite: bool = False,
+def check_replaceable(out: Path) -> None:
+    """``out`` may be replaced only if it is recognisably a bundle: a folder whose checksum file lists
+    exactly the files it holds, and never the working folder, one above it, or the home folder."""
+    if not out.exists():
+        return
+    if why := is_protected_folder(out):
+        raise BundleError(f"refusing to replace {out}: {why}; choose a new folder for the bundle")
+    if not out.is_dir():
+        raise BundleError(f"refusing to replace {out}: it is a file, not a bundle folder")
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
+    try:
+        listed = set(read_checksums(out))
+    except BundleError:
+        listed = None
+    if listed is None or set(entries) != listed | {CHECKSUMS}:
+        shown = ", ".join(entries[:8]) + (f" and {len(entries) - 8} more" if len(entries) > 8 else "")
+        raise BundleError(f"refusing to replace {out}: it is not a bundle (it holds {shown or 'nothing'}, "
+                          f"which its {CHECKSUMS} does not list exactly); choose a new folder for the bundle")
+
+
+def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | None = None,
+                 label_names: Sequence[str] | None = None, precisions: Sequence[str] = ("fp32",),
+                 calibration: np.ndarray | None = None, metrics: dict[str, float] | None = None,
+                 dataset: str | None = None, repo_id: str = "ORG/NAME", license: str = "apache-2.0",
+                 overwrite: bool = False, min_agreement: float = MIN_AGREEMENT, force: bool = False,
                  progress: bool = True) -> Path:
-    """Write a verified Hub bundle for ``model`` to the folder ``out`` (built aside, then moved in place)."""
+    """Write a verified Hub bundle for ``model`` to the folder ``out`` (built aside, then moved in place).
+
+    ``img_size`` (default: the model's test size) is the size of the ONNX files and of the preprocessing
+    recorded in ``config.json``; ``calibration`` must be preprocessed at that size (int8 only).
+    ``overwrite`` replaces ``out`` only if it is a bundle (see ``check_replaceable``).
+    """
     from timm.models._hub import save_config_for_hf
 
     from .cards import card_data, render_card
     from .export import VERIFY_BATCHES, export_onnx
-    from .models.convert import save_safetensors
+    from .models.checkpoint import save_safetensors
     from .models.stats import model_stats
 
     out = Path(out)
     if "fp32" not in precisions:
-        raise ValueError("a bundle always holds the fp32 model.onnx: include 'fp32' in precisions")
+        raise UsageError("a bundle always holds the fp32 model.onnx: include 'fp32' in precisions")
+    if unknown := sorted(set(precisions) - set(ONNX_FILES)):
+        raise UsageError(f"unknown precisions {', '.join(unknown)}: choose from {', '.join(ONNX_FILES)}")
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace a bundle there")
+    check_replaceable(out)
+    check_writable_folder(out.parent)
     model = model.eval()
-    if label_names is not None and len(label_names) != model.num_classes:
-        raise ValueError(f"{len(label_names)} label names for a model with {model.num_classes} classes")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        say = print if progress else (lambda *a, **k: None)
+    cfg = dict(model.pretrained_cfg)
+    size = export_size(cfg, img_size)
+    labels = list(label_names) if label_names is not None else cfg.get("label_names")
+    if labels is not None and len(labels) != model.num_classes:
+        raise UsageError(f"{len(labels)} label names for a model with {model.num_classes} classes")
+    say = print if progress else (lambda *a, **k: None)
+    record = data_config(cfg, size, labels)
+    with atomic_folder(out, replace=overwrite) as tmp:
         save_safetensors(model, tmp / "model.safetensors")
-        save_config_for_hf(model, str(tmp / "config.json"), model_config={"label_names": list(label_names)}
-                           if label_names is not None else None, model_args=_model_args(model))
-        size = (model.pretrained_cfg.get("test_input_size") or model.pretrained_cfg["input_size"])[-1]
+        save_config_for_hf(model, str(tmp / "config.json"),
+                           model_config={"label_names": labels} if labels is not None else None,
+                           model_args=_model_args(model), data_config={**record, "test_input_size": None})
         exports = []
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)
-            r = export_onnx(model, tmp / ONNX_FILES[precision], precision=precision, label_names=label_names,
-                            calibration=calibration)
-            record = {**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
-                      "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], size)}
-            exports.append(record)
-        (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset},
-                                                    indent=2))
-        cfg = model.pretrained_cfg
+            r = export_onnx(model, tmp / ONNX_FILES[precision], img_size=size, precision=precision, label_names=labels,
+                            calibration=calibration, min_agreement=min_agreement, force=force)
+            exports.append({**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
+                            "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], size)})
+        (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset,
+                                                     "data_config": record}, indent=2))
         stats = model_stats(cfg["architecture"], size, num_classes=model.num_classes, **_model_args(model))
         ws = getattr(getattr(model, "cfg", None), "ws", "timm")
         fields = dict(
@@ -107,7 +136,8 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, label_names: Seque
             summary=f"An NFNet image classifier ({model.num_classes} classes"
                     + (f", trained on {dataset})." if dataset else ")."),
             params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size=size,
-            crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation"), num_classes=model.num_classes,
+            crop_pct=record["crop_pct"], crop_mode=record["crop_mode"], interpolation=record["interpolation"],
+            mean=record["mean"], std=record["std"], num_classes=model.num_classes,
             ws_form={"timm": "timm's (w - mean) / sqrt(var + eps)",
                      "deepmind": "the authors' rsqrt(max(var * fan_in, 1e-4))"}[ws],
             act=getattr(getattr(model, "cfg", None), "act", "see timm config"), dataset=dataset,
@@ -115,17 +145,12 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, label_names: Seque
             weights_mb=f"{(tmp / 'model.safetensors').stat().st_size / 1e6:.2f}", verify_batches=list(VERIFY_BATCHES),
             exports=[dict(file=e["file"], precision=e["precision"], size_mb=f"{e['file_bytes'] / 1e6:.2f}",
                           max_abs_error=f"{e['max_abs_error']:.2g}", max_rel_error=f"{e['max_rel_error']:.2g}",
-                          latency_ms=f"{e['latency_ms']:.2f}") for e in exports])
+                          latency_ms=f"{e['latency_ms']:.2f}") for e in exports],
+            int8=next((e["int8"] for e in exports if e.get("int8")), None))
         (tmp / "README.md").write_text(render_card(fields, card_data(repo_id=repo_id, license=license,
                                                                      dataset=dataset, metrics=metrics)))
         _write_checksums(tmp)
         verify_bundle(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -138,7 +163,15 @@ def read_checksums(folder: Path) -> dict[str, str]:
     path = folder / CHECKSUMS
     if not path.is_file():
         raise BundleError(f"{folder} has no {CHECKSUMS}")
-    return {name: digest for digest, name in (line.split("  ", 1) for line in path.read_text().splitlines() if line)}
+    sums = {}
+    for line in path.read_text(errors="replace").splitlines():
+        digest, sep, name = line.partition("  ")
+        if not line:
+            continue
+        if not sep or len(digest) != 64:
+            raise BundleError(f"{path} has a malformed line: {line[:80]!r}")
+        sums[name] = digest
+    return sums
 
 
 def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
@@ -157,6 +190,8 @@ def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
         problems.append(f"unexpected files: {', '.join(extra)}")
     try:
         sums = read_checksums(folder)
+        if listed_missing := sorted(set(sums) - files):
+            problems.append(f"{CHECKSUMS} lists files that are missing: {', '.join(listed_missing)}")
         for name in sorted(files - {CHECKSUMS}):
             if name not in sums:
                 problems.append(f"{name} is not in {CHECKSUMS}")
@@ -169,15 +204,15 @@ def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
         try:
             config = json.loads((folder / "config.json").read_text())
             problems += [f"config.json: {p}" for p in _config_problems(config)]
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             problems.append(f"config.json is not JSON: {e}")
     record: dict[str, Any] = {}
     if "export.json" in files:
-        record = json.loads((folder / "export.json").read_text())
-        for e in record.get("exports", []):
-            limit = TOLERANCE.get(e["precision"])
-            if limit is not None and not e["max_rel_error"] <= limit:
-                problems.append(f"{e['file']}: parity {e['max_rel_error']:.3g} exceeds {limit:g}")
+        try:
+            record = json.loads((folder / "export.json").read_text())
+            problems += _record_problems(record, files, TOLERANCE)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError) as e:
+            problems.append(f"export.json is not a parity record: {e}")
     for name in sorted(files & set(ONNX_FILES.values())):
         import onnx
 
@@ -186,8 +221,22 @@ def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
         except Exception as e:  # the checker raises several types for corrupt files
             problems.append(f"{name} is not a valid ONNX model: {str(e).splitlines()[0]}")
     if problems:
-        raise BundleError(f"bundle {folder} failed verification:\n  " + "\n  ".join(problems))
+        raise BundleError(f"bundle {folder} failed verification: " + "; ".join(problems))
     return {"config": config, "record": record, "files": sorted(files)}
+
+
+def _record_problems(record: dict[str, Any], files: set[str], tolerance: dict[str, float]) -> list[str]:
+    problems = []
+    recorded = {e["file"] for e in record.get("exports", [])}
+    if unrecorded := sorted((files & set(ONNX_FILES.values())) - recorded):
+        problems.append(f"export.json has no parity record for {', '.join(unrecorded)}")
+    if absent := sorted(recorded - files):
+        problems.append(f"export.json records files that are missing: {', '.join(absent)}")
+    for e in record.get("exports", []):
+        limit = tolerance.get(e["precision"])
+        if limit is not None and not e["max_rel_error"] <= limit:
+            problems.append(f"{e['file']}: parity {e['max_rel_error']:.3g} exceeds {limit:g}")
+    return problems
 
 
 def _config_problems(cfg: dict[str, Any]) -> list[str]:
@@ -203,12 +252,6 @@ def _config_problems(cfg: dict[str, Any]) -> list[str]:
     if labels is not None and len(labels) != cfg.get("num_classes"):
         problems.append(f"{len(labels)} label_names for {cfg.get('num_classes')} classes")
     return problems
-
-
-def check_repo_id(repo_id: str) -> str:
-    if not REPO_ID.match(repo_id or ""):
-        raise ValueError(f"repo id {repo_id!r} is not of the form ORG/NAME")
-    return repo_id
 
 
 def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
@@ -230,15 +273,17 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
     if dry_run:
         return {**plan, "dry_run": True}
     api = HfApi(endpoint=endpoint, token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in info["files"]]
-    commit = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,  # one commit, always
-                               commit_message=f"Upload {info['config'].get('architecture', 'model')} bundle "
-                                              "(nfnet-hub)")
+    with hub_errors(f"publishing to {repo_id}", endpoint):
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+                      for name in info["files"]]
+        commit = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,  # one commit, always
+                                   commit_message=f"Upload {info['config'].get('architecture', 'model')} bundle "
+                                                  "(nfnet-hub)")
     ref = commit.oid
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache, hub_errors(f"verifying the upload to {repo_id}", endpoint):
         for name, digest in sums.items():
             got = Path(hf_hub_download(repo_id, name, revision=ref, cache_dir=cache, endpoint=endpoint,
                                        token=token))

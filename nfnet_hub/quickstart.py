@@ -1,7 +1,9 @@
 """The newcomer's tour, offline: train nfnet_hub_nano on scikit-learn's digits with AGC, fold it,
-export fp32 and int8 ONNX, bundle it for the Hub, and run the torch-free runtime on held-out digits."""
+export fp32 and int8 ONNX, bundle it for the Hub, and run the torch-free runtime on the held-out
+digits, read back from image files. The digits stay behind as image folders for the README's tour."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,12 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .hub import ONNX_FILES, build_bundle
+from .files import check_writable_folder
+from .hub import ONNX_FILES, build_bundle, check_replaceable
+from .preprocess import Preprocess, list_images
 from .runtime import OnnxClassifier
 from .train import parse_args, train
-from .train.data import digits_split, digits_to_tensor
+from .train.data import digits_split
 
 SIZE = 32
+CALIBRATION = 320  # training digits; every fifth is held out to measure int8's agreement with fp32
 TRAIN_ARGS = ["--model", "nfnet_hub_nano", "--dataset", "digits", "--img-size", str(SIZE), "--batch-size", "64",
               "--lr", "0.2", "--warmup-epochs", "1", "--clip-mode", "agc", "--clip-grad", "0.02", "--smoothing", "0.1",
               "--checkpoint-hist", "1"]
@@ -31,47 +36,66 @@ def _median_ms(fn, runs: int = 30) -> float:
     return float(np.median(times) * 1e3)
 
 
+def write_digits(root: Path) -> Path:
+    """The digits split as image folders, ``root/{train,validation}/<digit>/<n>.png`` (8x8, as scikit-learn
+    ships them): the layout timm and nfnet-hub read."""
+    xtr, xte, ytr, yte = digits_split()
+    for split, images, labels in (("train", xtr, ytr), ("validation", xte, yte)):
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
 def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
+    check_writable_folder(out)
+    check_replaceable(out / "bundle")  # before the training, not after
     print(f"1/4 training nfnet_hub_nano on scikit-learn's digits ({epochs} epochs, AGC clipping 0.02) ...", flush=True)
     extra = [] if progress else ["--no-progress", "--log-interval", "0"]
     result = train(parse_args([*TRAIN_ARGS, "--epochs", str(epochs), "--output", str(out / "runs"),
                                "--experiment", "nano-digits", *extra]))
     model = result["model"].eval()
+    digits = write_digits(out / "digits")
+    pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
+    train_files = list_images(digits / "train")
+    calibration = pre.batch(train_files[::len(train_files) // CALIBRATION][:CALIBRATION])
 
-    _, test_images, _, test_labels = digits_split()
-    calib_images = digits_split()[0][:128]
     print("2/4 folding and exporting fp32 and int8 ONNX, then building the Hub bundle ...", flush=True)
-    bundle = build_bundle(model, out / "bundle", label_names=[str(i) for i in range(10)], precisions=("fp32", "int8"),
-                          calibration=digits_to_tensor(calib_images, SIZE).numpy(), dataset="digits",
+    bundle = build_bundle(model, out / "bundle", precisions=("fp32", "int8"), calibration=calibration, dataset="digits",
                           metrics={"top1": result["metrics"]["top1"], "top5": result["metrics"]["top5"]},
-                          repo_id="YOUR-ORG/nfnet-hub-nano-digits", overwrite=True)
+                          repo_id="YOUR-ORG/nfnet-hub-nano-digits", overwrite=(out / "bundle").exists())
 
-    print("3/4 evaluating PyTorch and the torch-free ONNX runtime on the held-out digits ...", flush=True)
-    x = digits_to_tensor(test_images, SIZE)
+    print("3/4 evaluating PyTorch and the torch-free ONNX runtime on the held-out digits (image files) ...",
+          flush=True)
+    files = list_images(digits / "validation")
+    labels = np.array([int(f.parent.name) for f in files])
+    x = torch.from_numpy(pre.batch(files))
     with torch.no_grad():
         torch_pred = model(x).argmax(-1).numpy()
-    pil = [Image.fromarray(img) for img in test_images]
     rows, preds = [], {}
     one = x[:1]
     with torch.no_grad():
-        rows.append(("PyTorch", float((torch_pred == test_labels).mean() * 100), _median_ms(lambda: model(one)),
+        rows.append(("PyTorch", float((torch_pred == labels).mean() * 100), _median_ms(lambda: model(one)),
                      (bundle / "model.safetensors").stat().st_size))
     for precision in ("fp32", "int8"):
         clf = OnnxClassifier.from_pretrained(bundle, filename=ONNX_FILES[precision])
-        pred = np.array([p[0].index for p in clf.predict(pil, top_k=1, batch_size=64)])
+        pred = np.array([p[0].index for p in clf.predict(files, top_k=1, batch_size=64)])
         preds[precision] = pred
         latency = _median_ms(lambda c=clf: c.logits(one.numpy()))
-        rows.append((f"ONNX {precision}", float((pred == test_labels).mean() * 100), latency,
+        rows.append((f"ONNX {precision}", float((pred == labels).mean() * 100), latency,
                      (bundle / ONNX_FILES[precision]).stat().st_size))
     agree = int((preds["fp32"] == torch_pred).sum())
+    int8 = json.loads((bundle / "export.json").read_text())["exports"][-1]["int8"]
 
     print("4/4 done\n")
     print(f"{'model':<12} {'accuracy':>9} {'latency (batch 1)':>18} {'file size':>10}")
     for name, acc, ms, size in rows:
         print(f"{name:<12} {acc:>8.2f}% {ms:>15.3f} ms {size / 1e6:>7.2f} MB")
-    print(f"\nONNX fp32 agrees with PyTorch on {agree}/{len(test_labels)} held-out digits; "
-          f"int8 changes accuracy by {rows[2][1] - rows[1][1]:+.2f} points.")
-    print(f"Bundle: {bundle.resolve()}")
+    print(f"\nONNX fp32 agrees with PyTorch on {agree}/{len(labels)} held-out digits; "
+          f"int8 changes accuracy by {rows[2][1] - rows[1][1]:+.2f} points, and agrees with fp32 on "
+          f"{int8['top1_agreement']:.1%} of the {int8['held_out_images']} calibration digits it was not calibrated on.")
+    print(f"Bundle: {bundle.resolve()}\nDigits as image folders: {digits.resolve()}")
     print(f"Publish it with:\n  nfnet-hub publish {bundle} --repo-id YOUR-ORG/nfnet-hub-nano-digits")
-    return {"rows": rows, "agree": agree, "n": len(test_labels), "bundle": bundle}
+    return {"rows": rows, "agree": agree, "n": len(labels), "bundle": bundle, "digits": digits}

@@ -8,7 +8,9 @@ from typing import Any
 
 import tomllib
 
-from .hub import BundleError, build_bundle, check_repo_id, publish, verify_bundle
+from .errors import BundleError, UsageError
+from .hub import build_bundle, publish, verify_bundle
+from .hubclient import check_repo_id
 
 STATE = "release-state.json"
 _ENTRY_KEYS = {"repo_id", "model", "weights", "img_size", "precisions", "calibration", "labels", "license",
@@ -19,8 +21,11 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Entries with defaults applied; every problem is reported before anything is built."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"no release manifest at {path}")
-    data = tomllib.loads(path.read_text())
+        raise UsageError(f"no release manifest at {path}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not a TOML file: {e}") from None
     defaults = data.get("defaults", {})
     entries, problems = [], []
     for i, raw in enumerate(data.get("model", [])):
@@ -32,7 +37,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
                 problems.append(f"model {i}: missing '{key}'")
         try:
             check_repo_id(entry.get("repo_id", ""))
-        except ValueError as e:
+        except UsageError as e:
             problems.append(f"model {i}: {e}")
         if "int8" in entry["precisions"] and "calibration" not in entry:
             problems.append(f"model {i}: int8 needs 'calibration' (a folder of images)")
@@ -40,7 +45,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not entries:
         problems.append("the manifest lists no [[model]]")
     if problems:
-        raise ValueError(f"{path}:\n  " + "\n  ".join(problems))
+        raise UsageError(f"{path}: " + "; ".join(problems))
     base = path.parent
     for e in entries:  # relative paths are relative to the manifest
         for key in ("calibration", "labels"):
@@ -52,20 +57,18 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _load(entry: dict[str, Any]):
-    import timm
-
-    from .models.convert import create_model
+    from .models.checkpoint import create_model
 
     weights = str(entry["weights"])
     if weights.startswith("timm:"):  # a pretrained tag, loaded by timm's own machinery
-        return timm.create_model(f"{entry['model']}.{weights[5:]}", pretrained=True)
+        return create_model(f"{entry['model']}.{weights[5:]}", pretrained=True)
     return create_model(entry["model"], weights)
 
 
 def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/release", dry_run: bool = False,
             endpoint: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
     """Build and publish each entry; entries already published (see ``OUT/release-state.json``) are skipped."""
-    from .runtime import Preprocess, list_images
+    from .preprocess import Preprocess, list_images, read_labels
 
     entries = read_manifest(manifest)
     out = Path(out)
@@ -86,16 +89,15 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
         except BundleError:
             print(f"{tag}: building {entry['model']} from {entry['weights']}", flush=True)
             model = _load(entry)
-            if "img_size" in entry:
-                size = entry["img_size"]
-                model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, size, size)}
+            size = entry.get("img_size")
             calibration = None
             if "calibration" in entry:
-                pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
+                pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size)
                 calibration = pre.batch(list_images(entry["calibration"]))
-            labels = Path(entry["labels"]).read_text().splitlines() if "labels" in entry else None
-            build_bundle(model, folder, label_names=labels, precisions=entry["precisions"], calibration=calibration,
-                         dataset=entry.get("dataset"), repo_id=repo_id, license=entry["license"], overwrite=True)
+            labels = read_labels(entry["labels"]) if "labels" in entry else None
+            build_bundle(model, folder, img_size=size, label_names=labels, precisions=entry["precisions"],
+                         calibration=calibration, dataset=entry.get("dataset"), repo_id=repo_id,
+                         license=entry["license"], overwrite=folder.exists())
         print(f"{tag}: {'checking (dry run)' if dry_run else 'publishing'}", flush=True)
         result = publish(folder, repo_id, private=entry["private"], dry_run=dry_run, endpoint=endpoint, token=token)
         if not dry_run:

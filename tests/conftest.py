@@ -55,3 +55,41 @@ def sample_images(tmp_path_factory):
     Image.fromarray(rgba).save(folder / "rocket_rgba.png")
     Image.fromarray(data.moon().astype(np.uint16) * 257).save(folder / "moon_16bit.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def trained_nano(tmp_path_factory):
+    """nfnet_hub_nano trained on scikit-learn's digits once for the whole suite (10 epochs, AGC, EMA).
+
+    Returns the training result: ``model`` (eval mode; do not change it), ``output`` (the run folder with
+    its checkpoints and args.yaml) and ``metrics``."""
+    from nfnet_hub.train import parse_args, train
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train(parse_args(["--model", "nfnet_hub_nano", "--dataset", "digits", "--no-progress", "--log-interval",
+                               "0", "--clip-grad", "0.02", "--warmup-epochs", "1", "--epochs", "10", "--batch-size",
+                               "64", "--lr", "0.2", "--drop", "0", "--model-ema", "--model-ema-decay", "0.99",
+                               "--output", str(out), "--experiment", "nano"]))
+    result["model"].eval().requires_grad_(False)
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_folders(tmp_path_factory):
+    """The digits split as image folders, root/{train,validation}/<digit>/<n>.png, as the quickstart writes them."""
+    from nfnet_hub.quickstart import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits"))
+
+
+@pytest.fixture(scope="session")
+def nano_bundle(trained_nano, digits_folders, tmp_path_factory):
+    """A bundle (fp32 and int8) of the suite's trained nano, built once."""
+    from nfnet_hub.hub import build_bundle
+    from nfnet_hub.preprocess import Preprocess, list_images
+
+    model = trained_nano["model"]
+    calibration = Preprocess.from_pretrained_cfg(model.pretrained_cfg).batch(
+        list_images(digits_folders / "train")[::12])
+    return build_bundle(model, tmp_path_factory.mktemp("bundle") / "bundle", precisions=("fp32", "int8"),
+                        calibration=calibration, dataset="digits", repo_id="me/nano-digits", progress=False)

@@ -16,7 +16,7 @@ from conftest import rel_error
 
 from nfnet_hub.cli import main
 from nfnet_hub.models import VARIANTS
-from nfnet_hub.models.convert import CheckpointError, create_model
+from nfnet_hub.models.checkpoint import CheckpointError, create_model
 
 GAMMA_GELU = 1.7015043497085571
 ALPHA = 0.2

@@ -14,7 +14,7 @@ from conftest import randomise, rel_error
 import nfnet_hub.export as export_mod
 from nfnet_hub.cli import main
 from nfnet_hub.export import ExportError, export_onnx, validate_onnx
-from nfnet_hub.models.convert import save_safetensors
+from nfnet_hub.models.checkpoint import save_safetensors
 
 
 @pytest.fixture(scope="module")
@@ -88,20 +88,47 @@ def test_spatial_means_become_global_pools_and_nothing_else_does(shape, axes, ke
     np.testing.assert_allclose(run[1], run[0], rtol=1e-6, atol=1e-7)
 
 
-def test_fp16_and_int8(nano, tmp_path):
+def _digits(folder, split: str, n: int):
+    from nfnet_hub.preprocess import Preprocess, list_images
+
+    files = list_images(folder / split)
+    pre = Preprocess((32, 32), 1.0, "squash", "bicubic", (0.27,) * 3, (0.38,) * 3)
+    return pre.batch(files[::len(files) // n][:n])
+
+
+def test_fp16_and_int8(nano, trained_nano, digits_folders, tmp_path):
     r16 = export_onnx(nano, tmp_path / "fp16.onnx", precision="fp16")
     assert r16.max_rel_error < 3e-2
     assert r16.file_bytes < 0.6 * export_onnx(nano, tmp_path / "fp32.onnx").file_bytes
-    calib = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
-    r8 = export_onnx(nano, tmp_path / "int8.onnx", precision="int8", calibration=calib)
+    calib = _digits(digits_folders, "train", 100)
+    r8 = export_onnx(trained_nano["model"], tmp_path / "int8.onnx", precision="int8", calibration=calib)
     ops = r8.op_counts
     assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+    assert r8.int8["top1_agreement"] >= 0.95 and not r8.int8["below_threshold"]
+    assert (r8.int8["held_out_images"], r8.int8["calibration_images"]) == (20, 80)  # every fifth held out
     proto = onnx.load(tmp_path / "int8.onnx")
-    weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4]
-    assert weights  # per-channel int8 kernels
-    scales = {i.name: i for i in proto.graph.initializer}
-    assert any(len(scales[n.input[1]].dims) == 1 and scales[n.input[1]].dims[0] > 1
-               for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[1] in scales)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    dequantised = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    weights = [inits[name] for name in dequantised if name in inits and inits[name].dtype == np.int8]
+    assert weights and all(w.ndim == 4 for w in weights)  # int8 kernels, the classifier is not among them
+    assert max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64  # 7 bits: no x86 kernel saturates
+    assert any(inits[n.input[1]].size > 1 for n in proto.graph.node if n.op_type == "DequantizeLinear"
+               and n.input[1] in inits)  # per-channel scales
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert inits[convs[0].input[1]].dtype == np.float32  # the stem conv sees raw pixels: kept in fp32
+    gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
+    assert gemm.output[0] == "logits" and inits[gemm.input[1]].dtype == np.float32  # so is the classifier
+
+
+def test_int8_below_the_agreement_threshold_is_refused_unless_forced(trained_nano, digits_folders, tmp_path):
+    """Calibrated on blank images, int8 clips every real activation: refused, and nothing is written."""
+    calib = _digits(digits_folders, "validation", 50)
+    calib[np.arange(50) % 5 != 4] = 0.0  # every fifth image (the held-out ones) stays a real digit
+    with pytest.raises(ExportError, match=r"int8 agrees with fp32 on \d+\.\d% of 10 held-out .* --force"):
+        export_onnx(trained_nano["model"], tmp_path / "int8.onnx", precision="int8", calibration=calib)
+    assert not list(tmp_path.iterdir())
+    r = export_onnx(trained_nano["model"], tmp_path / "int8.onnx", precision="int8", calibration=calib, force=True)
+    assert r.int8["below_threshold"] and r.int8["top1_agreement"] < 0.95 and (tmp_path / "int8.onnx").is_file()
 
 
 def test_failed_verification_leaves_nothing(nano, tmp_path, monkeypatch):
@@ -139,39 +166,19 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     assert '"top1_agreement"' in capsys.readouterr().out
 
 
-def test_int8_accuracy_change_on_labelled_real_images(tmp_path):
-    """Images in folders named after the labels: validate reports both accuracies and the change."""
-    from PIL import Image
+def test_int8_accuracy_change_on_labelled_real_images(trained_nano, digits_folders, tmp_path):
+    """Images in folders named after the labels (the class names the checkpoint records): validate reports
+    both accuracies and the change."""
+    from nfnet_hub.preprocess import list_images
 
-    from nfnet_hub.train import parse_args, train
-    from nfnet_hub.train.data import digits_split, digits_to_tensor
-
-    result = train(parse_args(["--model", "nfnet_hub_nano", "--dataset", "digits", "--epochs", "4", "--lr", "0.2",
-                               "--batch-size", "64", "--clip-grad", "0.02", "--no-progress", "--log-interval", "0",
-                               "--output", str(tmp_path / "run")]))
-    model = result["model"].eval()
-    xtr, xte, _, yte = digits_split()
-    for i, (img, label) in enumerate(zip(xte[:120], yte[:120])):
-        (tmp_path / "val" / str(label)).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(tmp_path / "val" / str(label) / f"{i}.png")
-    export_onnx(model, tmp_path / "int8.onnx", precision="int8", label_names=[str(i) for i in range(10)],
-                calibration=digits_to_tensor(xtr[:64], 32).numpy())
-    images = sorted((tmp_path / "val").rglob("*.png"))
+    model = trained_nano["model"]
+    export_onnx(model, tmp_path / "int8.onnx", precision="int8", calibration=_digits(digits_folders, "train", 64))
+    images = list_images(digits_folders / "validation")[::3]
     r = validate_onnx(tmp_path / "int8.onnx", model, images)
+    labels = np.array([int(p.parent.name) for p in images])
     with torch.no_grad():
-        expected = (model(digits_to_tensor(xte[:120], 32)).argmax(-1).numpy() == yte[:120]).mean() * 100
+        x = torch.from_numpy(np.concatenate([_digits(digits_folders, "validation", 360)]))[::3]
+        expected = (model(x).argmax(-1).numpy() == labels).mean() * 100
     assert r.inputs == 120 and r.torch_accuracy == pytest.approx(expected)  # same images, read from files
-    assert r.torch_accuracy > 80 and abs(r.accuracy_change) <= 5
+    assert r.torch_accuracy > 95 and abs(r.accuracy_change) <= 2
     assert r.accuracy_change == pytest.approx(r.onnx_accuracy - r.torch_accuracy)
-
-
-def test_cli_errors_are_clear(tmp_path, capsys):
-    (tmp_path / "broken.safetensors").write_bytes(b"not a checkpoint")
-    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "broken.safetensors"),
-                 "--out", str(tmp_path / "o")]) == 2
-    assert "cannot read checkpoint" in capsys.readouterr().err
-    assert main(["export", "nfnet_hub_nano", "--precision", "int8", "--out", str(tmp_path / "o")]) == 2
-    assert "--calibration" in capsys.readouterr().err
-    assert main(["export", "nfnet_hub_nano", "--img-size", "50", "--out", str(tmp_path / "o")]) == 2
-    assert "multiple of 32" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()

@@ -10,11 +10,16 @@ from conftest import randomise, rel_error
 from torch import nn
 
 from nfnet_hub import fold
-from nfnet_hub.folding import FoldError, PackedConv2d, Scale, prepack
+from nfnet_hub.cpu import PackedConv2d, prepack
+from nfnet_hub.folding import FoldError, Scale
 from nfnet_hub.models.layers import SqueezeExcite
 
 TIMM_NF = [n for n in timm.list_models() if n.startswith(("dm_nfnet", "nfnet_f", "nfnet_l", "eca_nfnet", "nf_"))]
 OURS = timm.list_models("nfnet_hub_*")
+# Folded and compared in full: nano, F0, one F+ and one deep variant, and one model of each timm family
+# (stem, block, attention and activation kinds); every other model is checked to be built of the same kinds.
+FOLDED = ["nfnet_hub_nano", "nfnet_hub_f0", "nfnet_hub_f1_plus", "nfnet_hub_f6", "dm_nfnet_f0", "nfnet_f0",
+          "nfnet_l0", "eca_nfnet_l0", "nf_resnet26", "nf_seresnet26", "nf_ecaresnet26", "nf_regnet_b0"]
 PLAIN = (nn.Conv2d, nn.GELU, nn.ReLU, nn.SiLU, nn.Sigmoid, nn.ZeroPad2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
          nn.MaxPool2d, nn.Linear, nn.Dropout, nn.Flatten, nn.Identity, nn.Sequential, SqueezeExcite)
 
@@ -43,14 +48,27 @@ def test_timm_family_is_covered():
     assert {"dm_nfnet_f0", "nfnet_l0", "eca_nfnet_l0", "nf_resnet50", "nf_regnet_b0", "nf_ecaresnet26"} <= set(TIMM_NF)
 
 
-@pytest.mark.parametrize("name", OURS)
-def test_every_variant_folds_exactly(name):
+@pytest.mark.parametrize("name", FOLDED)
+def test_representative_models_fold_exactly(name):
     _check(name, num_classes=16)
 
 
-@pytest.mark.parametrize("name", TIMM_NF)
-def test_every_timm_nf_model_folds_exactly(name):
-    _check(name, num_classes=16)
+def _kinds(name: str) -> set[tuple]:
+    """The module types of a model with the settings fold reads from them (built on the meta device)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=16)
+    kinds = set()
+    for m in model.modules():
+        settings = tuple(getattr(m, a, None) for a in ("kind", "act_fn", "add_maxpool", "dynamic_pad", "same_pad"))
+        kinds.add((type(m), *(getattr(s, "__name__", s) for s in settings)))
+    stems = tuple(type(m) for m in model.stem.children())
+    return kinds | {("stem", *stems)}
+
+
+def test_every_other_model_is_built_of_kinds_that_fold_exactly():
+    covered = set().union(*(_kinds(name) for name in FOLDED))
+    for name in sorted(set(OURS + TIMM_NF) - set(FOLDED)):
+        assert _kinds(name) <= covered, (name, _kinds(name) - covered)
 
 
 @pytest.mark.parametrize("name", ["nfnet_hub_nano", "nfnet_hub_f0", "dm_nfnet_f0", "nfnet_f0", "nfnet_l0",
@@ -136,7 +154,7 @@ def test_prepacked_model_computes_the_same_function(name, kwargs):
 
 def test_prepack_refuses_what_it_cannot_pack():
     model = randomise(timm.create_model("nfnet_hub_nano"))
-    with pytest.raises(TypeError, match="result of fold"):
+    with pytest.raises(ValueError, match="result of fold"):
         prepack(model)
     with pytest.raises(ValueError, match="float32 models on the CPU, this one is torch.float64"):
         prepack(fold(model, img_size=32).double())

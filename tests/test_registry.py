@@ -9,7 +9,13 @@ import torch
 from conftest import randomise, rel_error
 
 from nfnet_hub.models import VARIANTS, model_cfg
-from nfnet_hub.models.convert import CheckpointError, create_model, load_checkpoint, read_state_dict, save_safetensors
+from nfnet_hub.models.checkpoint import (
+    CheckpointError,
+    create_model,
+    load_checkpoint,
+    read_state_dict,
+    save_safetensors,
+)
 from nfnet_hub.models.stats import model_stats
 
 # The authors' table: parameters (millions) and multiply-adds (billions) at the test size.
@@ -170,8 +176,9 @@ def test_pickled_checkpoints_load_weights_only(tmp_path):
             return (print, ("pwned",))
 
     (tmp_path / "evil.pth").write_bytes(pickle.dumps({"x": Evil()}))
-    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="holds Python objects other than tensors") as e:
         read_state_dict(tmp_path / "evil.pth")
+    assert "weights_only=False" not in str(e.value)  # never advise loading untrusted pickles
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.safetensors")
 
@@ -186,11 +193,37 @@ def test_import_order_does_not_matter():
         assert out.stdout.strip() == "17", out.stderr
 
 
-def test_list_command(capsys):
-    from nfnet_hub.cli import main
+def test_list_command_prints_the_readme_table_from_the_variant_table_without_torch():
+    """`nfnet-hub list` reads counts from the variant table: it imports no torch and builds nothing."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    assert main(["list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 18
+    from nfnet_hub.models.variants import table
+
+    code = "import sys; from nfnet_hub.cli import main; main(['list']); assert 'torch' not in sys.modules, 'torch'"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 18 and lines[0].split() == ["model", "params", "GMACs", "train", "/", "test", "train", "/",
+                                                     "test", "px", "dropout", "pretrained"]
     f0 = next(line for line in lines if line.startswith("nfnet_hub_f0 "))
-    assert f0.split()[1:6] == ["71.5M", "6.977", "12.38", "192", "256"] and "dm_in1k, deepmind_in1k" in f0
+    assert f0.split() == ["nfnet_hub_f0", "71.5M", "6.98", "/", "12.38", "192", "/", "256", "0.2", "dm_in1k,",
+                          "deepmind_in1k"]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert table(markdown=True) in readme  # the README shows what the command prints
+
+
+def test_counts_in_the_variant_table_are_those_of_built_models():
+    from nfnet_hub.models.nfnet import default_cfgs
+    from nfnet_hub.models.variants import COUNTS, pretrained_tags
+
+    for variant in VARIANTS:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in timm.create_model(f"nfnet_hub_{variant}").parameters())
+        assert COUNTS[variant].params == params, variant
+        assert pretrained_tags(variant) == [t for t in default_cfgs[f"nfnet_hub_{variant}"].tags if t]
+    for variant in ("nano", "f0", "f0_plus", "f3"):  # multiply-adds are slow to count: one of each kind
+        v, counts = VARIANTS[variant], COUNTS[variant]
+        assert model_stats(f"nfnet_hub_{variant}", v.train_size).gmacs == pytest.approx(counts.gmacs_train, rel=1e-4)
+        assert model_stats(f"nfnet_hub_{variant}", v.test_size).gmacs == pytest.approx(counts.gmacs_test, rel=1e-4)

@@ -78,7 +78,9 @@ def test_bad_models_and_repo_ids(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="not a loadable ONNX model"):
         OnnxClassifier(tmp_path / "model.onnx")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="no ONNX model at"):
         OnnxClassifier(tmp_path / "missing.onnx")
-    with pytest.raises(ValueError, match="ORG/NAME"):
+    with pytest.raises(ValueError, match="no bundle folder at not-a-folder-nor-repo"):
         OnnxClassifier.from_pretrained("not-a-folder-nor-repo")
+    with pytest.raises(ValueError, match="neither a bundle folder nor a Hub repo id"):
+        OnnxClassifier.from_pretrained("me/a..b")

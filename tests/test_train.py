@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from nfnet_hub.train import TrainingDiverged, parse_args, train
@@ -48,17 +49,20 @@ def _assert_same_final_state(reference: subprocess.Popen, ref_ckpt: Path, ckpt: 
         torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=1e-5, atol=1e-6)
 
 
-def test_nano_learns_digits(tmp_path):
-    result = train(parse_args([*BASE, "--epochs", "10", "--batch-size", "64", "--lr", "0.2", "--drop", "0",
-                               "--model-ema", "--model-ema-decay", "0.99", "--output", str(tmp_path)]))
-    assert result["metrics"]["top1"] >= 95.0
-    out = Path(result["output"])
+def test_nano_learns_digits(trained_nano):
+    """The suite's shared run (conftest.trained_nano): accuracy, timm's output layout, the data config."""
+    assert trained_nano["metrics"]["top1"] >= 95.0
+    out = Path(trained_nano["output"])
     assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"} <= {p.name for p in out.iterdir()}
     assert len(list(out.glob("checkpoint-*.pth.tar"))) == 3
     rows = (out / "summary.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr" and len(rows) == 11
     ckpt = _weights(out / "last.pth.tar")
     assert {"state_dict", "state_dict_ema", "optimizer", "scheduler", "epoch", "global_step"} <= set(ckpt)
+    expected = {"input_size": [3, 32, 32], "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bicubic",
+                "mean": [0.27] * 3, "std": [0.38] * 3, "label_names": [str(i) for i in range(10)]}
+    assert ckpt["data_config"] == expected
+    assert yaml.safe_load((out / "args.yaml").read_text())["data_config"] == expected
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])

@@ -19,7 +19,7 @@ from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
 from .layers import ScaledActivation, SqueezeExcite, StochasticDepth, WSConv2d
-from .variants import VARIANTS, Variant, model_name
+from .variants import VARIANTS, Variant, model_name, pretrained_tags
 
 
 @dataclass(frozen=True)
@@ -242,14 +242,14 @@ def _cfg(v: Variant, **kwargs: Any) -> dict[str, Any]:
 
 
 def _variant_cfgs(name: str, v: Variant) -> dict[str, dict[str, Any]]:
-    if v.timm_weights:
-        return {
-            # timm's conversion of the authors' ImageNet weights, loaded by timm's own machinery
-            f"{model_name(name)}.dm_in1k": _cfg(v, hf_hub_id=f"timm/{v.timm_weights}.dm_in1k"),
-            # the authors' own checkpoint after `nfnet-hub convert deepmind`: a local file, authors' WS form
-            f"{model_name(name)}.deepmind_in1k": _cfg(v),
-        }
-    return {model_name(name): _cfg(v)}
+    sources = {
+        "dm_in1k": {"hf_hub_id": f"timm/{v.timm_weights}.dm_in1k"},  # timm's conversion, loaded by timm
+        "deepmind_in1k": {},  # the authors' own checkpoint after `nfnet-hub convert deepmind`: a local file
+    }
+    tags = pretrained_tags(name)
+    if not tags:
+        return {model_name(name): _cfg(v)}
+    return {f"{model_name(name)}.{tag}": _cfg(v, **sources[tag]) for tag in tags}
 
 
 default_cfgs = generate_default_cfgs({k: c for n, v in VARIANTS.items() for k, c in _variant_cfgs(n, v).items()})

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
-from ..runtime import Preprocess
+from ..errors import TrainingError, UsageError
+from ..preprocess import Preprocess, data_config
 
 DIGITS_MEAN = (0.27, 0.27, 0.27)  # of digits scaled to [0, 1]
 DIGITS_STD = (0.38, 0.38, 0.38)
@@ -68,8 +70,7 @@ class Loaders:
     val: DataLoader
     num_classes: int
     shuffler: Sampler | Dataset | None  # what reshuffles each epoch: a sampler, or an iterable dataset (wds)
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    data_config: dict  # the eval transform and class names, recorded in checkpoints (preprocess.data_config)
 
 
 def _sampler(ds: Dataset, world: int, rank: int, shuffle: bool, seed: int):
@@ -89,7 +90,11 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                            generator=torch.Generator().manual_seed(args.seed))
         val = DataLoader(val_ds, 256, sampler=_sampler(val_ds, world, rank, False, args.seed),
                          generator=torch.Generator().manual_seed(args.seed))
-        return Loaders(train, val, 10, sampler, DIGITS_MEAN, DIGITS_STD)
+        pre = digits_preprocess(size)
+        record = data_config({"input_size": (3, *pre.input_size), "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
+                              "interpolation": pre.interpolation, "mean": pre.mean, "std": pre.std},
+                             label_names=[str(i) for i in range(10)])
+        return Loaders(train, val, 10, sampler, record)
 
     from timm.data import create_dataset, create_loader, resolve_data_config
 
@@ -97,6 +102,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     if args.img_size:
         data_cfg["input_size"] = (3, args.img_size, args.img_size)
     kw = dict(root=args.data_dir, batch_size=args.batch_size, seed=args.seed)
+    if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
+        _split_folder(args.data_dir, args.train_split, _TRAIN_NAMES)
+        _split_folder(args.data_dir, args.val_split, _EVAL_NAMES)
     train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, **kw)
     val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, **kw)
     common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
@@ -106,9 +114,35 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                           scale=tuple(args.scale), hflip=args.hflip, re_prob=0.0, **common)
     val = create_loader(val_ds, batch_size=args.batch_size, is_training=False, crop_pct=data_cfg["crop_pct"],
                         **common)
-    num_classes = args.num_classes or len(getattr(getattr(train_ds, "reader", train_ds), "class_to_idx", {}))
+    class_to_idx = getattr(getattr(train_ds, "reader", train_ds), "class_to_idx", None) or {}
+    num_classes = args.num_classes or len(class_to_idx)
     if not num_classes:
-        raise ValueError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
+        raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
                          "(webdataset shards name none): pass --num-classes")
+    names = sorted(class_to_idx, key=class_to_idx.get) if len(class_to_idx) == num_classes else None
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
-    return Loaders(train, val, num_classes, shuffler, data_cfg["mean"], data_cfg["std"])
+    return Loaders(train, val, num_classes, shuffler, data_config(data_cfg, label_names=names))
+
+
+_TRAIN_NAMES = ("train", "training")
+_EVAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
+
+
+def _split_folder(root: str, split: str, synonyms: tuple[str, ...]) -> Path:
+    """The folder of a split, found as timm finds it (the split's name, or a synonym of it)."""
+    names = (split, *synonyms) if split in synonyms else (split,)
+    for name in names:
+        if (Path(root) / name).is_dir():
+            return Path(root) / name
+    raise UsageError(f"no {split!r} split under {root}: expected {Path(root) / split}/CLASS/... "
+                     f"(one folder per class; set --{'train' if synonyms is _TRAIN_NAMES else 'val'}-split "
+                     "to the folder's name)")
+
+
+def check_sizes(loaders: Loaders, batch_size: int, world: int, grad_accum_steps: int) -> None:
+    """Refuse data that would give a run of zero steps, or an evaluation of zero images."""
+    if len(loaders.train) // grad_accum_steps == 0:
+        raise TrainingError(f"the training set yields no full batch of {batch_size} x {world} process(es) x "
+                            f"{grad_accum_steps} accumulation step(s): lower --batch-size or add images")
+    if len(loaders.val) == 0:
+        raise TrainingError("the validation set is empty: add images to it")

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 import torch.distributed as dist
 import yaml
@@ -26,12 +25,16 @@ from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
 
 from ..agc import adaptive_clip_grad_, agc_parameters
-from .data import create_loaders
+from ..errors import TrainingError
+from ..models.checkpoint import create_model, load_checkpoint, load_training_state
+from ..preprocess import apply_data_config
+from .args import DIGITS, check_args
+from .data import check_sizes, create_loaders
 
 CHECKPOINT = "last.pth.tar"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -62,8 +65,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write then rename: a kill mid-write never leaves a broken checkpoint behind."""
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -152,6 +158,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, world: int) -> dict
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the final evaluation and where the checkpoints are."""
+    check_args(args)
+    out_dir = Path(args.output) / (args.experiment or f"{args.model}-{args.dataset or 'folder'}")
+    resume = _resume_path(args, out_dir)
+    ckpt = load_training_state(resume) if resume is not None else None  # read before any work: errors come first
     world, rank, device, owns_group = _setup_distributed(args)
     main_process = rank == 0
     torch.manual_seed(args.seed)  # identical initialisation on every rank
@@ -160,20 +170,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     model_kw = {k: v for k, v in dict(drop_rate=args.drop, drop_path_rate=args.drop_path).items() if v is not None}
     data_cfg = {}
-    if args.dataset != "digits":  # the model's preprocessing, without building the model twice
+    if args.dataset != DIGITS:  # the model's preprocessing, without building the model twice
         from timm.models import get_pretrained_cfg
-        cfg = get_pretrained_cfg(args.model)
+        cfg = get_pretrained_cfg(args.model.partition(".")[0])
         data_cfg = cfg.to_dict() if cfg is not None else {}
     loaders = create_loaders(args, data_cfg, world, rank)
-    model = timm.create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes or
-                              loaders.num_classes, **model_kw)
-    model.pretrained_cfg = {**model.pretrained_cfg, "mean": tuple(loaders.mean), "std": tuple(loaders.std)}
-    if args.dataset == "digits":
-        size = args.img_size or 32
-        model.pretrained_cfg.update(input_size=(3, size, size), test_input_size=(3, size, size), crop_pct=1.0,
-                                    crop_mode="squash", num_classes=10)
+    check_sizes(loaders, args.batch_size, world, args.grad_accum_steps)
+    model = create_model(args.model, pretrained=args.pretrained, num_classes=args.num_classes or loaders.num_classes,
+                         **model_kw)
+    # what the weights will expect: recorded in every checkpoint and args.yaml, read by export and bundle
+    model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, loaders.data_config),
+                            "num_classes": model.num_classes}
     if args.initial_checkpoint:
-        from ..models.convert import load_checkpoint
         load_checkpoint(model, args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -216,14 +224,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.torchcompile:
         train_model = torch.compile(train_model, backend=args.torchcompile)
 
-    out_dir = Path(args.output) / (args.experiment or f"{args.model}-{args.dataset or 'folder'}")
     start_epoch, step_in_epoch, global_step, best = 0, 0, 0, None
-    resume = _resume_path(args, out_dir)
-    if resume is not None:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+    if ckpt is not None:
         states.load_model(model, ckpt["state_dict"])
         states.load_optimizer(model, optimizer, ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
         if ema is not None and "state_dict_ema" in ckpt:
             states.load_model(ema.module, ckpt["state_dict_ema"])
         if scaler is not None and "scaler" in ckpt:
@@ -231,11 +235,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         start_epoch, step_in_epoch, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         best = ckpt.get("best")
         _set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        _position_schedule(scheduler, args, resume, ckpt, start_epoch, num_epochs, global_step, optimizer)
         if main_process:
             print(f"resumed from {resume}: epoch {start_epoch}, step {global_step}", flush=True)
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True))
+        (out_dir / "args.yaml").write_text(yaml.safe_dump({**vars(args), "data_config": loaders.data_config},
+                                                          sort_keys=True))
 
     def checkpoint_state(epoch: int, step_in_epoch: int) -> dict[str, Any]:
         rngs = [None] * world
@@ -246,6 +252,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         state = {"state_dict": states.model(model), "optimizer": states.optimizer(model, optimizer),
                  "scheduler": scheduler.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                  "global_step": global_step, "best": best, "rng": rngs, "arch": args.model,
+                 "data_config": loaders.data_config,
                  "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}}
         if ema is not None:
             state["state_dict_ema"] = states.model(ema.module)
@@ -346,6 +353,25 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         dist.destroy_process_group()
     return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
             "model": model}
+
+
+def _position_schedule(scheduler, args: argparse.Namespace, resume: Path, ckpt: dict[str, Any], start_epoch: int,
+                       num_epochs: int, global_step: int, optimizer: torch.optim.Optimizer) -> None:
+    """Continue the schedule of this run's ``--epochs`` where the checkpoint stopped (as timm's train.py
+    does): a longer run extends the schedule rather than restoring the finished one."""
+    if start_epoch >= num_epochs:
+        raise TrainingError(f"nothing to train: {resume} has finished {start_epoch} of {num_epochs} epochs; "
+                            f"pass --epochs N with N > {start_epoch} to train on (the schedule is stretched to N)")
+    if args.sched_on_updates:
+        scheduler.step_update(global_step)
+    else:
+        scheduler.step(start_epoch)
+    if all(group["lr"] <= 0 for group in optimizer.param_groups):
+        raise TrainingError(f"resumed at epoch {start_epoch} where the schedule's learning rate is 0, so the run "
+                            "cannot learn: raise --epochs, --lr or --min-lr")
+    before = (ckpt.get("args") or {}).get("epochs")
+    if before and before != args.epochs and int(os.environ.get("RANK", "0")) == 0:
+        print(f"the schedule now runs to epoch {args.epochs} (the checkpoint's run was for {before})", flush=True)
 
 
 def _append_summary(path: Path, epoch: int, train_loss: float, metrics: dict[str, float], lr: float) -> None:

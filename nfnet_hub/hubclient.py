@@ -1,0 +1,61 @@
+"""Talking to the Hugging Face Hub: its repo id rules, and one-line errors for what the network or the
+Hub refuses (huggingface_hub raises transport errors of its HTTP library, and its own HTTP errors).
+Imports no torch: the runtime uses it."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .errors import HubError, UsageError
+
+__all__ = ["check_repo_id", "hub_errors"]
+
+_TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """``ORG/NAME`` by the Hub's own rules (huggingface_hub's validator), or a UsageError saying why not."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise UsageError(f"repo id {repo_id!r} is not of the form ORG/NAME")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UsageError(f"repo id {repo_id!r} is not of the form ORG/NAME the Hub accepts: "
+                         f"{str(e).split(':')[0]}") from None
+    return repo_id
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    return any(c.__module__.split(".")[0] in _TRANSPORT_MODULES for c in type(e).__mro__)
+
+
+@contextmanager
+def hub_errors(action: str, endpoint: str | None = None) -> Iterator[None]:
+    """Turn what huggingface_hub raises into a HubError that says what failed and what to do."""
+    from huggingface_hub import constants
+    from huggingface_hub import errors as hf
+
+    where = endpoint or constants.ENDPOINT
+    try:
+        yield
+    except hf.RepositoryNotFoundError:
+        raise HubError(f"{action}: no such repository on {where}, or your token cannot see it "
+                       "(set HF_TOKEN or run `hf auth login`)") from None
+    except hf.RevisionNotFoundError:
+        raise HubError(f"{action}: no such revision on {where}") from None
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+        raise HubError(f"{action}: cannot reach the Hub at {where} and nothing is cached "
+                       "(check your network, HF_ENDPOINT and HF_HUB_OFFLINE)") from None
+    except hf.EntryNotFoundError as e:
+        raise HubError(f"{action}: {str(e).splitlines()[0]}") from None
+    except hf.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = " (check HF_TOKEN or run `hf auth login`)" if status in (401, 403) else ""
+        raise HubError(f"{action}: the Hub at {where} refused: {str(e).splitlines()[0]}{hint}") from None
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
+        raise HubError(f"{action}: cannot reach the Hub at {where} ({type(e).__name__}: {e}); "
+                       "check your network and HF_ENDPOINT") from None

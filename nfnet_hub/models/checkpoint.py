@@ -1,0 +1,283 @@
+"""Checkpoints: read, check, load, save, and create a model from one.
+
+Read: safetensors, PyTorch checkpoints (ours, timm's; pickles only with ``torch.load(weights_only=True)``)
+and the authors' Haiku files (``deepmind.py``), told apart by their content rather than their names.
+A training checkpoint of ours also carries the data config it was trained with; ``create_model`` puts
+it into the model's ``pretrained_cfg``, so export, bundle and validate preprocess as training did.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, UsageError
+from ..files import honour_umask
+from ..preprocess import apply_data_config, data_config
+from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
+from .nfnet import DEEPMIND_NUMERICS
+
+__all__ = ["Checkpoint", "Provenance", "check_fit", "convert_authors_checkpoint", "create_model", "load_checkpoint",
+           "load_model", "load_training_state", "read_checkpoint", "read_state_dict", "save_safetensors"]
+
+DATA_CONFIG_KEY = "nfnet_hub.data_config"  # safetensors metadata; training checkpoints hold "data_config"
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: tensors, the form they are in, and the data config if recorded."""
+
+    path: Path
+    form: str  # "safetensors", "pytorch" or "deepmind"
+    state_dict: dict[str, Any]
+    data_config: dict[str, Any] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _form(path: Path) -> str:
+    """The format of a checkpoint file, from its first bytes."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    with path.open("rb") as f:
+        head = f.read(16)
+    if not head:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if looks_like_haiku(path, head):
+        return "deepmind"
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        return "safetensors"
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return "pytorch"  # torch.save's zip format, or its legacy pickle
+    raise CheckpointError(f"{path} is not a checkpoint: neither safetensors, a PyTorch checkpoint, "
+                          "nor the authors' .npz")
+
+
+def _read_pytorch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            raise CheckpointError(f"{path} holds Python objects other than tensors, numbers and containers; "
+                                  "nfnet-hub loads only those (save a state dict, or use safetensors)") from None
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint") from None
+    except (EOFError, RuntimeError, zipfile.BadZipFile, OSError, ValueError):
+        raise CheckpointError(f"{path} is truncated or not a PyTorch checkpoint") from None
+
+
+def read_checkpoint(path: str | Path) -> Checkpoint:
+    """The tensors of a checkpoint file, its form, and the data config it records (if any)."""
+    path = Path(path)
+    form = _form(path)
+    if form == "deepmind":
+        return Checkpoint(path, form, dict(read_haiku(path)))
+    if form == "safetensors":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                metadata = f.metadata() or {}
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
+        record = json.loads(metadata[DATA_CONFIG_KEY]) if DATA_CONFIG_KEY in metadata else None
+        return Checkpoint(path, form, sd, record, metadata)
+    raw = _read_pytorch(path)
+    record = raw.get("data_config") if isinstance(raw, dict) else None
+    sd = raw
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
+    return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record)
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint written by ``nfnet-hub train`` (model, optimiser, schedule position, RNG)."""
+    path = Path(path)
+    if _form(path) != "pytorch":
+        raise CheckpointError(f"{path} holds weights only, not a training checkpoint: resume from a run's "
+                              "last.pth.tar, or start from weights with --initial-checkpoint")
+    state = _read_pytorch(path)
+    needed = ("state_dict", "optimizer", "epoch", "step_in_epoch", "global_step", "rng")
+    if not isinstance(state, dict) or (missing := [k for k in needed if k not in state]):
+        raise CheckpointError(f"{path} is not a training checkpoint of nfnet-hub train (it lacks "
+                              f"{', '.join(missing) if isinstance(state, dict) else 'everything'}); "
+                              "to start from its weights use --initial-checkpoint")
+    return state
+
+
+def read_state_dict(path: str | Path) -> dict[str, Any]:
+    """Tensors of a checkpoint file (the authors' arrays as they are, before mapping)."""
+    return read_checkpoint(path).state_dict
+
+
+def check_fit(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint") -> None:
+    """Raise with every missing, unexpected and mis-shaped key at once."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} != {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(state_dict))
+              if state_dict[k].shape != expected[k].shape and not state_dict[k].numel() == expected[k].numel() == 1]
+    problems = [(label, items) for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
+    if problems:
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        lines += [f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
+                  for label, items in problems]
+        raise CheckpointError("\n".join(lines))
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a checkpoint (any supported form) into ``model``, strictly."""
+    ckpt = read_checkpoint(path)
+    sd = convert_deepmind(ckpt.state_dict, model) if ckpt.form == "deepmind" else ckpt.state_dict
+    check_fit(sd, model, str(path))
+    model.load_state_dict(sd)
+    return model
+
+
+def _check_name(name: str) -> None:
+    """Refuse a model name timm would not know, naming ours; pretrained tags, hf-hub: and local-dir: pass."""
+    import timm
+
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return
+    base, _, tag = name.partition(".")
+    if not timm.is_model(base):
+        from .variants import VARIANTS, model_name
+
+        ours = ", ".join(model_name(v) for v in VARIANTS)
+        raise UsageError(f"unknown model {name!r}; nfnet-hub registers: {ours} (timm's NF models work too)")
+    if tag and name not in timm.list_pretrained(f"{base}.*"):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*")]
+        raise UsageError(f"{base} has no pretrained tag {tag!r}" + (f"; it has: {', '.join(tags)}" if tags else ""))
+
+
+def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    from ..hubclient import hub_errors
+
+    if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
+        raise UsageError(f"{name}: no such folder")
+    with hub_errors(f"loading {name}"):
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a model's weights and its preprocessing came from, in words for the user."""
+
+    weights: str
+    preprocessing: str
+    random: bool
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: bool = False,
+               **kwargs: Any) -> tuple[nn.Module, Provenance]:
+    """``timm.create_model(name)`` with the weights, class count and data config of ``checkpoint`` if
+    given, and a record of where weights and preprocessing came from.
+
+    An authors' ``.npz`` selects the authors' weight-standardisation form; a checkpoint saved by
+    ``nfnet-hub`` records its form in the safetensors metadata.
+    """
+    _check_name(name)
+    if checkpoint is None:
+        model = _timm_create(name, pretrained, **kwargs)
+        loaded = pretrained or name.startswith(("hf-hub:", "local-dir:"))
+        weights = f"pretrained weights of {name}" if loaded else "random weights (no checkpoint given)"
+        return model, Provenance(weights, f"{name}'s pretrained config", not loaded)
+    ckpt = read_checkpoint(checkpoint)
+    sd = ckpt.state_dict
+    if ckpt.form == "deepmind":
+        for k, val in DEEPMIND_NUMERICS.items():
+            kwargs.setdefault(k, val)
+        fc = next((v for k, v in sd.items() if re.fullmatch(r"(NFNet/~/)?linear/w", k)), None)
+        if fc is not None:
+            kwargs.setdefault("num_classes", fc.shape[1])
+    else:
+        if "head.fc.weight" in sd:
+            kwargs.setdefault("num_classes", sd["head.fc.weight"].shape[0])
+        for key in ("ws", "act"):
+            if ckpt.metadata.get(f"nfnet_hub.{key}"):
+                kwargs.setdefault(key, ckpt.metadata[f"nfnet_hub.{key}"])
+    model = _timm_create(name, False, **kwargs)
+    if ckpt.form == "deepmind":
+        sd = convert_deepmind(sd, model)
+    check_fit(sd, model, str(checkpoint))
+    model.load_state_dict(sd)
+    if ckpt.data_config:
+        model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, ckpt.data_config),
+                                "num_classes": model.num_classes}
+        source = f"the data config recorded in {Path(checkpoint).name}"
+    else:
+        source = f"{name}'s pretrained config ({Path(checkpoint).name} records none)"
+    return model, Provenance(f"{checkpoint}", source, False)
+
+
+def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name)``, with the weights, class count and data config of ``checkpoint`` if given."""
+    return load_model(name, checkpoint, **kwargs)[0]
+
+
+def convert_authors_checkpoint(source: str | Path, name: str, out: str | Path, *, num_classes: int = 1000,
+                               overwrite: bool = False) -> tuple[Path, int]:
+    """The authors' Haiku checkpoint as a safetensors file of ``name`` in the authors' numerics."""
+    from ..files import check_writable_folder, partial_path, sweep_partials
+
+    source, out = Path(source), Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out} must be a .safetensors file")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder")
+    check_writable_folder(out.parent)
+    ckpt = read_checkpoint(source)
+    if ckpt.form != "deepmind":
+        raise CheckpointError(f"{source} is a {ckpt.form} checkpoint, not the authors' Haiku .npz: "
+                              "load it directly with --checkpoint")
+    model = _timm_create(name, False, num_classes=num_classes, **DEEPMIND_NUMERICS)
+    sd = convert_deepmind(ckpt.state_dict, model)
+    check_fit(sd, model, str(source))
+    model.load_state_dict(sd)
+    sweep_partials(out.parent)
+    tmp = partial_path(out)
+    try:
+        save_safetensors(model, tmp, {"nfnet_hub.source": source.name})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, len(sd)
+
+
+def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write the model's weights (contiguous, shared tensors split) with the WS form and the data config
+    in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **(metadata or {})}
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "ws"):
+        meta["nfnet_hub.ws"], meta["nfnet_hub.act"] = cfg.ws, cfg.act
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if pretrained_cfg:
+        meta[DATA_CONFIG_KEY] = json.dumps(data_config(pretrained_cfg))
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    honour_umask(path)
+    return path

@@ -1,0 +1,361 @@
+"""Every command, given what users get wrong: one line that says what to do, exit 2, and nothing outside
+the run's own output changed (the whole working folder is hashed before and after).
+
+Each case runs ``nfnet-hub`` in a working folder holding a trained checkpoint, weights, a bundle,
+labelled digit images and an unrelated file of the user's.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nfnet_hub.cli import main
+from nfnet_hub.errors import UsageError
+from nfnet_hub.models.checkpoint import save_safetensors
+
+
+@pytest.fixture(scope="module")
+def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_factory):
+    root = tmp_path_factory.mktemp("template")
+    run = Path(trained_nano["output"])
+    shutil.copy(run / "last.pth.tar", root / "nano.pth.tar")
+    save_safetensors(trained_nano["model"], root / "nano.safetensors")
+    shutil.copytree(nano_bundle, root / "bundle")
+    for label in ("3", "7"):
+        shutil.copytree(digits_folders / "validation" / label, root / "images" / label)
+    (root / "notes.txt").write_text("the user's own notes\n")
+    (root / "empty.pth").write_bytes(b"")
+    (root / "garbage.npz").write_bytes(b"\x00\x01 not an archive" * 10)
+    (root / "garbage.bin").write_bytes(b"\x00\x01 not a checkpoint" * 10)
+    (root / "noimages").mkdir()
+    (root / "labels3.txt").write_text("a\nb\nc\n")
+    (root / "bad.yaml").write_text("learning_rate: 3\n")
+    (root / "bad.toml").write_text("this is = = not toml\n")
+    (root / "release.toml").write_text('[[model]]\nrepo_id = "nope"\nmodel = "x"\ncolour = 1\n')
+    tiny = root / "tiny"
+    for split, n in (("train", 3), ("validation", 2)):
+        shutil.copytree(digits_folders / split / "1", tiny / split / "1", ignore=lambda d, names: sorted(names)[n:])
+    shutil.copytree(digits_folders / "train" / "1", root / "trainonly" / "train" / "1")
+    return root
+
+
+@pytest.fixture
+def ws(workspace_template, tmp_path, monkeypatch):
+    root = tmp_path / "ws"
+    shutil.copytree(workspace_template, root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("HOME", str(root / "home"))
+    (root / "home").mkdir()
+    return root
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    state = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        state[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return state
+
+
+def _run(ws: Path, capsys, argv: list[str], output: str | None = None) -> tuple[int, str, str]:
+    """Run the CLI; assert that nothing but ``output`` changed in the working folder."""
+    before = _snapshot(ws)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own exits
+        code = e.code
+    out, err = capsys.readouterr()
+    after = _snapshot(ws)
+    if output is not None:
+        before = {k: v for k, v in before.items() if not (k == output or k.startswith(output + "/"))}
+        after = {k: v for k, v in after.items() if not (k == output or k.startswith(output + "/"))}
+    assert after == before, "files outside the run's output changed"
+    return code, out, err
+
+
+NANO = ["nfnet_hub_nano", "--checkpoint", "nano.pth.tar"]
+CASES = [
+    # export
+    ("export-img-size-0", ["export", *NANO, "--img-size", "0", "--out", "o"], "--img-size: must be a positive integer"),
+    ("export-img-size-50", ["export", *NANO, "--img-size", "50", "--out", "o"], "multiple of 32"),
+    ("export-filename-escapes", ["export", *NANO, "--filename", "../x.onnx", "--out", "o"], "plain file name"),
+    ("export-filename-suffix", ["export", *NANO, "--filename", "model.txt", "--out", "o"], "ending in .onnx"),
+    ("export-opset-99", ["export", *NANO, "--opset", "99", "--out", "o"], "opset 99 is not supported"),
+    ("export-opset-19", ["export", *NANO, "--opset", "19", "--out", "o"], "opset 19 is not supported"),
+    ("export-int8-no-calibration", ["export", *NANO, "--precision", "int8", "--out", "o"], "needs --calibration"),
+    ("export-calibration-file", ["export", *NANO, "--precision", "int8", "--calibration", "notes.txt", "--out", "o"],
+     "notes.txt is not a folder of images"),
+    ("export-calibration-empty", ["export", *NANO, "--precision", "int8", "--calibration", "noimages", "--out", "o"],
+     "no images"),
+    ("export-empty-checkpoint", ["export", "nfnet_hub_nano", "--checkpoint", "empty.pth", "--out", "o"],
+     r"empty\.pth is empty \(0 bytes\)"),
+    ("export-garbage-checkpoint", ["export", "nfnet_hub_nano", "--checkpoint", "garbage.bin", "--out", "o"],
+     "garbage.bin is not a checkpoint"),
+    ("export-missing-checkpoint", ["export", "nfnet_hub_nano", "--checkpoint", "nope.pth", "--out", "o"],
+     "nope.pth does not exist"),
+    ("export-checkpoint-of-another-model", ["export", "nfnet_hub_f0", "--checkpoint", "nano.pth.tar", "--out", "o"],
+     r"nano.pth.tar does not fit NFNet: missing \(\d+\)"),
+    ("export-unknown-model", ["export", "nfnet_hub_f9", "--out", "o"], "unknown model 'nfnet_hub_f9'; nfnet-hub registers"),
+    ("export-unknown-tag", ["export", "nfnet_hub_f0.bogus", "--out", "o"], "has no pretrained tag 'bogus'; it has: dm_in1k"),
+    ("export-out-under-a-file", ["export", *NANO, "--out", "notes.txt/sub"], "notes.txt is a file, not a folder"),
+    ("export-not-our-file", ["export", *NANO, "--filename", "notes.onnx", "--out", "."], None),
+    ("export-missing-labels", ["export", *NANO, "--labels", "nope.txt", "--out", "o"], "no labels file at nope.txt"),
+    ("export-label-count", ["export", *NANO, "--labels", "labels3.txt", "--out", "o"],
+     "3 label names for a model with 10 classes"),
+    ("export-min-agreement", ["export", *NANO, "--min-agreement", "2", "--out", "o"], "must be between 0 and 1"),
+    ("export-bad-local-dir", ["export", "local-dir:nowhere", "--out", "o"], "local-dir:nowhere: no such folder"),
+    # validate
+    ("validate-random-weights", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_nano"],
+     "no --checkpoint: comparing the export with a freshly initialised model says nothing"),
+    ("validate-wrong-model", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_f0", "--random-weights"],
+     "has 10 classes, the model to compare with has 1000: give the --model and --checkpoint"),
+    ("validate-missing-onnx", ["validate", "nope.onnx", *NANO[1:], "--model", "nfnet_hub_nano"], "no ONNX model at nope.onnx"),
+    ("validate-not-onnx", ["validate", "notes.txt", "--model", "nfnet_hub_nano", "--checkpoint", "nano.pth.tar"],
+     "notes.txt is not a loadable ONNX model"),
+    ("validate-missing-images", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_nano", "--checkpoint",
+                                 "nano.pth.tar", "--images", "nope"], "nope is not a folder of images"),
+    # train
+    ("train-epochs-0", ["train", "--dataset", "digits", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    ("train-missing-data-dir", ["train", "--data-dir", "nope"], "--data-dir nope is not a folder"),
+    ("train-no-data", ["train", "--dataset", ""], "no data: give --data-dir DIR"),
+    ("train-data-dir-ignored-by-digits", ["train", "--dataset", "digits", "--data-dir", "images"],
+     "--data-dir images and --dataset digits conflict"),
+    ("train-no-train-split", ["train", "--data-dir", "images", "--output", "runs"], "no 'train' split under images"),
+    ("train-no-validation-split", ["train", "--data-dir", "trainonly", "--output", "runs"],
+     "no 'validation' split under trainonly"),
+    ("train-fewer-images-than-a-batch", ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0"],
+     "yields no full batch of 128"),
+    ("train-missing-resume", ["train", "--dataset", "digits", "--resume", "nope.pth.tar"], "--resume nope.pth.tar: no such"),
+    ("train-resume-weights", ["train", "--dataset", "digits", "--resume", "nano.safetensors"],
+     "holds weights only, not a training checkpoint: .* --initial-checkpoint"),
+    ("train-resume-finished-run", ["train", "--dataset", "digits", "--resume", "nano.pth.tar", "--epochs", "10",
+                                   "--output", "runs"], r"nothing to train: .* pass --epochs N with N > 10"),
+    ("train-missing-config", ["train", "--config", "nope"], "no config file 'nope' .recipes: f0, f1"),
+    ("train-unknown-config-keys", ["train", "--config", "bad.yaml"], "unknown options learning_rate"),
+    ("train-unknown-model", ["train", "--dataset", "digits", "--model", "resnet_nope", "--output", "runs"],
+     "unknown model 'resnet_nope'"),
+    ("train-missing-initial-checkpoint", ["train", "--dataset", "digits", "--initial-checkpoint", "nope.pth"],
+     "--initial-checkpoint nope.pth: no such file"),
+    ("train-output-under-a-file", ["train", "--dataset", "digits", "--output", "notes.txt/runs"],
+     "notes.txt is a file"),
+    # timm-train
+    ("timm-train-bare", ["timm-train"], "the following arguments are required: script"),
+    ("timm-train-missing-script", ["timm-train", "nope/train.py", "--model", "x"], "no such file: nope/train.py"),
+    # bundle
+    ("bundle-overwrite-a-folder-that-is-not-a-bundle", ["bundle", *NANO, "--out", "images", "--overwrite"],
+     r"refusing to replace images: it is not a bundle \(it holds 3/, 7/"),
+    ("bundle-overwrite-the-working-folder", ["bundle", *NANO, "--out", ".", "--overwrite"],
+     "refusing to replace .: it is the working folder"),
+    ("bundle-overwrite-a-parent", ["bundle", *NANO, "--out", "..", "--overwrite"], "it holds the working folder"),
+    ("bundle-overwrite-home", ["bundle", *NANO, "--out", "home", "--overwrite"], "it is or holds the home folder"),
+    ("bundle-overwrite-a-file", ["bundle", *NANO, "--out", "notes.txt", "--overwrite"], "it is a file"),
+    ("bundle-exists", ["bundle", *NANO, "--out", "bundle"], "bundle exists; pass --overwrite"),
+    ("bundle-bad-repo-id", ["bundle", *NANO, "--repo-id", "me/a..b", "--out", "b2"], "not of the form ORG/NAME"),
+    ("bundle-missing-metrics", ["bundle", *NANO, "--metrics", "nope.json", "--out", "b2"], "no metrics file at nope.json"),
+    ("bundle-metrics-not-json", ["bundle", *NANO, "--metrics", "notes.txt", "--out", "b2"], "notes.txt is not JSON"),
+    ("bundle-int8-no-calibration", ["bundle", *NANO, "--precision", "int8", "--out", "b2"], "needs --calibration"),
+    ("bundle-img-size", ["bundle", *NANO, "--img-size", "40", "--out", "b2"], "multiple of 32"),
+    # publish
+    ("publish-bad-repo-id", ["publish", "bundle", "--repo-id", "me/a..b", "--dry-run"], "not of the form ORG/NAME"),
+    ("publish-not-a-bundle", ["publish", "images", "--repo-id", "me/x", "--dry-run"], "images failed verification"),
+    ("publish-missing-folder", ["publish", "nope", "--repo-id", "me/x", "--dry-run"], "nope is not a bundle folder"),
+    # release
+    ("release-missing-manifest", ["release", "nope.toml", "--dry-run"], "no release manifest at nope.toml"),
+    ("release-not-toml", ["release", "bad.toml", "--dry-run"], "bad.toml is not a TOML file"),
+    ("release-bad-entries", ["release", "release.toml", "--dry-run"], "unknown keys colour; model 0: missing 'weights'"),
+    # predict
+    ("predict-mistyped-local-bundle", ["predict", "images/3/0000.png", "--model", "./bundel"],
+     "no bundle folder at ./bundel"),
+    ("predict-mistyped-nested-bundle", ["predict", "images/3/0000.png", "--model", "images/bundel"],
+     "no bundle folder at images/bundel"),
+    ("predict-not-an-image", ["predict", "notes.txt", "--model", "bundle"], "notes.txt is not a readable image"),
+    ("predict-missing-image", ["predict", "nope.png", "--model", "bundle"], "nope.png is not a readable image"),
+    ("predict-top-k-0", ["predict", "images/3/0000.png", "--model", "bundle", "--top-k", "0"],
+     "--top-k: must be a positive integer"),
+    ("predict-missing-precision", ["predict", "images/3/0000.png", "--model", "bundle", "--filename", "model_fp16.onnx"],
+     "holds no model_fp16.onnx"),
+    ("predict-bad-repo-id", ["predict", "images/3/0000.png", "--model", "me/a..b"], "neither a bundle folder nor a Hub"),
+    # convert
+    ("convert-safetensors", ["convert", "deepmind", "nano.safetensors", "--model", "nfnet_hub_nano", "--out",
+                             "x.safetensors"], "nano.safetensors is a safetensors checkpoint, not the authors'"),
+    ("convert-garbage", ["convert", "deepmind", "garbage.npz", "--model", "nfnet_hub_nano", "--out", "x.safetensors"],
+     "garbage.npz is not a checkpoint"),
+    ("convert-out-suffix", ["convert", "deepmind", "garbage.npz", "--model", "nfnet_hub_nano", "--out", "x.pth"],
+     "must be a .safetensors file"),
+    ("convert-missing", ["convert", "deepmind", "nope.npz", "--model", "nfnet_hub_nano", "--out", "x.safetensors"],
+     "nope.npz does not exist"),
+    ("convert-out-exists", ["convert", "deepmind", "garbage.npz", "--model", "nfnet_hub_nano", "--out",
+                            "nano.safetensors"], "nano.safetensors exists; pass --overwrite"),
+    # quickstart, list, the command itself
+    ("quickstart-epochs-0", ["quickstart", "--epochs", "0"], "--epochs: must be a positive integer"),
+    ("quickstart-out-is-a-file", ["quickstart", "--out", "notes.txt"], "cannot write to notes.txt"),
+    ("quickstart-bundle-folder-not-a-bundle", ["quickstart", "--out", "."], None),
+    ("list-unknown-option", ["list", "--bogus"], "unrecognized arguments: --bogus"),
+    ("unknown-command", ["bogus"], "invalid choice: 'bogus'"),
+]
+SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine")}
+MESSAGES = {
+    "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",
+    "quickstart-bundle-folder-not-a-bundle": "refusing to replace bundle: it is not a bundle",
+}
+
+
+def test_the_battery_is_large_and_covers_every_command():
+    commands = {argv[0] for _, argv, _ in CASES}
+    assert len(CASES) >= 50
+    assert commands >= {"export", "validate", "train", "bundle", "publish", "release", "predict", "convert",
+                        "timm-train", "quickstart", "list"}
+
+
+@pytest.mark.parametrize("name,argv,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_changes_nothing(ws, capsys, name, argv, message, monkeypatch):
+    if name == "quickstart-bundle-folder-not-a-bundle":  # a folder named bundle, holding the user's own files
+        monkeypatch.chdir(ws / "home")
+        (ws / "home" / "bundle").mkdir()
+        (ws / "home" / "bundle" / "mine.txt").write_text("keep me")
+    elif name in SPECIAL:
+        SPECIAL[name](ws)
+    message = message or MESSAGES[name]
+    output = {"export": "o", "bundle": "b2", "train": "runs"}.get(argv[0])
+    code, out, err = _run(ws, capsys, argv, output)
+    command = argv[0] if argv[0] not in ("bogus",) else ""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and lines[0].startswith(f"nfnet-hub {command}".rstrip() + ": error: "), err
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in out + err and "weights_only=False" not in out + err
+    if output:
+        assert not (ws / output).exists() or name.startswith("train-")  # no partial output
+
+
+def test_debug_shows_the_traceback(ws, capsys, monkeypatch):
+    with pytest.raises(UsageError, match="multiple of 32"):
+        main(["export", *NANO, "--img-size", "50", "--out", "o", "--debug"])
+    monkeypatch.setenv("NFNET_HUB_DEBUG", "1")
+    with pytest.raises(UsageError, match="multiple of 32"):
+        main(["export", *NANO, "--img-size", "50", "--out", "o"])
+
+
+def test_a_bundle_listing_a_missing_file_is_refused_before_upload(ws, capsys):
+    (ws / "bundle" / "model_int8.onnx").unlink()
+    code, _, err = _run(ws, capsys, ["publish", "bundle", "--repo-id", "me/x", "--dry-run"])
+    assert code == 2 and "checksums.sha256 lists files that are missing: model_int8.onnx" in err
+
+
+def test_overwrite_replaces_a_bundle_and_nothing_else(ws, capsys):
+    code, out, err = _run(ws, capsys, ["bundle", *NANO, "--out", "bundle", "--overwrite"], output="bundle")
+    assert code == 0, err
+    assert "preprocessing: 32x32 px, squash crop 1, bicubic, mean (0.27, 0.27, 0.27)" in out
+    assert "from the data config recorded in nano.pth.tar" in out
+    assert sorted(p.name for p in (ws / "bundle").iterdir()) == ["README.md", "checksums.sha256", "config.json",
+                                                                 "export.json", "model.onnx", "model.safetensors"]
+    assert not [p for p in ws.iterdir() if "partial" in p.name]
+
+
+def _cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "nfnet_hub.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_VerySecretTokenValue",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    p = _cli(["publish", "bundle", "--repo-id", "me/nano"], ws, env=env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert err.strip().splitlines() == [err.strip()] and "cannot reach the Hub at http://127.0.0.1:9" in err
+    assert "hf_VerySecretTokenValue" not in out + err
+
+
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_partial(ws):
+    p = _cli(["quickstart", "--out", "qs", "--no-progress"], ws, start_new_session=True)
+    deadline = time.time() + 120
+    while not (ws / "qs" / "runs").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # inside the training loop
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert [line for line in err.splitlines() if line.strip()] == ["nfnet-hub quickstart: interrupted"]
+    assert not [f for f in (ws / "qs").rglob("*") if f.name.startswith(".")]  # no partial or temporary files
+
+
+def test_partial_files_of_killed_runs_are_swept_and_those_of_live_runs_kept(ws, capsys):
+    import socket
+
+    from nfnet_hub.files import partial_path
+
+    (ws / "o").mkdir()
+    host = partial_path(ws / "o" / "model.onnx").name.split(".")[-1]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = ws / "o" / f".model.onnx.nfnet-hub-partial.{int(dead.stdout)}.00ff00ff.{host}"
+    stale_dir = ws / "o" / f".bundle.nfnet-hub-partial.{int(dead.stdout)}.00ff00fe.{host}"
+    live = ws / "o" / f".model.onnx.nfnet-hub-partial.{os.getpid()}.00ff00fd.{host}"
+    other_host = ws / "o" / f".model.onnx.nfnet-hub-partial.{int(dead.stdout)}.00ff00fc.not-{socket.gethostname()}"
+    for f in (stale, live, other_host):
+        f.write_bytes(b"partial")
+    stale_dir.mkdir()
+    (stale_dir / "model.onnx").write_bytes(b"partial")
+    assert main(["export", *NANO, "--out", "o"]) == 0
+    assert f"removed {Path('o') / stale.name}: a partial file left by an interrupted run" in capsys.readouterr().out
+    assert not stale.exists() and not stale_dir.exists() and live.exists() and other_host.exists()
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_files_we_write_honour_the_umask(ws, capsys, umask, file_mode, dir_mode):
+    old = os.umask(umask)
+    try:
+        assert main(["bundle", *NANO, "--out", "b2"]) == 0
+        assert main(["export", *NANO, "--out", "o"]) == 0
+    finally:
+        os.umask(old)
+    for f in [*(ws / "b2").iterdir(), ws / "o" / "model.onnx"]:
+        assert f.stat().st_mode & 0o777 == file_mode, f
+    assert (ws / "b2").stat().st_mode & 0o777 == dir_mode
+
+
+def test_resumed_run_with_more_epochs_extends_its_schedule(ws, capsys):
+    """timm's train.py stretches the schedule to the new --epochs; restoring the finished one trains at lr 0."""
+    ckpt = torch.load(ws / "nano.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == 10
+    args = ["train", "--dataset", "digits", "--resume", "nano.pth.tar", "--epochs", "11", "--batch-size", "64",
+            "--lr", "0.2", "--clip-grad", "0.02", "--warmup-epochs", "1", "--no-progress", "--log-interval", "0",
+            "--output", "runs", "--experiment", "more", "--drop", "0", "--checkpoint-hist", "0"]
+    code, out, err = _run(ws, capsys, args, output="runs")
+    assert code == 0, err
+    assert "the schedule now runs to epoch 11 (the checkpoint's run was for 10)" in out
+    summary = (ws / "runs" / "more" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 2 and summary[1].startswith("10,")
+    after = torch.load(ws / "runs" / "more" / "last.pth.tar", weights_only=True)
+    moved = max(float((after["state_dict"][k] - v).abs().max()) for k, v in ckpt["state_dict"].items())
+    assert after["epoch"] == 11 and moved > 1e-4  # it learned: the weights moved
+
+
+def test_overwrite_refusal_names_what_is_there_and_keeps_it(ws, capsys):
+    (ws / "mine").mkdir()
+    (ws / "mine" / "thesis.tex").write_text("years of work")
+    code, _, err = _run(ws, capsys, ["bundle", *NANO, "--out", "mine", "--overwrite"])
+    assert code == 2 and "it holds thesis.tex" in err
+    assert (ws / "mine" / "thesis.tex").read_text() == "years of work"
+
+
+def test_validate_says_which_preprocessing_it_used(ws, capsys):
+    code, out, err = _run(ws, capsys, ["validate", "bundle/model_int8.onnx", *["--model", "nfnet_hub_nano"],
+                                       "--checkpoint", "nano.pth.tar", "--images", "images"])
+    assert code == 0, err
+    assert "preprocessing (from model_int8.onnx's metadata): 32x32 px, squash crop 1, bicubic" in out
+    report = json.loads(out[out.index("{"):])
+    assert report["inputs"] == len(list((ws / "images").rglob("*.png"))) and report["torch_accuracy"] > 90
