@@ -40,7 +40,7 @@ from .folding import fold
 from .preprocess import Preprocess, data_config, export_size
 
 __all__ = ["DEFAULT_OPSET", "MIN_AGREEMENT", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport",
-           "export_onnx", "onnx_logits", "validate_onnx"]
+           "export_onnx", "onnx_logits", "quantize_int8", "validate_onnx"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 20  # the first opset with a Gelu operator: one node per activation
@@ -154,9 +154,26 @@ def _int8_excluded(proto: onnx.ModelProto) -> list[str]:
     return [name for name in (first_conv, classifier) if name]
 
 
-def _quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, *, reduce_range: bool = True,
+                  keep_fp32: bool = True, activations: str = "u8", weights: str = "s8",
+                  method: str = "minmax") -> onnx.ModelProto:
+    """Static per-channel QDQ quantisation with ONNX Runtime's tools, calibrated on ``calibration``.
+
+    The defaults are what ``export_onnx`` uses: 7-bit weights (``reduce_range``), u8 activations, MinMax,
+    the stem convolution and classifier kept in fp32. The other settings exist for ``benchmarks/int8.py``,
+    which measures them on CPUs with and without VNNI."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -165,16 +182,15 @@ def _quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.Mode
         def get_next(self):
             return next(self.batches, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # calibrators narrate
         raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, raw)
         quant_pre_process(str(raw), str(src))
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_int8_excluded(onnx.load(src)))
-        quantized = onnx.load(dst)
-    _check_no_saturation(quantized)
-    return quantized
+                        reduce_range=reduce_range, activation_type=types[activations], weight_type=types[weights],
+                        calibrate_method=methods[method],
+                        nodes_to_exclude=_int8_excluded(onnx.load(src)) if keep_fp32 else [])
+        return onnx.load(dst)
 
 
 def _check_no_saturation(proto: onnx.ModelProto) -> None:
@@ -301,7 +317,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
     held_out = None
     if precision == "int8":
         calibrate_on, held_out = _split_calibration(np.asarray(calibration, np.float32))
-        proto = _quantize_int8(proto, calibrate_on)
+        proto = quantize_int8(proto, calibrate_on)
+        _check_no_saturation(proto)
     meta = {
         "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, size), "label_names": None}),
         "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
