@@ -6,7 +6,7 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -43,10 +43,12 @@ def trained_like(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def machine() -> dict:
     info = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     try:
         info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                                  if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        info["cpu_flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():

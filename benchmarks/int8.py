@@ -61,11 +61,6 @@ json.dump(out, open(sys.argv[2], "w"))
 """
 
 
-def cpu_flags() -> dict[str, bool]:
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return {f: f in flags for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}
-
-
 def _predictions(paths: list[Path], x: np.ndarray, tmp: Path, emulate: bool) -> dict[str, list[int]]:
     np.save(tmp / "x.npy", x)
     command = [sys.executable, "-c", _EVALUATE, str(tmp / "x.npy"), str(tmp / "pred.json"), *map(str, paths)]
@@ -143,7 +138,7 @@ def main() -> None:
     if not emulate:
         print("not emulating a CPU without VNNI: accuracy is measured here only", flush=True)
     seeds, epochs, model = ((0,), 1, ("nfnet_hub_nano", 32)) if args.smoke else (SEEDS, 10, ("nfnet_hub_f0", 256))
-    save("int8", {"cpu_flags": cpu_flags(), "emulated_cpu": EMULATED_CPU if emulate else None, "seeds": list(seeds),
+    save("int8", {"emulated_cpu": EMULATED_CPU if emulate else None, "seeds": list(seeds),
                   "calibration_images": CALIBRATION, "accuracy": accuracy(emulate, seeds, epochs),
                   "speed": speed(*model)}, args.results)
 

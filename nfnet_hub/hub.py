@@ -119,7 +119,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
         save_safetensors(model, tmp / "model.safetensors")
         save_config_for_hf(model, str(tmp / "config.json"),
                            model_config={"label_names": labels} if labels is not None else None,
-                           model_args=_model_args(model), data_config={**record, "test_input_size": None})
+                           model_args=_model_args(model), data_config=record)
         exports = []
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)

@@ -37,14 +37,15 @@ def _median_ms(fn, runs: int = 30) -> float:
 
 
 def write_digits(root: Path) -> Path:
-    """The digits split as image folders, ``root/{train,validation}/<digit>/<n>.png`` (8x8, as scikit-learn
-    ships them): the layout timm and nfnet-hub read."""
+    """The digits split as image folders, ``root/{train,validation}/<digit>/<nnnn>.png`` (8x8, as scikit-learn
+    ships them; numbered within each digit): the layout timm and nfnet-hub read."""
     xtr, xte, ytr, yte = digits_split()
     for split, images, labels in (("train", xtr, ytr), ("validation", xte, yte)):
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for label in range(10):
             folder = root / split / str(label)
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{i:04d}.png")
+            for i, image in enumerate(images[labels == label]):
+                Image.fromarray(image).save(folder / f"{i:04d}.png")
     return root
 
 

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .errors import BundleError, UsageError
 from .hub import build_bundle, publish, verify_bundle

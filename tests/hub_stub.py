@@ -1,7 +1,7 @@
 """A stand-in for the Hugging Face Hub's upload endpoints, on loopback, for tests only.
 
 olah (the real mirror used for downloads in the tests) cannot receive uploads, so this server
-implements only what huggingface_hub's ``create_repo``, ``create_branch`` and ``upload_folder``
+implements only what huggingface_hub's ``create_repo``, ``create_branch`` and ``create_commit``
 (card YAML validation, preupload, one NDJSON commit with files sent inline) need, plus ``resolve`` so the publisher can
 download back what it uploaded. It stores every commit in memory.
 """

@@ -369,3 +369,21 @@ def test_validate_says_which_preprocessing_it_used(ws, capsys):
     assert "preprocessing (from model_int8.onnx's metadata): 32x32 px, squash crop 1, bicubic" in out
     report = json.loads(out[out.index("{"):])
     assert report["inputs"] == len(list((ws / "images").rglob("*.png"))) and report["torch_accuracy"] > 90
+
+
+def test_every_option_has_help_that_shows_its_default():
+    import argparse
+
+    from nfnet_hub.cli import build_parser
+
+    _, parsers = build_parser()
+    assert set(parsers) == {"train", "timm-train", "list", "convert", "export", "validate", "bundle", "publish",
+                            "release", "predict", "quickstart"}
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"nfnet-hub {name} {action.dest}: no help"
+            if action.option_strings:
+                assert "%(default)" in formatter._get_help_string(action), f"nfnet-hub {name} {action.dest}"

@@ -23,11 +23,15 @@ def smoke(tmp_path_factory) -> tuple[str, dict]:
     return run.stdout, json.loads((out / "gpu.json").read_text())
 
 
-def _gpu_report(results: dict) -> str:
+def _report():
     spec = importlib.util.spec_from_file_location("report", BENCHMARKS / "report.py")
     report = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(report)
-    return "\n".join(report.gpu_section(results))
+    return report
+
+
+def _gpu_report(results: dict) -> str:
+    return "\n".join(_report().gpu_section(results))
 
 
 def test_gpu_benchmark_script_runs_every_step_in_smoke_mode(smoke):
@@ -78,3 +82,31 @@ def test_gpu_report_renders_the_recorded_device_run():
     assert f"`triton` {agc['triton_ms']:.2f} ms" in text
     b32 = results["fold"]["bfloat16_b32"]
     assert f"| bfloat16, 32 | {b32['timm_ms']:.2f} ms | {b32['folded_ms']:.2f} ms | **{b32['speedup']:.2f}x**" in text
+
+
+def test_int8_benchmark_runs_every_step_in_smoke_mode_and_its_report_renders(tmp_path):
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "int8.py"), "--smoke", "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "int8.json").read_text())
+    assert list(results["accuracy"]) == list(_report_settings())
+    text = "\n".join(_report().int8_section(results))
+    export = results["accuracy"]["7-bit + stem conv and classifier in fp32 (export)"]["0"]
+    assert f"| 7-bit + stem conv and classifier in fp32 (export) | {export['here'] - export['fp32']:+.2f} | - |" in text
+    assert f"{results['speed']['b8']['fp32']['ms']:.1f} ms (1.00x)" in text
+
+
+def _report_settings():
+    spec = importlib.util.spec_from_file_location("int8_benchmark", BENCHMARKS / "int8.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SETTINGS
+
+
+def test_int8_report_renders_the_recorded_run():
+    results = json.loads((BENCHMARKS / "results" / "int8.json").read_text())
+    text = "\n".join(_report().int8_section(results))
+    chosen = results["accuracy"]["7-bit + stem conv and classifier in fp32 (export)"]
+    assert all(abs(v["here"] - v["fp32"]) <= 1.0 and abs(v["emulated"] - v["fp32"]) <= 1.0 for v in chosen.values())
+    assert results["speed"]["b1"]["7-bit + stem conv and classifier in fp32 (export)"]["speedup"] >= 2.0
+    assert "avx512_vnni" in text and "EPYC-Milan" in text
