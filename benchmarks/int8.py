@@ -109,10 +109,10 @@ def speed(name: str = "nfnet_hub_f0", size: int = 256) -> dict:
         fp32 = onnx.load(tmp / "fp32.onnx")
         calibration = rng.standard_normal((16, 3, size, size)).astype(np.float32)  # speed does not depend on it
         files = {"fp32": tmp / "fp32.onnx"}
-        for i, name in enumerate(SPEED):
-            setting = {k: v for k, v in SETTINGS[name].items() if k != "images"}
+        for i, setting_name in enumerate(SPEED):
+            setting = {k: v for k, v in SETTINGS[setting_name].items() if k != "images"}
             onnx.save(quantize_int8(fp32, calibration, **setting), tmp / f"{i}.onnx")
-            files[name] = tmp / f"{i}.onnx"
+            files[setting_name] = tmp / f"{i}.onnx"
         sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
         out: dict = {}
         for batch, runs in ((1, 10), (8, 3)):

@@ -260,7 +260,7 @@ def _export_options(s: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    from .train.args import add_arguments
+    from .train.args import DefaultsFormatter, add_arguments
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFNET_HUB_DEBUG=1)")
@@ -269,8 +269,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parsers: dict[str, argparse.ArgumentParser] = {}
 
     def command(name: str, fn, help: str) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help, description=help, parents=[common],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=DefaultsFormatter)
         s.set_defaults(fn=fn)
         parsers[name] = s
         return s

@@ -297,8 +297,15 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = export_size(cfg, img_size)
-    if precision == "int8" and (calibration is None or len(calibration) == 0):
-        raise UsageError("int8 export needs calibration images (preprocessed NCHW float32)")
+    held_out = None
+    if precision == "int8":
+        if calibration is None or len(calibration) == 0:
+            raise UsageError("int8 export needs calibration images (preprocessed NCHW float32)")
+        calibration = np.asarray(calibration, np.float32)
+        if calibration.ndim != 4 or calibration.shape[1:] != (3, size, size):
+            raise UsageError(f"calibration images of shape {calibration.shape[1:]} for an export at {size}x{size}: "
+                             "preprocess them at the export size (3, H, W)")
+        calibrate_on, held_out = _split_calibration(calibration)
     max_opset = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= opset <= max_opset:
         raise UsageError(f"opset {opset} is not supported: choose one from {DEFAULT_OPSET} (the first with a Gelu "
@@ -314,9 +321,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
     model = model.eval()
     folded = fold(model, img_size=hw)
     proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, hw, opset)
-    held_out = None
-    if precision == "int8":
-        calibrate_on, held_out = _split_calibration(np.asarray(calibration, np.float32))
+    if held_out is not None:
         proto = quantize_int8(proto, calibrate_on)
         _check_no_saturation(proto)
     meta = {

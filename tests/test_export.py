@@ -150,6 +150,10 @@ def test_bad_arguments(nano, tmp_path):
         export_onnx(nano, tmp_path / "m.onnx", precision="int8")
     with pytest.raises(ValueError, match="3 label names for a model with 10 classes"):
         export_onnx(nano, tmp_path / "m.onnx", label_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"calibration images of shape \(3, 64, 64\) for an export at 32x32"):
+        export_onnx(nano, tmp_path / "m.onnx", precision="int8", calibration=np.zeros((4, 3, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="at least 2 calibration images"):
+        export_onnx(nano, tmp_path / "m.onnx", precision="int8", calibration=np.zeros((1, 3, 32, 32), np.float32))
     assert not list(tmp_path.iterdir())
 
 

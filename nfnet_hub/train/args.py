@@ -15,6 +15,15 @@ DIGITS = "digits"
 RECORDED = {"data_config"}  # written into args.yaml by a run for the record; not an option
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless it says it in words or the option is required."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or "(default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _at_least(low: int):
     def parse(text: str) -> int:
         try:
@@ -105,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser(prog: str = "nfnet-hub train") -> argparse.ArgumentParser:
     return add_arguments(argparse.ArgumentParser(
         prog=prog, description="Train an NFNet (timm train.py arguments).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+        formatter_class=DefaultsFormatter))
 
 
 def _config_path(name: str) -> Path:
