@@ -23,8 +23,11 @@ BASE = ["--model", "nfnet_hub_nano", "--dataset", "digits", "--no-progress", "--
 
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nfnet_hub.cli", "train", *args], env={**os.environ, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    """A training process; one thread each, as the tests run two at a time (two processes of two spinning
+    threads each on two cores run ten times slower)."""
+    return subprocess.Popen([sys.executable, "-m", "nfnet_hub.cli", "train", *args],
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def _torchrun(*args: str) -> subprocess.Popen:
@@ -241,7 +244,7 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
     reference = _cli(*common, "--output", str(tmp_path / "ref"))
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                               "--max-restarts", "1", "-m", "nfnet_hub.cli", "train", *common,
-                              "--output", str(tmp_path / "elastic")],
+                              "--output", str(tmp_path / "elastic")], env={**os.environ, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = tmp_path / "elastic/run/last.pth.tar"
     deadline = time.time() + 300
