@@ -30,7 +30,7 @@ from common import RESULTS, median_s, save, trained_like  # noqa: E402
 
 import nfnet_hub  # noqa: E402,F401
 from nfnet_hub.export import export_onnx, quantize_int8  # noqa: E402
-from nfnet_hub.quickstart import CALIBRATION, TRAIN_ARGS  # noqa: E402
+from nfnet_hub.quickstart import CALIBRATION, train_args  # noqa: E402
 from nfnet_hub.train import parse_args, train  # noqa: E402
 from nfnet_hub.train.data import digits_split, digits_to_tensor  # noqa: E402
 
@@ -77,8 +77,8 @@ def accuracy(emulate: bool, seeds: tuple[int, ...] = SEEDS, epochs: int = 10) ->
     for seed in seeds:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            run = train(parse_args([*TRAIN_ARGS, "--epochs", str(epochs), "--seed", str(seed), "--output", str(tmp),
-                                    "--no-progress", "--log-interval", "0"]))
+            run = train(parse_args([*train_args(epochs), "--seed", str(seed), "--output", str(tmp), "--no-progress",
+                                    "--log-interval", "0"]))
             export_onnx(run["model"].eval(), tmp / "fp32.onnx")
             fp32 = onnx.load(tmp / "fp32.onnx")
             paths = [tmp / "fp32.onnx"]

@@ -14,5 +14,6 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert abs(acc["ONNX int8"] - acc["ONNX fp32"]) <= 1.0
     out = capsys.readouterr().out
     assert "ONNX int8" in out and "latency (batch 1)" in out
+    assert "agrees with fp32 on" in out and "Note: that is below" not in out
     assert f"nfnet-hub publish {tmp_path / 'bundle'} --repo-id" in out
     verify_bundle(tmp_path / "bundle")

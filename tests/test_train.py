@@ -131,6 +131,11 @@ def test_killed_run_resumes_to_the_same_state(tmp_path):
     _assert_same_final_state(reference, tmp_path / "ref/run/last.pth.tar", ckpt)
 
 
+def test_a_run_that_only_warms_up_says_so(tmp_path, capsys):
+    train(parse_args([*BASE, "--epochs", "1", "--batch-size", "256", "--output", str(tmp_path)]))
+    assert "warning: --warmup-epochs 1 covers all 1 epochs" in capsys.readouterr().out
+
+
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
     args = parse_args([*BASE, "--epochs", "2", "--batch-size", "64", "--lr", "1e9", "--clip-grad", "0",
                        "--recovery-interval", "1", "--output", str(tmp_path), "--experiment", "run"])

@@ -238,6 +238,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         _position_schedule(scheduler, args, resume, ckpt, start_epoch, num_epochs, global_step, optimizer)
         if main_process:
             print(f"resumed from {resume}: epoch {start_epoch}, step {global_step}", flush=True)
+    if main_process and args.warmup_epochs >= num_epochs:
+        print(f"warning: --warmup-epochs {args.warmup_epochs} covers all {num_epochs} epochs: the learning rate never "
+              "leaves warm-up, so the run will barely learn", flush=True)
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.yaml").write_text(yaml.safe_dump({**vars(args), "data_config": loaders.data_config},
