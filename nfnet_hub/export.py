@@ -7,14 +7,8 @@ runtime needs nothing else. Verification: the ONNX checker (full check), a clean
 outputs against the PyTorch model at two batch sizes. A failed check raises ``ExportError``
 with the numbers and leaves no file behind.
 
-int8 gives the same integers on every x86 CPU. Without VNNI, ONNX Runtime's u8 x s8 kernels add
-pairs of products in 16 bits with saturation (``vpmaddubsw``): with 8-bit weights a pair can exceed
-32767 and the result then depends on the CPU (a digits model lost 10 points on AVX2 and none with
-VNNI). Weights are therefore quantised to 7 bits (``reduce_range``: a pair is at most 2 x 255 x 64 =
-32640), which is checked on every export; the stem convolution, which sees raw pixels, and the
-classifier stay in fp32 (measured in ``benchmarks/int8.py``). Every int8 export is calibrated on
-four fifths of the calibration images and reports its top-1 agreement with the fp32 model on the
-fifth it never saw; below ``min_agreement`` it is refused unless forced.
+int8 (``int8.py``) computes the same integers on every x86 CPU and reports its top-1 agreement with
+fp32 on held-out calibration images; below ``min_agreement`` it is refused unless forced.
 """
 from __future__ import annotations
 
@@ -22,7 +16,6 @@ import contextlib
 import io
 import json
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,16 +30,14 @@ from torch import nn
 from .errors import ExportError, UsageError
 from .files import write_atomically
 from .folding import fold
+from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
 from .preprocess import Preprocess, data_config, export_size
 
-__all__ = ["DEFAULT_OPSET", "MIN_AGREEMENT", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport",
-           "export_onnx", "onnx_logits", "quantize_int8", "validate_onnx"]
+__all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
+           "onnx_logits", "validate_onnx"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_OPSET = 20  # the first opset with a Gelu operator: one node per activation
-MIN_AGREEMENT = 0.95  # int8 top-1 agreement with fp32 on held-out calibration images, below which export refuses
-HOLD_OUT_EVERY = 5  # every fifth calibration image is held out to measure agreement
-_INT8_PAIR_LIMIT = 64  # 7-bit weights: 2 x 255 x 64 = 32640 fits a signed 16-bit pair sum
 # Largest error of ONNX Runtime against PyTorch, relative to the largest logit magnitude.
 TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
 VERIFY_BATCHES = (1, 3)
@@ -137,98 +128,6 @@ def _global_pools(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def _int8_excluded(proto: onnx.ModelProto) -> list[str]:
-    """The stem convolution (first Conv; it sees raw pixels) and the classifier (the Gemm or MatMul that
-    yields the logits), kept in fp32."""
-    graph = proto.graph
-    first_conv = next((n.name for n in graph.node if n.op_type == "Conv"), None)
-    producer = {out: n for n in graph.node for out in n.output}
-    node, classifier = producer.get(graph.output[0].name), None
-    while node is not None and classifier is None:
-        if node.op_type in ("Gemm", "MatMul"):
-            classifier = node.name
-        elif node.op_type in ("Add", "Reshape", "Flatten", "Squeeze"):
-            node = producer.get(node.input[0])
-        else:
-            node = None
-    return [name for name in (first_conv, classifier) if name]
-
-
-def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, *, reduce_range: bool = True,
-                  keep_fp32: bool = True, activations: str = "u8", weights: str = "s8",
-                  method: str = "minmax") -> onnx.ModelProto:
-    """Static per-channel QDQ quantisation with ONNX Runtime's tools, calibrated on ``calibration``.
-
-    The defaults are what ``export_onnx`` uses: 7-bit weights (``reduce_range``), u8 activations, MinMax,
-    the stem convolution and classifier kept in fp32. The other settings exist for ``benchmarks/int8.py``,
-    which measures them on CPUs with and without VNNI."""
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    types = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
-    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-               "entropy": CalibrationMethod.Entropy}
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"pixel_values": calibration[i:i + 1]} for i in range(len(calibration))])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # calibrators narrate
-        raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(proto, raw)
-        quant_pre_process(str(raw), str(src))
-        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=reduce_range, activation_type=types[activations], weight_type=types[weights],
-                        calibrate_method=methods[method],
-                        nodes_to_exclude=_int8_excluded(onnx.load(src)) if keep_fp32 else [])
-        return onnx.load(dst)
-
-
-def _check_no_saturation(proto: onnx.ModelProto) -> None:
-    """Every int8 weight within +-64, so no x86 kernel can saturate (the result is the same on every CPU)."""
-    weights = {n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
-    for init in proto.graph.initializer:
-        if init.name in weights and init.data_type == onnx.TensorProto.INT8:
-            peak = int(np.abs(onnx.numpy_helper.to_array(init).astype(np.int32)).max(initial=0))
-            if peak > _INT8_PAIR_LIMIT:
-                raise ExportError(f"int8 weight {init.name} reaches {peak}, beyond the 7-bit range that keeps "
-                                  "x86 kernels without VNNI from saturating")
-
-
-def _split_calibration(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(calibrate on, held out): every fifth image is held out, at least one."""
-    n = len(images)
-    if n < 2:
-        raise UsageError(f"int8 export needs at least 2 calibration images (one is held out to measure "
-                         f"agreement), got {n}")
-    held = np.zeros(n, bool)
-    held[min(HOLD_OUT_EVERY, n) - 1::min(HOLD_OUT_EVERY, n)] = True
-    return images[~held], images[held]
-
-
-def _agreement(proto: bytes, reference: nn.Module, images: np.ndarray) -> float:
-    """Top-1 agreement of the exported model with ``reference`` on preprocessed ``images``."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
-    same = 0
-    for i in range(0, len(images), 16):
-        x = images[i:i + 16]
-        with torch.no_grad():
-            ref = reference(torch.from_numpy(x)).float().numpy()
-        same += int((onnx_logits(session, x).argmax(-1) == ref.argmax(-1)).sum())
-    return same / len(images)
-
-
 def _check_clean(proto: onnx.ModelProto, precision: str) -> None:
     ops = [n.op_type for n in proto.graph.node]
     bad = sorted(set(ops) & _FORBIDDEN_OPS)
@@ -305,7 +204,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         if calibration.ndim != 4 or calibration.shape[1:] != (3, size, size):
             raise UsageError(f"calibration images of shape {calibration.shape[1:]} for an export at {size}x{size}: "
                              "preprocess them at the export size (3, H, W)")
-        calibrate_on, held_out = _split_calibration(calibration)
+        calibrate_on, held_out = split_calibration(calibration)
     max_opset = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= opset <= max_opset:
         raise UsageError(f"opset {opset} is not supported: choose one from {DEFAULT_OPSET} (the first with a Gelu "
@@ -323,7 +222,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
     proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, hw, opset)
     if held_out is not None:
         proto = quantize_int8(proto, calibrate_on)
-        _check_no_saturation(proto)
+        check_no_saturation(proto)
     meta = {
         "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, size), "label_names": None}),
         "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
@@ -348,12 +247,12 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
                           f"{max_rel:.3g} > {limit:g} (batches {VERIFY_BATCHES})")
     int8 = None
     if held_out is not None:
-        agreement = _agreement(data, model, held_out)
-        int8 = {"top1_agreement": agreement, "held_out_images": len(held_out),
+        agrees = agreement(data, model, held_out)
+        int8 = {"top1_agreement": agrees, "held_out_images": len(held_out),
                 "calibration_images": len(calibration) - len(held_out), "min_agreement": min_agreement,
-                "below_threshold": agreement < min_agreement}
-        if agreement < min_agreement and not force:
-            raise ExportError(f"int8 agrees with fp32 on {agreement:.1%} of {len(held_out)} held-out calibration "
+                "below_threshold": agrees < min_agreement}
+        if agrees < min_agreement and not force:
+            raise ExportError(f"int8 agrees with fp32 on {agrees:.1%} of {len(held_out)} held-out calibration "
                               f"images, below the {min_agreement:.0%} required: calibrate on more images like the "
                               "ones it will see, or pass --force to write it anyway")
     write_atomically(data, out)

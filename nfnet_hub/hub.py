@@ -20,9 +20,9 @@ import numpy as np
 from torch import nn
 
 from .errors import BundleError, UsageError
-from .export import MIN_AGREEMENT
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
+from .int8 import MIN_AGREEMENT
 from .preprocess import data_config, export_size
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]

@@ -15,6 +15,7 @@ import torch
 from conftest import randomise, rel_error
 
 import nfnet_hub.export as export_mod
+import nfnet_hub.int8 as int8_mod
 from nfnet_hub.cli import main
 from nfnet_hub.export import ExportError, export_onnx, validate_onnx
 from nfnet_hub.models.checkpoint import save_safetensors
@@ -223,7 +224,7 @@ def test_int8_answers_are_the_same_on_a_cpu_without_vnni(trained_nano, digits_fo
     if not seven_bit:
         quantize_static = q.quantize_static
         monkeypatch.setattr(q, "quantize_static", lambda *a, **kw: quantize_static(*a, **{**kw, "reduce_range": False}))
-        monkeypatch.setattr(export_mod, "_INT8_PAIR_LIMIT", 127)
+        monkeypatch.setattr(int8_mod, "_INT8_PAIR_LIMIT", 127)
     model = trained_nano["model"]
     export_onnx(model, tmp_path / "int8.onnx", precision="int8", calibration=_digits(digits_folders, "train", 320),
                 force=not seven_bit)
