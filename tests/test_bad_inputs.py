@@ -291,7 +291,10 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_partial(ws):
-    p = _cli(["quickstart", "--out", "qs", "--no-progress"], ws, start_new_session=True)
+    def as_at_a_terminal():  # a test runner started in the background passes SIGINT on ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    p = _cli(["quickstart", "--out", "qs", "--no-progress"], ws, start_new_session=True, preexec_fn=as_at_a_terminal)
     deadline = time.time() + 120
     while not (ws / "qs" / "runs").exists() and time.time() < deadline:
         time.sleep(0.05)
