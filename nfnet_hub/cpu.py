@@ -1,8 +1,8 @@
 """Eager inference on the CPU: a folded model with its kernels laid out once for oneDNN.
 
-For PyTorch inference where the model runs (the layouts are tied to this machine's backend); export
-and save the plain folded model. Eager only: ``torch.jit.script``, ``torch.fx`` and ``torch.export``
-take the folded model, not the prepacked one, whose oneDNN kernels are opaque to them.
+For PyTorch inference where the model runs: the layouts are tied to this machine's backend. Eager
+only: ``torch.jit.script`` and ``torch.export`` of a prepacked model are refused, since what they save
+would carry those layouts elsewhere; script, trace, export and save the plain folded model instead.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from .folding import FoldedNFNet
 __all__ = ["PackedConv2d", "prepack"]
 
 _FUSABLE = {nn.ReLU: "relu", nn.SiLU: "swish", nn.GELU: "gelu"}  # oneDNN post-ops
+_EAGER_ONLY = ("a prepacked model is for eager inference on the machine that packed it: script, trace or export "
+               "the folded model instead (fold(model), before prepack)")
 
 
 class PackedConv2d(nn.Module):
@@ -38,7 +40,12 @@ class PackedConv2d(nn.Module):
         self.act = "none" if act is None else _FUSABLE[type(act)]
         self.algorithm = getattr(act, "approximate", "")  # GELU's erf ("none") or tanh form
 
+    def __prepare_scriptable__(self):  # torch.jit.script calls this on every module before compiling it
+        raise UsageError(_EAGER_ONLY)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_exporting():
+            raise UsageError(_EAGER_ONLY)
         return torch.ops.mkldnn._convolution_pointwise(x, self.weight, self.bias, self.padding, self.stride,
                                                        self.dilation, self.groups, self.act, [], self.algorithm)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import EcaModule, ScaledStdConv2d, ScaledStdConv2dSame, SEModule
+from timm.layers import EcaModule, ScaledStdConv2d, ScaledStdConv2dSame, SEModule, register_notrace_function
 from timm.models.nfnet import DownsampleAvg as TimmDownsampleAvg
 from timm.models.nfnet import GammaAct
 from torch import nn
@@ -60,6 +60,18 @@ class FoldedBlock(nn.Module):
         return shortcut if self.branch is None else self.branch(out) + shortcut
 
 
+@register_notrace_function  # reads the input's size: one opaque call for timm's fx tracer...
+def check_folded_size(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``x``, if it has the size the model was folded for (its SAME padding is static)."""
+    if x.shape[-2] != height or x.shape[-1] != width:
+        raise ValueError(f"this model was folded for {height}x{width} inputs (its SAME padding is static), got "
+                         f"{x.shape[-2]}x{x.shape[-1]}: fold it again with img_size=...")
+    return x
+
+
+torch.fx.wrap("check_folded_size")  # ...and for torch.fx's own
+
+
 class FoldedNFNet(nn.Module):
     """An NFNet made of plain modules, exact for inputs of ``img_size``."""
 
@@ -71,10 +83,8 @@ class FoldedNFNet(nn.Module):
         self.pretrained_cfg, self.num_classes = pretrained_cfg, num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size_dependent and tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"this model was folded for {self.img_size[0]}x{self.img_size[1]} inputs "
-                             f"(its SAME padding is static), got {x.shape[-2]}x{x.shape[-1]}: fold it again "
-                             "with img_size=...")
+        if self.size_dependent:
+            x = check_folded_size(x, self.img_size[0], self.img_size[1])
         return self.final(self.stages(self.stem(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -248,3 +248,10 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
     np.testing.assert_array_equal(np.array(got["timm"], np.float32), expected)
     np.testing.assert_allclose(np.array(got["onnx"]), expected, rtol=1e-4, atol=1e-5)
     assert got["labels"] == LABELS
+    # the CLI takes hf-hub: names as timm.create_model does
+    export = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "export", "hf-hub:me/nano", "--out",
+                             str(tmp_path / "from-hub")], env={**env, "HF_HOME": str(tmp_path / "hf")},
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr
+    assert "weights: pretrained weights of hf-hub:me/nano" in export.stdout
+    assert (tmp_path / "from-hub" / "model.onnx").is_file()

@@ -1,30 +1,34 @@
 """Building blocks of an NFNet: weight-standardised convolutions, gamma-scaled activations,
-squeeze-excite and stochastic depth."""
-from __future__ import annotations
+squeeze-excite and stochastic depth.
 
-import math
-from functools import partial
+All of them script (``torch.jit.script``), trace (torch.fx, through timm's tracer) and export
+(``torch.export``) as timm's own layers do: strided convolutions pad with timm's ``pad_same`` and
+are leaves for fx (``register_notrace_module``, as timm's ``ScaledStdConv2dSame``), and stochastic
+depth is timm's ``drop_path``.
+"""
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import drop_path, get_same_padding, pad_same, register_notrace_module
 from torch import nn
 
 # Variance-preserving gains of the authors' ``base.nonlinearities``. The authors call
 # ``jax.nn.gelu``, whose default is the tanh approximation ("gelu_tanh"); timm uses the exact erf form.
 ACT_GAMMA = {"gelu": 1.7015043497085571, "gelu_tanh": 1.7015043497085571, "relu": 1.7139588594436646,
              "silu": 1.7881293296813965}
-ACT_FN = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 # The two published forms of scaled weight standardisation.
 WS_FORMS = ("timm", "deepmind")
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
-    """TF "SAME" padding (before, after) of one spatial dimension of ``size``."""
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    """TF "SAME" padding (before, after) of one spatial dimension of ``size``, as timm's ``pad_same`` pads."""
+    total = get_same_padding(size, kernel, stride, dilation)
     return total // 2, total - total // 2
 
 
+@register_notrace_module  # its padding reads the input size: a leaf for fx, as timm's ScaledStdConv2dSame
 class WSConv2d(nn.Conv2d):
     """Conv2d with scaled weight standardisation, a learnable per-output gain and SAME padding.
 
@@ -57,17 +61,11 @@ class WSConv2d(nn.Conv2d):
         scale = torch.rsqrt(torch.clamp(var * fan_in, min=self.eps)) * self.gain
         return w * scale - mean * scale
 
-    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.dynamic_pad:
-            return x
-        k, s = self.kernel_size[0], self.stride[0]
-        top, bottom = same_padding(x.shape[-2], k, s)
-        left, right = same_padding(x.shape[-1], k, s)
-        return F.pad(x, (left, right, top, bottom))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.pad_input(x), self.standardized_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        if self.dynamic_pad:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 
 class ScaledActivation(nn.Module):
@@ -75,13 +73,19 @@ class ScaledActivation(nn.Module):
 
     def __init__(self, kind: str = "gelu", gamma: float | None = None):
         super().__init__()
-        if kind not in ACT_FN:
-            raise ValueError(f"unknown activation {kind!r}: choose one of {sorted(ACT_FN)}")
+        if kind not in ACT_GAMMA:
+            raise ValueError(f"unknown activation {kind!r}: choose one of {sorted(ACT_GAMMA)}")
         self.kind = kind
         self.gamma = ACT_GAMMA[kind] if gamma is None else gamma
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ACT_FN[self.kind](x) * self.gamma
+        if self.kind == "relu":
+            x = F.relu(x)
+        elif self.kind == "silu":
+            x = F.silu(x)
+        else:
+            x = F.gelu(x, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return x * self.gamma
 
     def extra_repr(self) -> str:
         return f"{self.kind}, gamma={self.gamma}"
@@ -113,11 +117,7 @@ class StochasticDepth(nn.Module):
         self.scale_by_keep = scale_by_keep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.rate == 0.0:
-            return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * (mask / keep if self.scale_by_keep else mask)
+        return drop_path(x, self.rate, self.training, self.scale_by_keep)
 
     def extra_repr(self) -> str:
         return f"rate={self.rate}, scale_by_keep={self.scale_by_keep}"

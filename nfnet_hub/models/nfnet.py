@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices  # not exported by timm; its own models import it so
 from torch import nn
 
 from .layers import ScaledActivation, SqueezeExcite, StochasticDepth, WSConv2d
@@ -221,7 +220,10 @@ class NFNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        x = checkpoint_seq(self.stages, x) if self.grad_checkpointing and self.training else self.stages(x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x)
+        else:
+            x = self.stages(x)
         return self.final_act(self.final_conv(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
