@@ -371,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     except NfnetHubError as e:
         if debug:
             raise
-        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        message = " ".join(line.strip() for line in e.message.splitlines() if line.strip())
         print(f"nfnet-hub {command}: error: {message}", file=sys.stderr)
+        for detail in e.details:
+            print(f"  {detail}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

@@ -6,12 +6,24 @@ that fits, so library callers may catch ``ValueError`` or ``FileExistsError`` as
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = ["BundleError", "CheckpointError", "ExportError", "FoldError", "HubError", "NfnetHubError", "TrainingError",
            "UsageError"]
 
 
 class NfnetHubError(Exception):
-    """A mistake in what the user asked for or gave us; the message says what to do."""
+    """A mistake in what the user asked for or gave us; the message says what to do.
+
+    ``details``: one line per item where there are several (options refused by name, say); the CLI
+    prints them under the error line."""
+
+    def __init__(self, message: str, *, details: Sequence[str] = ()):
+        super().__init__(message)
+        self.message, self.details = message, list(details)
+
+    def __str__(self) -> str:
+        return "\n".join([self.message, *(f"  {d}" for d in self.details)])
 
 
 class UsageError(NfnetHubError, ValueError):

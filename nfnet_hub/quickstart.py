@@ -26,7 +26,8 @@ CALIBRATION = 320  # training digits; every fifth is held out to measure int8's 
 def train_args(epochs: int) -> list[str]:
     """The quickstart's training recipe (a one-epoch run skips the warm-up it would otherwise spend whole)."""
     return ["--model", "nfnet_hub_nano", "--dataset", "digits", "--img-size", str(SIZE), "--batch-size", "64",
-            "--lr", "0.2", "--clip-mode", "agc", "--clip-grad", "0.02", "--smoothing", "0.1", "--checkpoint-hist", "1",
+            "--lr", "0.2", "--clip-mode", "agc", "--clip-grad", "0.02", "--smoothing", "0.1", "--drop", "0.1",
+            "--checkpoint-hist", "1",
             "--epochs", str(epochs), "--warmup-epochs", str(min(1, epochs - 1))]
 
 

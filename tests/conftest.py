@@ -67,9 +67,9 @@ def trained_nano(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("trained")
     result = train(parse_args(["--model", "nfnet_hub_nano", "--dataset", "digits", "--no-progress", "--log-interval",
-                               "0", "--clip-grad", "0.02", "--warmup-epochs", "1", "--epochs", "10", "--batch-size",
-                               "64", "--lr", "0.2", "--drop", "0", "--model-ema", "--model-ema-decay", "0.99",
-                               "--output", str(out), "--experiment", "nano"]))
+                               "0", "--clip-grad", "0.02", "--clip-mode", "agc", "--warmup-epochs", "1", "--epochs",
+                               "10", "--batch-size", "64", "--lr", "0.2", "--model-ema", "--model-ema-decay", "0.99",
+                               "--checkpoint-hist", "3", "--output", str(out), "--experiment", "nano"]))
     result["model"].eval().requires_grad_(False)
     return result
 

@@ -24,8 +24,8 @@ from ..preprocess import apply_data_config, data_config
 from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
 from .nfnet import DEEPMIND_NUMERICS
 
-__all__ = ["Checkpoint", "Provenance", "check_fit", "convert_authors_checkpoint", "create_model", "load_checkpoint",
-           "load_model", "load_training_state", "read_checkpoint", "read_state_dict", "save_safetensors"]
+__all__ = ["Checkpoint", "Provenance", "check_fit", "checkpoint_form", "convert_authors_checkpoint", "create_model",
+           "load_checkpoint", "load_model", "read_checkpoint", "read_pytorch", "read_state_dict", "save_safetensors"]
 
 DATA_CONFIG_KEY = "nfnet_hub.data_config"  # safetensors metadata; training checkpoints hold "data_config"
 
@@ -41,7 +41,7 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _form(path: Path) -> str:
+def checkpoint_form(path: Path) -> str:
     """The format of a checkpoint file, from its first bytes."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -61,7 +61,8 @@ def _form(path: Path) -> str:
                           "nor the authors' .npz")
 
 
-def _read_pytorch(path: Path) -> Any:
+def read_pytorch(path: Path) -> Any:
+    """``torch.load`` of weights only, with errors that say what the file is."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -76,7 +77,7 @@ def _read_pytorch(path: Path) -> Any:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """The tensors of a checkpoint file, its form, and the data config it records (if any)."""
     path = Path(path)
-    form = _form(path)
+    form = checkpoint_form(path)
     if form == "deepmind":
         return Checkpoint(path, form, dict(read_haiku(path)))
     if form == "safetensors":
@@ -91,7 +92,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             raise CheckpointError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
         record = json.loads(metadata[DATA_CONFIG_KEY]) if DATA_CONFIG_KEY in metadata else None
         return Checkpoint(path, form, sd, record, metadata)
-    raw = _read_pytorch(path)
+    raw = read_pytorch(path)
     record = raw.get("data_config") if isinstance(raw, dict) else None
     sd = raw
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
@@ -101,21 +102,6 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
     return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record)
-
-
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """A training checkpoint written by ``nfnet-hub train`` (model, optimiser, schedule position, RNG)."""
-    path = Path(path)
-    if _form(path) != "pytorch":
-        raise CheckpointError(f"{path} holds weights only, not a training checkpoint: resume from a run's "
-                              "last.pth.tar, or start from weights with --initial-checkpoint")
-    state = _read_pytorch(path)
-    needed = ("state_dict", "optimizer", "epoch", "step_in_epoch", "global_step", "rng")
-    if not isinstance(state, dict) or (missing := [k for k in needed if k not in state]):
-        raise CheckpointError(f"{path} is not a training checkpoint of nfnet-hub train (it lacks "
-                              f"{', '.join(missing) if isinstance(state, dict) else 'everything'}); "
-                              "to start from its weights use --initial-checkpoint")
-    return state
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:

@@ -23,12 +23,13 @@ from .variants import VARIANTS, Variant, model_name, pretrained_tags
 
 @dataclass(frozen=True)
 class NFNetCfg:
-    """Architecture hyper-parameters (the authors' ``NFNet.__init__`` arguments)."""
+    """Architecture hyper-parameters (the authors' ``NFNet.__init__`` arguments). The per-variant ones come
+    from the variant table (``variants.py``); the rest are the same for every variant."""
 
-    depths: tuple[int, ...] = (1, 2, 6, 3)
-    widths: tuple[int, ...] = (256, 512, 1536, 1536)
-    stem_chs: tuple[int, ...] = (16, 32, 64, 128)
-    group_size: int = 128
+    depths: tuple[int, ...]
+    widths: tuple[int, ...]
+    stem_chs: tuple[int, ...]
+    group_size: int
     bottle_ratio: float = 0.5
     se_ratio: float = 0.5
     alpha: float = 0.2

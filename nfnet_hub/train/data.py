@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,57 +72,89 @@ class Loaders:
     num_classes: int
     shuffler: Sampler | Dataset | None  # what reshuffles each epoch: a sampler, or an iterable dataset (wds)
     data_config: dict  # the eval transform and class names, recorded in checkpoints (preprocess.data_config)
+    mixup: Any = None  # timm's Mixup on batches, or FastCollateMixup inside the GPU prefetcher's loader
+    mixup_on_batches: bool = False  # whether the loop applies ``mixup`` to each batch
+    on_device: bool = False  # the prefetcher yields normalised batches already on the device
 
 
 def _sampler(ds: Dataset, world: int, rank: int, shuffle: bool, seed: int):
     return DistributedSampler(ds, world, rank, shuffle=shuffle, seed=seed, drop_last=shuffle) if world > 1 else None
 
 
-def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: int) -> Loaders:
-    """Per-process loaders; the global batch is ``batch_size * world``."""
-    if args.dataset == "digits":
-        size = args.img_size or 32
-        xtr, xte, ytr, yte = digits_split()
-        train_ds = TensorDataset(digits_to_tensor(xtr, size), torch.from_numpy(ytr).long())
-        val_ds = TensorDataset(digits_to_tensor(xte, size), torch.from_numpy(yte).long())
-        sampler = GlobalBatchSampler(len(train_ds), args.batch_size, world, rank, args.seed)
-        # own generators: creating an iterator must not draw from the global RNG (exact resumption)
-        train = DataLoader(train_ds, args.batch_size, sampler=sampler, drop_last=True,
-                           generator=torch.Generator().manual_seed(args.seed))
-        val = DataLoader(val_ds, 256, sampler=_sampler(val_ds, world, rank, False, args.seed),
-                         generator=torch.Generator().manual_seed(args.seed))
-        pre = digits_preprocess(size)
-        record = data_config({"input_size": (3, *pre.input_size), "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
-                              "interpolation": pre.interpolation, "mean": pre.mean, "std": pre.std},
-                             label_names=[str(i) for i in range(10)])
-        return Loaders(train, val, 10, sampler, record)
+def _mixup_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any] | None:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                label_smoothing=args.smoothing, num_classes=num_classes)
 
-    from timm.data import create_dataset, create_loader, resolve_data_config
+
+def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
+    from timm.data import Mixup
+
+    size = args.img_size or 32
+    xtr, xte, ytr, yte = digits_split()
+    train_ds = TensorDataset(digits_to_tensor(xtr, size), torch.from_numpy(ytr).long())
+    val_ds = TensorDataset(digits_to_tensor(xte, size), torch.from_numpy(yte).long())
+    sampler = GlobalBatchSampler(len(train_ds), args.batch_size, world, rank, args.seed)
+    # own generators: creating an iterator must not draw from the global RNG (exact resumption)
+    train = DataLoader(train_ds, args.batch_size, sampler=sampler, drop_last=True,
+                       generator=torch.Generator().manual_seed(args.seed))
+    val = DataLoader(val_ds, args.validation_batch_size or 256, sampler=_sampler(val_ds, world, rank, False, args.seed),
+                     generator=torch.Generator().manual_seed(args.seed))
+    pre = digits_preprocess(size)
+    record = data_config({"input_size": (3, *pre.input_size), "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
+                          "interpolation": pre.interpolation, "mean": pre.mean, "std": pre.std},
+                         label_names=[str(i) for i in range(10)])
+    mixup = _mixup_args(args, 10)
+    return Loaders(train, val, 10, sampler, record, Mixup(**mixup) if mixup else None, mixup is not None)
+
+
+def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: int,
+                   device: torch.device) -> Loaders:
+    """Per-process loaders, built as timm's train.py builds them; the global batch is ``batch_size * world``."""
+    if args.dataset == "digits":
+        return _digits(args, world, rank)
+    from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 
     data_cfg = resolve_data_config(vars(args), pretrained_cfg=model_cfg)
-    if args.img_size:
-        data_cfg["input_size"] = (3, args.img_size, args.img_size)
-    kw = dict(root=args.data_dir, batch_size=args.batch_size, seed=args.seed)
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
         _split_folder(args.data_dir, args.train_split, _TRAIN_NAMES)
         _split_folder(args.data_dir, args.val_split, _EVAL_NAMES)
-    train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, **kw)
-    val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, **kw)
-    common = dict(input_size=data_cfg["input_size"], interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
-                  std=data_cfg["std"], num_workers=args.workers, distributed=world > 1, pin_memory=args.pin_mem,
-                  use_prefetcher=False)
-    train = create_loader(train_ds, batch_size=args.batch_size, is_training=True, auto_augment=args.aa,
-                          scale=tuple(args.scale), hflip=args.hflip, re_prob=0.0, **common)
-    val = create_loader(val_ds, batch_size=args.batch_size, is_training=False, crop_pct=data_cfg["crop_pct"],
-                        **common)
+    kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
+              input_img_mode=args.input_img_mode or ("RGB" if data_cfg["input_size"][0] == 3 else "L"),
+              input_key=args.input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
+                              num_samples=args.train_num_samples, **kw)
+    val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
+                            **kw)
     class_to_idx = getattr(getattr(train_ds, "reader", train_ds), "class_to_idx", None) or {}
     num_classes = args.num_classes or len(class_to_idx)
     if not num_classes:
         raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
                          "(webdataset shards name none): pass --num-classes")
+    prefetch = device.type == "cuda" and not args.no_prefetcher  # normalisation and erasing on the GPU
+    mixup = _mixup_args(args, num_classes)
+    collate = FastCollateMixup(**mixup) if mixup and prefetch else None
+    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+                  distributed=world > 1, pin_memory=args.pin_mem, device=device, use_prefetcher=prefetch)
+    interpolation = data_cfg["interpolation"] if args.no_aug or not args.train_interpolation else \
+        args.train_interpolation
+    train = create_loader(
+        train_ds, batch_size=args.batch_size, is_training=True, no_aug=args.no_aug, re_prob=args.reprob,
+        re_mode=args.remode, re_count=args.recount, train_crop_mode=args.train_crop_mode, scale=tuple(args.scale),
+        ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob or 0.0,
+        gaussian_blur_prob=args.gaussian_blur_prob or 0.0, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        interpolation=interpolation, num_workers=args.workers, worker_seeding=args.worker_seeding,
+        collate_fn=collate, use_multi_epochs_loader=args.use_multi_epochs_loader, **common)
+    val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+                        interpolation=data_cfg["interpolation"], num_workers=args.workers,
+                        crop_pct=data_cfg["crop_pct"], **common)
     names = sorted(class_to_idx, key=class_to_idx.get) if len(class_to_idx) == num_classes else None
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
-    return Loaders(train, val, num_classes, shuffler, data_config(data_cfg, label_names=names))
+    return Loaders(train, val, num_classes, shuffler, data_config(data_cfg, label_names=names),
+                   collate or (Mixup(**mixup) if mixup else None), mixup is not None and collate is None, prefetch)
 
 
 _TRAIN_NAMES = ("train", "training")

@@ -1,0 +1,200 @@
+"""What a run is made of, built as timm's train.py builds it: device and process group, data, model, EMA,
+optimiser, learning rate and schedule, loss and mixed precision."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import random
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from ..agc import agc_parameters
+from ..errors import UsageError
+from ..models.checkpoint import create_model, load_checkpoint, read_checkpoint
+from ..preprocess import apply_data_config
+from .args import DIGITS, noted_options
+from .checkpoints import ModelState
+from .data import Loaders, check_sizes, create_loaders
+
+
+@dataclass
+class Run:
+    args: argparse.Namespace
+    world: int
+    rank: int
+    device: torch.device
+    owns_group: bool  # this run started the process group and must end it
+    loaders: Loaders
+    model: nn.Module  # the bare model: checkpoints and EMA read it, never a wrapper
+    train_model: nn.Module  # what the forward pass runs: DDP or compiled around the model, or the model itself
+    ema: ModelEmaV3 | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    num_epochs: int
+    updates_per_epoch: int
+    scaler: torch.amp.GradScaler | None
+    autocast: Callable[[], Any]
+    criterion: nn.Module
+    clip_params: list[nn.Parameter] | None
+    states: ModelState
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device, bool]:
+    """World size, rank, device, and whether this call started the process group."""
+    for module in args.device_modules or ():
+        importlib.import_module(module)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        if rank == 0:
+            print(f"note: --device {args.device}, but this machine has no CUDA device: training on the CPU", flush=True)
+        device = torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return world, rank, device, True
+    return world, rank, device, False
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """The authors apply no weight decay to gains and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith("gain") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def learning_rate(args: argparse.Namespace, world: int) -> float:
+    """``--lr``, else ``--lr-base`` scaled to the global batch (linear, or sqrt for ada* and lamb), as train.py."""
+    if args.lr:
+        return args.lr
+    ratio = args.batch_size * world * args.grad_accum_steps / args.lr_base_size
+    scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")
+    return args.lr_base * (ratio ** 0.5 if scale == "sqrt" else ratio)
+
+
+def _classes_in(path: str) -> int:
+    """The class count of a checkpoint's classifier (-1 when it cannot be told), for timm's head adaptation."""
+    sd = read_checkpoint(path).state_dict
+    weight = next((v for k, v in sd.items() if k.endswith(("head.fc.weight", "fc.weight", "classifier.weight"))), None)
+    return int(weight.shape[0]) if weight is not None else -1
+
+
+def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    kwargs: dict[str, Any] = dict(in_chans=in_chans, num_classes=args.num_classes or loaders.num_classes,
+                                  drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+                                  scriptable=args.torchscript or None, **args.model_kwargs)
+    if args.pretrained_path:  # its classifier is kept where it fits, re-initialised where it does not
+        kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path,
+                                                num_classes=_classes_in(args.pretrained_path))
+    model = create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path),
+                         **{k: v for k, v in kwargs.items() if v is not None})
+    classifier = model.get_classifier()
+    with torch.no_grad():
+        if args.head_init_scale is not None:
+            classifier.weight.mul_(args.head_init_scale)
+            classifier.bias.mul_(args.head_init_scale)
+        if args.head_init_bias is not None:
+            classifier.bias.fill_(args.head_init_bias)
+    # what the weights will expect: recorded in every checkpoint and args.yaml, read by export and bundle
+    model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, loaders.data_config),
+                            "num_classes": model.num_classes}
+    if args.initial_checkpoint:
+        load_checkpoint(model, args.initial_checkpoint)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def _criterion(args: argparse.Namespace, mixup: bool) -> nn.Module:
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if mixup:  # smoothing is in mixup's soft targets
+        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
+    if args.smoothing:
+        return BinaryCrossEntropy(smoothing=args.smoothing, **bce) if args.bce_loss \
+            else LabelSmoothingCrossEntropy(args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def _shard(model: nn.Module) -> None:
+    """FSDP2: each block is one unit of all-gather, then the rest of the model."""
+    from torch.distributed.fsdp import fully_shard
+
+    for stage in model.stages:
+        for block in stage:
+            fully_shard(block)
+    fully_shard(model)
+
+
+def build(args: argparse.Namespace) -> Run:
+    world, rank, device, owns_group = setup_device(args)
+    if rank == 0:
+        for note in noted_options(args):
+            print(f"note: {note}", flush=True)
+    torch.manual_seed(args.seed)  # identical initialisation on every rank
+    random.seed(args.seed)
+    np.random.seed(args.seed + rank)
+    model_cfg = {}
+    if args.dataset != DIGITS:  # the model's preprocessing, without building the model twice
+        from timm.models import get_pretrained_cfg
+        cfg = get_pretrained_cfg(args.model.partition(".")[0])
+        model_cfg = cfg.to_dict() if cfg is not None else {}
+    loaders = create_loaders(args, model_cfg, world, rank, device)
+    check_sizes(loaders, args.batch_size, world, args.grad_accum_steps)
+    model = build_model(args, loaders).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.torchscript:
+        if args.fsdp:
+            raise UsageError("--torchscript and --fsdp conflict: FSDP2 shards modules that TorchScript compiles")
+        model = torch.jit.script(model)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                     device="cpu" if args.model_ema_force_cpu else None) if args.model_ema else None
+    if args.fsdp:  # before the optimiser: fully_shard replaces the parameters with sharded ones
+        if world < 2:
+            raise UsageError("--fsdp shards across processes: start it with torchrun --nproc_per_node N (N >= 2)")
+        _shard(model)
+        if ema is not None:  # sharded alike, so each rank averages its own shards
+            _shard(ema.module)
+    lr = learning_rate(args, world)
+    params = model if args.layer_decay is not None else _param_groups(model, args.weight_decay)
+    optimizer = create_optimizer_v2(params, **optimizer_kwargs(argparse.Namespace(**{**vars(args), "lr": lr})),
+                                    **args.opt_kwargs)
+    updates_per_epoch = len(loaders.train) // args.grad_accum_steps
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, args.eval_metric == "loss"),
+                                                updates_per_epoch=updates_per_epoch)
+    amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 \
+        and device.type == "cuda" else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
+    train_model = model
+    if world > 1 and not args.fsdp:
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                          else None, broadcast_buffers=not args.no_ddp_bb)
+    if args.torchcompile:
+        train_model = torch.compile(train_model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    clip_params = agc_parameters(model, args.agc_partition) if args.clip_grad and args.clip_mode == "agc" else None
+    return Run(args, world, rank, device, owns_group, loaders, model, train_model, ema, optimizer, scheduler,
+               num_epochs, updates_per_epoch, scaler, autocast, _criterion(args, loaders.mixup is not None).to(device),
+               clip_params, ModelState(args.fsdp))

@@ -1,0 +1,140 @@
+"""Training checkpoints in the layout timm's train.py writes (``CheckpointSaver``), so that either trainer
+resumes the other's: ``state_dict``, ``optimizer``, ``epoch`` (the last finished one) with ``version`` 2,
+``arch``, ``args``, ``state_dict_ema``, ``amp_scaler``, ``metric``. Ours add what an exact resumption
+needs (``step_in_epoch``, ``global_step``, RNG states, ``best``) and the run's ``data_config``.
+
+Written whole or not at all; under FSDP2 gathered into full tensors, which every rank re-shards on resume.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..models.checkpoint import checkpoint_form, read_pytorch
+
+LAST = "last.pth.tar"
+BEST = "model_best.pth.tar"
+VERSION = 2  # timm's: "epoch" is the last finished epoch, a resume starts at the next
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write then rename: a kill mid-write never leaves a broken checkpoint behind."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+
+
+def resume_path(args: argparse.Namespace, out_dir: Path) -> Path | None:
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    if args.resume == "auto" or (restarted and not args.resume):
+        return out_dir / LAST if (out_dir / LAST).is_file() else None
+    return Path(args.resume) if args.resume else None
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint of this trainer or of timm's train.py (its ``args`` Namespace is admitted)."""
+    path = Path(path)
+    if checkpoint_form(path) != "pytorch":
+        raise CheckpointError(f"{path} holds weights only, not a training checkpoint: resume from a run's "
+                              "last.pth.tar, or start from weights with --initial-checkpoint")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state = read_pytorch(path)
+    missing = [k for k in ("state_dict", "optimizer", "epoch") if k not in state] if isinstance(state, dict) else None
+    if missing is None or missing:
+        raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
+                              f"{', '.join(missing) if missing else 'everything'}); to start from its weights use "
+                              "--initial-checkpoint")
+    return state
+
+
+def start_of(state: dict[str, Any]) -> tuple[int, int]:
+    """(epoch, step within it) where a resumed run starts."""
+    epoch = state["epoch"] + 1 if state.get("version", 1) > 1 else state["epoch"]
+    return epoch, state.get("step_in_epoch", 0)
+
+
+class ModelState:
+    """Checkpoint contents of the model, its EMA and the optimiser.
+
+    Without FSDP these are the plain state dicts timm's train.py writes. Under FSDP2 every rank holds
+    shards, so they are gathered into full, unsharded tensors (optimiser state keyed by parameter name)
+    on save, and every rank takes its own shards back from them on resume, at any world size.
+    """
+
+    def __init__(self, fsdp: bool):
+        self.fsdp = fsdp
+        if fsdp:
+            from torch.distributed.checkpoint import state_dict as dcp
+
+            self.dcp = dcp
+            self.gather = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # to rank 0's CPU
+            self.scatter = dcp.StateDictOptions(full_state_dict=True)  # every rank keeps its own shards
+
+    def model(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.dcp.get_model_state_dict(model, options=self.gather) if self.fsdp else model.state_dict()
+
+    def load_model(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        if self.fsdp:
+            self.dcp.set_model_state_dict(model, state, options=self.scatter)
+        else:
+            model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+
+    def optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return self.dcp.get_optimizer_state_dict(model, optimizer, options=self.gather) if self.fsdp \
+            else optimizer.state_dict()
+
+    def load_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.fsdp:
+            self.dcp.set_optimizer_state_dict(model, optimizer, state, options=self.scatter)
+        else:
+            optimizer.load_state_dict(state)
+
+
+class History:
+    """The per-epoch checkpoints to keep: the best ``keep`` by the eval metric, as timm's CheckpointSaver
+    keeps them, and ``model_best.pth.tar``. What is kept travels in every checkpoint, so a resumed run
+    goes on with it."""
+
+    def __init__(self, out_dir: Path, keep: int, decreasing: bool, kept: list | None = None):
+        self.out_dir, self.keep, self.decreasing = out_dir, keep, decreasing
+        self.kept: list[list] = [[m, name] for m, name in kept or [] if (out_dir / name).is_file()]
+
+    def better(self, metric: float, than: float | None) -> bool:
+        return than is None or (metric < than if self.decreasing else metric > than)
+
+    def record(self, epoch: int, metric: float, best: bool) -> list[str]:
+        """The files this epoch's checkpoint goes to besides last.pth.tar; removes the ones it pushes out."""
+        names = []
+        if self.keep:
+            name = f"checkpoint-{epoch}.pth.tar"
+            ranked = [k for k in self.kept if k[1] != name] + [[metric, name]]
+            ranked.sort(key=lambda k: k[0], reverse=not self.decreasing)
+            for _, old in ranked[self.keep:]:
+                (self.out_dir / old).unlink(missing_ok=True)
+            self.kept = ranked[:self.keep]
+            names += [name] if [metric, name] in self.kept else []
+        return names + ([BEST] if best else [])
