@@ -217,6 +217,23 @@ def int8_section(r: dict) -> list[str]:
                     "documentation names, is slower than fp32.", ""]
 
 
+def trainer_section(r: dict) -> list[str]:
+    """Our trainer against timm's train.py with the same model, flags and data."""
+    s = r["setup"]
+    lines = ["### Trainer: `nfnet-hub train` vs timm's `train.py` (`nfnet-hub timm-train`, our AGC)", "",
+             f"{s['model']}, bf16, batch {s['batch']} at {s['size']} px, {s['workers']} loader workers, a synthetic "
+             f"image folder ({s['classes']} classes x {s['per_class']}); epoch 2's average. Command: "
+             "`python benchmarks/trainer.py` (in `benchmarks/device.sh`).", "",
+             "| trainer | images/s |", "|---|---|"]
+    for name, label in (("ours", "nfnet-hub train"), ("timm_train_py", "timm's train.py")):
+        x = r.get(name, {})
+        lines.append(f"| {label} | {x['img_s']:.0f} |" if "img_s" in x else
+                     f"| {label} | no number ({x.get('error') or x.get('skipped') or 'not run'}) |")
+    if "ours_vs_timm" in r:
+        lines += ["", f"Ours runs at **{r['ours_vs_timm']:.2f}x** timm's train.py (target: at least 1x)."]
+    return lines + [""]
+
+
 def gpu_section(r: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if r is None:
@@ -247,10 +264,11 @@ def main() -> None:
     cpu = json.loads((results / "cpu.json").read_text())
     gpu = json.loads((results / "gpu.json").read_text()) if (results / "gpu.json").is_file() else None
     int8 = json.loads((results / "int8.json").read_text()) if (results / "int8.json").is_file() else None
+    trainer = json.loads((results / "trainer.json").read_text()) if (results / "trainer.json").is_file() else None
     text = ["# Benchmarks", "",
             "Every number is a median, measured against the anchor (timm) in the same run. Regenerate with "
             "`python benchmarks/report.py --run`.", "", *cpu_section(cpu), *(int8_section(int8) if int8 else []),
-            *gpu_section(gpu)]
+            *gpu_section(gpu), *(trainer_section(trainer) if trainer else [])]
     OUT.write_text("\n".join(text))
     _write_readme_table(readme_table(cpu, gpu))
     print(f"wrote {OUT} and the table in {README.name}")

@@ -110,3 +110,16 @@ def test_int8_report_renders_the_recorded_run():
     assert all(abs(v["here"] - v["fp32"]) <= 1.0 and abs(v["emulated"] - v["fp32"]) <= 1.0 for v in chosen.values())
     assert results["speed"]["b1"]["7-bit + stem conv and classifier in fp32 (export)"]["speedup"] >= 2.0
     assert "avx512_vnni" in text and "EPYC-Milan" in text
+
+
+def test_trainer_benchmark_runs_in_smoke_mode_and_its_report_renders(tmp_path):
+    """Ours always; timm's train.py only where carried (it is not in the timm package)."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "trainer.py"), "--smoke", "--results", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((tmp_path / "trainer.json").read_text())
+    assert results["ours"]["img_s"] > 0
+    text = "\n".join(_report().trainer_section(results))
+    assert f"| nfnet-hub train | {results['ours']['img_s']:.0f} |" in text
+    timm_run = results["timm_train_py"]
+    assert ("img_s" in timm_run) == (BENCHMARKS / "timm_train.py").is_file()

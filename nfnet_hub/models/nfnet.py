@@ -169,6 +169,11 @@ class NFNet(nn.Module):
                                            (r"^final_conv", (99999,))])
 
     @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The gains (the authors decay neither gains nor biases; timm spares the 1-d ones by itself)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("gain")}
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 

@@ -76,14 +76,6 @@ def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device, bool
     return world, rank, device, False
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The authors apply no weight decay to gains and biases."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith("gain") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def learning_rate(args: argparse.Namespace, world: int) -> float:
     """``--lr``, else ``--lr-base`` scaled to the global batch (linear, or sqrt for ada* and lamb), as train.py."""
     if args.lr:
@@ -177,10 +169,9 @@ def build(args: argparse.Namespace) -> Run:
         _shard(model)
         if ema is not None:  # sharded alike, so each rank averages its own shards
             _shard(ema.module)
-    lr = learning_rate(args, world)
-    params = model if args.layer_decay is not None else _param_groups(model, args.weight_decay)
-    optimizer = create_optimizer_v2(params, **optimizer_kwargs(argparse.Namespace(**{**vars(args), "lr": lr})),
-                                    **args.opt_kwargs)
+    # as train.py: no decay on 1-d parameters and on what the model names (an NFNet: its gains)
+    options = optimizer_kwargs(argparse.Namespace(**{**vars(args), "lr": learning_rate(args, world)}))
+    optimizer = create_optimizer_v2(model, **options, **args.opt_kwargs)
     updates_per_epoch = len(loaders.train) // args.grad_accum_steps
     scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, args.eval_metric == "loss"),
                                                 updates_per_epoch=updates_per_epoch)

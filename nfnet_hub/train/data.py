@@ -133,7 +133,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     if not num_classes:
         raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
                          "(webdataset shards name none): pass --num-classes")
-    prefetch = device.type == "cuda" and not args.no_prefetcher  # normalisation and erasing on the GPU
+    prefetch = not args.no_prefetcher  # as train.py: normalisation and erasing in the main process, on the device
     mixup = _mixup_args(args, num_classes)
     collate = FastCollateMixup(**mixup) if mixup and prefetch else None
     common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],

@@ -126,7 +126,7 @@ def train_one_epoch(run: Run, epoch: int, step_in_epoch: int, global_step: int, 
         if not last_micro:
             continue
         optimizer_step(run.optimizer, run.model, scaler=run.scaler, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                       clip_params=run.clip_params, ema=run.ema, step=global_step)
+                       clip_params=run.clip_params, ema=run.ema, step=global_step + 1)  # train.py's count
         global_step, step_in_epoch = global_step + 1, step_in_epoch + 1
         if args.sched_on_updates:
             run.scheduler.step_update(global_step)

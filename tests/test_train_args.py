@@ -1,0 +1,231 @@
+"""nfnet-hub train speaks timm's train.py: its args.yaml, its options and defaults, its checkpoints both
+ways, fine-tuning; and the optimiser step in the order the project promises."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from conftest import randomise
+from PIL import Image
+from timm.models import resume_checkpoint
+from timm.scheduler import MultiStepLRScheduler
+from timm.utils import CheckpointSaver
+
+from nfnet_hub.agc import adaptive_clip_grad_
+from nfnet_hub.cli import main
+from nfnet_hub.train import parse_args, train
+from nfnet_hub.train.build import build, learning_rate
+from nfnet_hub.train.loop import optimizer_step
+
+FIXTURE = Path(__file__).parent / "fixtures" / "timm-train-args.yaml"  # written by timm's own train.py
+# the command line that wrote it (timm's train.py, main branch, timm 1.0.x)
+COMMAND = ["--model", "nfnet_hub_nano", "--dataset", "digits", "--epochs", "1", "--batch-size", "64", "--lr", "0.2",
+           "--clip-grad", "0.02", "--clip-mode", "agc"]
+QUICK = ["--dataset", "digits", "--model", "nfnet_hub_nano", "--workers", "0", "--no-progress", "--log-interval", "0",
+         "--batch-size", "64", "--warmup-epochs", "0"]
+
+
+def test_timms_args_yaml_is_accepted_as_is_and_resolves_to_the_same_run():
+    written = yaml.safe_load(FIXTURE.read_text())
+    from_yaml, from_command = vars(parse_args(["--config", str(FIXTURE)])), vars(parse_args(COMMAND))
+    assert set(written) <= set(from_yaml)  # every key of train.py's 172 is known
+    assert {k: v for k, v in from_yaml.items() if k != "config"} == {k: v for k, v in from_command.items()
+                                                                     if k != "config"}
+    for key, value in written.items():  # and the defaults are train.py's own
+        assert from_yaml[key] == value, key
+
+
+def test_defaults_are_train_pys(tmp_path):
+    args = parse_args([])
+    assert (args.clip_mode, args.amp_dtype, args.epochs, args.warmup_epochs, args.checkpoint_hist, args.workers,
+            args.drop, args.dataset) == ("norm", "float16", 300, 5, 10, 4, 0.0, "")
+    f0 = parse_args(["--config", "f0"])  # nfnet-hub's own choices live in the recipes
+    assert (f0.clip_mode, f0.clip_grad, f0.amp_dtype, f0.drop, f0.aa) == ("agc", 0.01, "bfloat16", 0.2, "rand-m5-n4")
+
+
+def test_options_nfnet_hub_does_not_implement_are_refused_by_name_before_any_work(tmp_path, capsys):
+    code = main(["train", *QUICK, "--tta", "2", "--naflex-loader", "--kd-model-name", "resnet18",
+                 "--output", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and "3 option(s) of timm's train.py that nfnet-hub train does not implement" in err[0]
+    assert [line.split(":")[0].strip() for line in err[1:]] == ["--tta 2", "--naflex-loader True",
+                                                                "--kd-model-name 'resnet18'"]
+    assert not list(tmp_path.iterdir())
+
+
+def test_batchnorm_options_are_no_ops_with_a_note(tmp_path, capsys):
+    run = build(parse_args([*QUICK, "--sync-bn", "--bn-eps", "0.001", "--output", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert "note: --bn-eps 0.001: ignored (NFNets have no BatchNorm)" in out and "--sync-bn True: ignored" in out
+    assert run.model.num_classes == 10
+
+
+def test_learning_rate_scales_with_the_global_batch_as_train_py(tmp_path):
+    sgd = parse_args(["--batch-size", "64", "--grad-accum-steps", "2"])
+    assert learning_rate(sgd, world=4) == pytest.approx(0.1 * 512 / 256)  # linear
+    adamw = parse_args(["--opt", "adamw", "--batch-size", "64"])
+    assert learning_rate(adamw, world=1) == pytest.approx(0.1 * (64 / 256) ** 0.5)  # sqrt for ada*
+    assert learning_rate(parse_args(["--lr", "0.3"]), world=8) == 0.3
+
+
+def test_implemented_options_reach_the_model_optimiser_schedule_loss_and_data(tmp_path):
+    args = parse_args([*QUICK, "--opt", "adamw", "--opt-betas", "0.8", "0.95", "--opt-kwargs", "amsgrad=True",
+                       "--sched", "multistep", "--decay-milestones", "3", "7", "--decay-rate", "0.5", "--epochs", "10",
+                       "--model-kwargs", "alpha=0.3", "--head-init-scale", "0", "--head-init-bias", "0.5",
+                       "--bce-loss", "--bce-target-thresh", "0.2", "--gp", "max", "--output", str(tmp_path)])
+    run = build(args)
+    group = run.optimizer.param_groups[0]
+    assert type(run.optimizer).__name__ == "AdamW" and group["betas"] == (0.8, 0.95) and group["amsgrad"]
+    assert isinstance(run.scheduler, MultiStepLRScheduler) and run.scheduler.decay_t == [3, 7]
+    assert run.model.stages[0][0].alpha == 0.3 and run.model.head.global_pool.pool_type == "max"
+    assert float(run.model.get_classifier().weight.abs().max()) == 0 and (run.model.get_classifier().bias == 0.5).all()
+    assert type(run.criterion).__name__ == "BinaryCrossEntropy" and run.criterion.target_threshold == 0.2
+
+
+def test_layer_decay_scales_learning_rates_by_depth_and_spares_gains_from_decay(tmp_path):
+    run = build(parse_args([*QUICK, "--layer-decay", "0.7", "--output", str(tmp_path)]))
+    scales = sorted({g["lr_scale"] for g in run.optimizer.param_groups})
+    assert len(scales) > 3 and scales[-1] == 1.0 and scales[0] < 0.2
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    for g in run.optimizer.param_groups:
+        if any(names[id(p)].endswith("gain") for p in g["params"]):
+            assert g["weight_decay"] == 0.0
+
+
+def test_image_folder_data_config_options_are_recorded(tmp_path, digits_folders):
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for label in ("3", "7"):
+            shutil.copytree(digits_folders / split / label, root / split / label)
+    args = parse_args(["--data-dir", str(root), "--model", "nfnet_hub_nano", "--workers", "0", "--input-size", "3",
+                       "64", "64", "--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25", "--crop-pct", "0.8",
+                       "--interpolation", "bilinear", "--batch-size", "8", "--output", str(tmp_path / "out")])
+    run = build(args)
+    assert run.loaders.data_config == {"input_size": [3, 64, 64], "crop_pct": 0.8, "crop_mode": "squash",
+                                       "interpolation": "bilinear", "mean": [0.5] * 3, "std": [0.25] * 3,
+                                       "label_names": ["3", "7"]}
+    x, _ = next(iter(run.loaders.val))
+    assert x.shape == (8, 3, 64, 64)
+
+
+def test_val_interval_and_eval_metric_choose_when_and_what_is_best(tmp_path):
+    result = train(parse_args([*QUICK, "--epochs", "4", "--val-interval", "2", "--eval-metric", "loss", "--lr", "0.2",
+                               "--clip-grad", "0.02", "--clip-mode", "agc", "--output", str(tmp_path),
+                               "--experiment", "run"]))
+    rows = (Path(result["output"]) / "summary.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "3"]
+    losses = [float(r.split(",")[2]) for r in rows[1:]]
+    best = torch.load(Path(result["output"]) / "model_best.pth.tar", weights_only=True)
+    assert best["metric"] == pytest.approx(min(losses)) and result["best_top1"] == pytest.approx(min(losses))
+
+
+def _nano_optimizer(model):
+    """The optimiser timm's train.py builds."""
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+
+    return create_optimizer_v2(model, **optimizer_kwargs(parse_args(["--lr", "0.05"])))
+
+
+def test_a_checkpoint_of_timms_saver_resumes_here_at_the_next_epoch(tmp_path, capsys):
+    """timm's own CheckpointSaver (what train.py writes with), resumed by nfnet-hub train."""
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10))
+    optimizer = _nano_optimizer(model)
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    args = parse_args([*QUICK, "--epochs", "3", "--output", str(tmp_path), "--experiment", "timm"])
+    (tmp_path / "timm").mkdir()
+    saver = CheckpointSaver(model, optimizer, args=args, checkpoint_dir=str(tmp_path / "timm"), max_history=2)
+    saver.save_checkpoint(epoch=0, metric=50.0)  # after timm's epoch 0
+    ckpt = tmp_path / "timm" / "last.pth.tar"
+    run_args = parse_args([*QUICK, "--epochs", "3", "--resume", str(ckpt), "--output", str(tmp_path),
+                           "--experiment", "resumed", "--lr", "0.05", "--momentum", "0.9"])
+    run = build(run_args)
+    from nfnet_hub.train.checkpoints import load_training_state
+    from nfnet_hub.train.loop import resume
+
+    start, step, global_step, _, _ = resume(run, load_training_state(ckpt), ckpt)
+    assert (start, step, global_step) == (1, 0, run.updates_per_epoch)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(run.model.state_dict()[k], v)
+    momentum = [s["momentum_buffer"] for s in run.optimizer.state.values()]
+    assert momentum and all(torch.equal(a, b["momentum_buffer"]) for a, b in zip(momentum,
+                                                                                   optimizer.state.values()))
+    assert run.optimizer.param_groups[0]["lr"] == pytest.approx(run.scheduler._get_lr(1)[0])
+
+
+def test_our_checkpoint_resumes_in_timms_resume_checkpoint(trained_nano):
+    """What timm's train.py calls on --resume (timm.models.resume_checkpoint), on a checkpoint of ours."""
+    path = Path(trained_nano["output"]) / "last.pth.tar"
+    ours = torch.load(path, weights_only=True)
+    model = timm.create_model("nfnet_hub_nano", num_classes=10)
+    optimizer = _nano_optimizer(model)
+    epoch = resume_checkpoint(model, str(path), optimizer)  # weights_only=True, as train.py does
+    assert epoch == 10  # train.py starts at the epoch after the last finished one
+    for k, v in ours["state_dict"].items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    assert len(optimizer.state) == len(ours["optimizer"]["state"])
+
+
+def test_fine_tuning_with_a_new_class_count_reinitialises_only_the_classifier(tmp_path, trained_nano, digits_folders):
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for label in ("1", "7"):
+            shutil.copytree(digits_folders / split / label, root / split / label)
+    weights = Path(trained_nano["output"]) / "last.pth.tar"
+    run = build(parse_args(["--data-dir", str(root), "--model", "nfnet_hub_nano", "--pretrained-path", str(weights),
+                            "--workers", "0", "--batch-size", "8", "--output", str(tmp_path / "out")]))
+    assert run.model.num_classes == 2 and run.loaders.num_classes == 2
+    saved = torch.load(weights, weights_only=True)
+    trained = saved.get("state_dict_ema", saved["state_dict"])  # timm's pretrained loading prefers the EMA
+    for k, v in run.model.state_dict().items():
+        if k.startswith("head.fc."):
+            assert v.shape[0] == 2
+        else:
+            torch.testing.assert_close(v, trained[k], msg=k)
+    same = build(parse_args([*QUICK, "--pretrained-path", str(weights), "--output", str(tmp_path / "same")]))
+    torch.testing.assert_close(same.model.get_classifier().weight, trained["head.fc.weight"])  # kept where it fits
+
+
+def test_the_optimiser_step_unscales_then_clips_then_steps_then_averages(tmp_path):
+    """The project's core ordering, alone: AGC sees the true (unscaled) gradient."""
+    torch.manual_seed(0)
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=4, drop_rate=0.0)).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))
+    reference = randomise(timm.create_model("nfnet_hub_nano", num_classes=4, drop_rate=0.0)).train()
+    reference.load_state_dict(model.state_dict())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(reference.parameters(), lr=0.1)
+    ema = timm.utils.ModelEmaV3(model, decay=0.5)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+    params = [p for n, p in model.named_parameters() if not n.startswith("head.fc")]
+    optimizer_step(opt, model, scaler=scaler, clip_grad=0.01, clip_mode="agc", clip_params=params, ema=ema, step=5)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    adaptive_clip_grad_([p for n, p in reference.named_parameters() if not n.startswith("head.fc")], 0.01)
+    ref_opt.step()
+    for (name, p), r in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6, msg=name)
+        assert p.grad is None
+    for name, p in ema.module.named_parameters():
+        torch.testing.assert_close(p, 0.5 * initial[name] + 0.5 * dict(model.named_parameters())[name], msg=name)
+
+
+def test_a_folder_of_two_digits_trains_with_train_pys_augmentations(tmp_path, digits_folders):
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for label in ("0", "1"):
+            (root / split / label).mkdir(parents=True)
+            for f in sorted((digits_folders / split / label).iterdir())[:40]:
+                Image.open(f).resize((32, 32)).save(root / split / label / f.name)
+    result = train(parse_args(["--data-dir", str(root), "--model", "nfnet_hub_nano", "--img-size", "32", "--workers",
+                               "0", "--batch-size", "16", "--epochs", "2", "--warmup-epochs", "0", "--lr", "0.1",
+                               "--ratio", "0.9", "1.1", "--vflip", "0.1", "--color-jitter", "0.2", "--reprob", "0.2",
+                               "--remode", "const", "--recount", "2", "--train-interpolation", "bilinear",
+                               "--no-progress", "--output", str(tmp_path / "out"), "--experiment", "run"]))
+    assert result["global_step"] == 2 * (80 // 16)
+    saved = yaml.safe_load((Path(result["output"]) / "args.yaml").read_text())
+    assert (saved["ratio"], saved["reprob"], saved["train_interpolation"]) == ([0.9, 1.1], 0.2, "bilinear")
