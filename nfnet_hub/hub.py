@@ -91,7 +91,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
     recorded in ``config.json``; ``calibration`` must be preprocessed at that size (int8 only).
     ``overwrite`` replaces ``out`` only if it is a bundle (see ``check_replaceable``).
     """
-    from timm.models._hub import save_config_for_hf
+    from timm.models import save_for_hf
 
     from .cards import card_data, render_card
     from .export import VERIFY_BATCHES, export_onnx
@@ -116,10 +116,9 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
     say = print if progress else (lambda *a, **k: None)
     record = data_config(cfg, size, labels)
     with atomic_folder(out, replace=overwrite) as tmp:
-        save_safetensors(model, tmp / "model.safetensors")
-        save_config_for_hf(model, str(tmp / "config.json"),
-                           model_config={"label_names": labels} if labels is not None else None,
-                           model_args=_model_args(model), data_config=record)
+        save_for_hf(model, str(tmp), model_config={"label_names": labels} if labels is not None else None,
+                    model_args=_model_args(model), safe_serialization=True, data_config=record)
+        save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the WS form and data config
         exports = []
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)

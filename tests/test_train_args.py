@@ -229,3 +229,28 @@ def test_a_folder_of_two_digits_trains_with_train_pys_augmentations(tmp_path, di
     assert result["global_step"] == 2 * (80 // 16)
     saved = yaml.safe_load((Path(result["output"]) / "args.yaml").read_text())
     assert (saved["ratio"], saved["reprob"], saved["train_interpolation"]) == ([0.9, 1.1], 0.2, "bilinear")
+
+
+def test_torchscript_training_and_wandb_without_wandb(tmp_path, capsys):
+    """--torchscript trains the scripted model (its checkpoint loads into a plain one); --log-wandb without the
+    optional wandb says so and trains on."""
+    result = train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--torchscript", "--log-wandb",
+                               "--output", str(tmp_path), "--experiment", "run"]))
+    assert "wandb is not installed" in capsys.readouterr().out
+    assert isinstance(result["model"], torch.jit.ScriptModule)
+    plain = timm.create_model("nfnet_hub_nano", num_classes=10)
+    plain.load_state_dict(torch.load(Path(result["output"]) / "last.pth.tar", weights_only=True)["state_dict"])
+
+
+def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path):
+    from nfnet_hub.train.checkpoints import load_training_state
+    from nfnet_hub.train.loop import resume
+
+    path = Path(trained_nano["output"]) / "last.pth.tar"
+    state = load_training_state(path)
+    fresh = build(parse_args([*QUICK, "--epochs", "20", "--no-resume-opt", "--output", str(tmp_path)]))
+    start, step, _, _, _ = resume(fresh, state, path)
+    assert (start, step) == (10, 0) and not fresh.optimizer.state  # weights restored, momentum not
+    later = build(parse_args([*QUICK, "--epochs", "20", "--start-epoch", "15", "--output", str(tmp_path)]))
+    start, step, global_step, _, _ = resume(later, state, path)
+    assert (start, step, global_step) == (15, 0, 15 * later.updates_per_epoch)

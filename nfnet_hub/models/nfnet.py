@@ -281,7 +281,7 @@ def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
     if isinstance(tag, str) and tag.startswith("deepmind"):
         for k, val in DEEPMIND_NUMERICS.items():
             kwargs.setdefault(k, val)
-    return build_model_with_cfg(NFNet, model_name(variant), pretrained, cfg=model_cfg(variant),
+    return build_model_with_cfg(NFNet, model_name(variant), pretrained, model_cfg=model_cfg(variant),
                                 feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
