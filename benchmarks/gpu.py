@@ -9,8 +9,9 @@ our AGC vs timm's on F0's parameters with fresh gradients (default, and each met
 against a plain copy of the same bytes, and its share of an F0 training step (GPU time, and the step
 with against without it);
 ONNX Runtime's CUDA provider (with onnxruntime-gpu) on our fp32 export vs timm's own export, our fp16
-and int8 exports vs our fp32, each at batch 1 and 32 with inputs and outputs kept on the device; and
-the achieved GFLOP/s against the GPU's measured matmul peak.
+and int8 exports vs our fp32, each at batch 1 and 32 with inputs and outputs kept on the device; the
+achieved GFLOP/s against the GPU's measured matmul peak; and `nfnet-hub serve` on the GPU against
+OnnxClassifier (benchmarks/serve.py; skipped, with the reason, without onnxruntime-gpu and kserve).
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Setup:
             torch.cuda.synchronize()
 
 
-SECTIONS = ("fold", "agc", "onnx")
+SECTIONS = ("fold", "agc", "onnx", "serve")
 FULL = Setup("cuda", "dm_nfnet_f0", "nfnet_hub_f0", 256, (1, 32), 64)
 SMOKE = Setup("cpu", "nfnet_hub_nano", "nfnet_hub_nano", 64, (1, 2), 4)
 
@@ -232,6 +233,26 @@ def bench_ort(s: Setup, ref: torch.nn.Module, peak: dict) -> dict:
     return res
 
 
+def bench_serve(s: Setup, timeout_s: float) -> dict:
+    """benchmarks/serve.py on this device, in its own process (the smoke run: nano only, on the CPU)."""
+    import importlib.util
+    import json
+    import subprocess
+
+    import onnxruntime as ort
+
+    if s.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        return {"skipped": "onnxruntime-gpu is not installed (pip install 'nfnet-hub[serve,gpu]')"}
+    missing = [m for m in ("kserve", "tritonclient") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"skipped": f"{' and '.join(missing)} not installed (pip install 'nfnet-hub[serve,gpu]' "
+                           "'tritonclient[http]')"}
+    with tempfile.TemporaryDirectory() as tmp:
+        command = [sys.executable, str(Path(__file__).with_name("serve.py")), "--device", s.device, "--results", tmp]
+        subprocess.run(command + (["--quick"] if s.device == "cpu" else []), check=True, timeout=timeout_s)
+        return json.loads(next(Path(tmp).glob("serve*.json")).read_text())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="run every step on the CPU with a tiny model")
@@ -250,7 +271,8 @@ def main() -> None:
     results: dict = {"setup": asdict(s), "peak_tflops": peak_tflops(s)}
     print("peak", results["peak_tflops"], flush=True)
     steps = (("fold", lambda: bench_fold(s, ref, results["peak_tflops"])), ("agc", lambda: bench_agc_and_step(s)),
-             ("onnx", lambda: bench_ort(s, ref, results["peak_tflops"])))
+             ("onnx", lambda: bench_ort(s, ref, results["peak_tflops"])),
+             ("serve", lambda: bench_serve(s, max(30.0, deadline - time.time()))))
     for name, fn in steps:
         if name not in args.sections:
             continue

@@ -234,6 +234,29 @@ def trainer_section(r: dict) -> list[str]:
     return lines + [""]
 
 
+def serve_section(r: dict, heading: str = "## Serving: `nfnet-hub serve` vs OnnxClassifier") -> list[str]:
+    """The server under bounded loopback load against the raw batched throughput of the same model."""
+    lines = [heading, "", f"Machine: {_machine(r['machine'])}; device {r['device']}. Command: `python "
+             f"benchmarks/serve.py` (server and load generator share the machine). Closed loop: C tritonclient "
+             f"workers, one image per request; the server batches up to 32 within {r['max_delay_ms']:g} ms. "
+             "'raw' is `OnnxClassifier.logits` on a batch of C in the same run. Goals: at C = 32 at least 0.8x "
+             "the raw throughput; p99 under max-delay + 2x the raw batch time.", "",
+             "| model | C | server req/s | raw img/s (batch C) | ratio | p50 ms | p99 ms | p99 bound ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in r["models"].items():
+        for c, x in m["levels"].items():
+            lines.append(f"| {name} ({m['input']}) | {c} | {x['requests_per_s']:.1f} | {x['raw_images_per_s']:.1f} | "
+                         f"**{x['ratio_to_raw']:.2f}x** | {x['p50_ms']:.1f} | {x['p99_ms']:.1f} | "
+                         f"{x['p99_bound_ms']:.1f}{'' if x['p99_within_bound'] else ' (missed)'} |")
+    if "cold_start_s" in r:
+        c = r["cold_start_s"]
+        lines += ["", f"Cold start, F0, seconds from starting the process to the first answer (median of 3): "
+                  f"`nfnet-hub serve` {c['nfnet_hub_serve_f0']:.2f} s; a process opening ONNX Runtime on timm's own "
+                  f"`dm_nfnet_f0` export (which folds weight standardisation as the session starts) and running "
+                  f"it {c['ort_session_timm_dm_nfnet_f0']:.2f} s (**{c['ratio']:.2f}x**)."]
+    return lines + [""]
+
+
 def gpu_section(r: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if r is None:
@@ -248,7 +271,8 @@ def gpu_section(r: dict | None) -> list[str]:
               f"(TF32 off), {peak['bfloat16']:.0f} TFLOP/s bf16.", "",
               "Command: `bash benchmarks/device.sh` (runs `benchmarks/gpu.py`). Every time is the median of "
               "repeated calls, each pair measured in the same run.", ""]
-    for name, render in (("fold", _gpu_fold), ("agc", _gpu_agc), ("onnx", _gpu_onnx)):
+    serve = lambda x, _: serve_section(x, "### Serving on the GPU")  # noqa: E731
+    for name, render in (("fold", _gpu_fold), ("agc", _gpu_agc), ("onnx", _gpu_onnx), ("serve", serve)):
         why = _failed(r.get(name))
         lines += [f"### {name}: no numbers ({why})", ""] if why else render(r[name], r["setup"])
     return lines
@@ -265,10 +289,11 @@ def main() -> None:
     gpu = json.loads((results / "gpu.json").read_text()) if (results / "gpu.json").is_file() else None
     int8 = json.loads((results / "int8.json").read_text()) if (results / "int8.json").is_file() else None
     trainer = json.loads((results / "trainer.json").read_text()) if (results / "trainer.json").is_file() else None
+    serve = json.loads((results / "serve.json").read_text()) if (results / "serve.json").is_file() else None
     text = ["# Benchmarks", "",
             "Every number is a median, measured against the anchor (timm) in the same run. Regenerate with "
             "`python benchmarks/report.py --run`.", "", *cpu_section(cpu), *(int8_section(int8) if int8 else []),
-            *gpu_section(gpu), *(trainer_section(trainer) if trainer else [])]
+            *(serve_section(serve) if serve else []), *gpu_section(gpu), *(trainer_section(trainer) if trainer else [])]
     OUT.write_text("\n".join(text))
     _write_readme_table(readme_table(cpu, gpu))
     print(f"wrote {OUT} and the table in {README.name}")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .argtypes import fraction, positive
 from .errors import NfnetHubError, UsageError
 
 
@@ -221,26 +222,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
 def _model_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("model", help="model name as timm.create_model takes it (nfnet_hub_f0, nfnet_hub_f0.dm_in1k, "
                    "hf-hub:ORG/NAME, local-dir:PATH)")
@@ -249,12 +230,12 @@ def _model_options(s: argparse.ArgumentParser) -> None:
 
 
 def _export_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--img-size", type=_positive, help="square input size, a multiple of 32 (default: the size the "
+    s.add_argument("--img-size", type=positive, help="square input size, a multiple of 32 (default: the size the "
                    "weights were evaluated at, else the model's test size)")
     s.add_argument("--calibration", help="folder of images for int8 calibration")
     s.add_argument("--labels", help="text file with one label per line (default: the class names the checkpoint "
                    "records)")
-    s.add_argument("--min-agreement", type=_fraction, default=0.95, help="int8's least top-1 agreement with fp32 on "
+    s.add_argument("--min-agreement", type=fraction, default=0.95, help="int8's least top-1 agreement with fp32 on "
                    "held-out calibration images")
     s.add_argument("--force", action="store_true", help="write int8 even below --min-agreement (the record says so)")
 
@@ -287,7 +268,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("source", choices=["deepmind"], help="whose checkpoint")
     s.add_argument("checkpoint", help="the authors' FN_haiku.npz")
     s.add_argument("--model", required=True, help="the variant it holds, e.g. nfnet_hub_f0")
-    s.add_argument("--num-classes", type=_positive, default=1000, help="classes of its classifier")
+    s.add_argument("--num-classes", type=positive, default=1000, help="classes of its classifier")
     s.add_argument("--out", required=True, help="safetensors file to write")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
@@ -336,13 +317,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s = command("predict", _cmd_predict, "classify images with the torch-free ONNX runtime")
     s.add_argument("images", nargs="+", help="image files")
     s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
-    s.add_argument("--top-k", type=_positive, default=5, help="labels per image")
-    s.add_argument("--batch-size", type=_positive, default=16, help="images per ONNX Runtime call")
+    s.add_argument("--top-k", type=positive, default=5, help="labels per image")
+    s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")
     s.add_argument("--filename", default="model.onnx", help="ONNX file of the bundle (model_int8.onnx, ...)")
+
+    from .serve.cli import add_serve_arguments, add_triton_arguments, cmd_serve, cmd_triton
+
+    add_serve_arguments(command("serve", cmd_serve, "serve bundles over the Open Inference Protocol (KServe v2, "
+                                "Triton's HTTP API), without torch"))
+    add_triton_arguments(command("triton", cmd_triton, "add a bundle to a Triton Inference Server model repository"))
 
     s = command("quickstart", _cmd_quickstart, "the whole chain on bundled digits, offline")
     s.add_argument("--out", default="artifacts/quickstart", help="folder for the run, the bundle and the digits")
-    s.add_argument("--epochs", type=_positive, default=10, help="training epochs")
+    s.add_argument("--epochs", type=positive, default=10, help="training epochs")
     s.add_argument("--no-progress", action="store_true", help="log lines instead of progress bars")
     return p, parsers
 

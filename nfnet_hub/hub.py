@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from .bundle_files import CHECKSUMS, ONNX_FILES, REQUIRED
 from .errors import BundleError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
@@ -27,9 +28,6 @@ from .preprocess import data_config, export_size
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
-REQUIRED = ("model.safetensors", "config.json", "model.onnx", "README.md", "export.json")
-CHECKSUMS = "checksums.sha256"
 
 
 def sha256(path: Path) -> str:

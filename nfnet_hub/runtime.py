@@ -53,14 +53,17 @@ class OnnxClassifier:
     """Image classifier over an exported ``model.onnx`` and its ``config.json``."""
 
     def __init__(self, model_path: str | os.PathLike, config: dict[str, Any] | None = None, *,
-                 providers: Sequence[str] | None = None):
+                 providers: Sequence[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
         model_path = Path(model_path)
         if not model_path.is_file():
             raise UsageError(f"no ONNX model at {model_path}")
+        options = ort.SessionOptions()
+        if threads:  # intra-op threads of one run (default: ONNX Runtime's, one per physical core)
+            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(model_path), providers=_choose_providers(providers))
+            self.session = ort.InferenceSession(str(model_path), options, providers=_choose_providers(providers))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
             raise UsageError(f"{model_path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -89,7 +92,8 @@ class OnnxClassifier:
     @classmethod
     def from_pretrained(cls, repo_or_dir: str | os.PathLike, *, revision: str | None = None,
                         filename: str = "model.onnx", providers: Sequence[str] | None = None,
-                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> OnnxClassifier:
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                        threads: int | None = None) -> OnnxClassifier:
         """Load from a local bundle folder or a Hub repository id (``ORG/NAME``).
 
         A name that looks like a path (it exists, starts with ``.``, ``/`` or ``~``, has more than one
@@ -120,7 +124,7 @@ class OnnxClassifier:
                 config_file = Path(hf_hub_download(repo_id, "config.json", **kw))
                 model_file = Path(hf_hub_download(repo_id, filename, **kw))
         config = json.loads(config_file.read_text()) if config_file.is_file() else None
-        return cls(model_file, config, providers=providers)
+        return cls(model_file, config, providers=providers, threads=threads)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits of a preprocessed NCHW float32 batch."""

@@ -20,6 +20,8 @@ import timm
 import torch
 from conftest import randomise
 from hub_stub import HubStub
+from serving import Server
+from tritonclient.http import InferenceServerClient, InferInput
 
 from nfnet_hub.cli import main
 from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
@@ -255,3 +257,11 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
     assert export.returncode == 0, export.stderr
     assert "weights: pretrained weights of hf-hub:me/nano" in export.stdout
     assert (tmp_path / "from-hub" / "model.onnx").is_file()
+    # nfnet-hub serve takes a repo id, through huggingface_hub's cache
+    with Server("me/nano", env={**env, "HF_HOME": str(tmp_path / "hf-serve")}) as url:
+        client = InferenceServerClient(url.removeprefix("http://"))
+        pixels = InferInput("pixel_values", [2, 3, 32, 32], "FP32")
+        pixels.set_data_from_numpy(x.numpy())
+        np.testing.assert_allclose(client.infer("nano", [pixels]).as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
+        client.close()
+    assert any((tmp_path / "hf-serve").rglob("model.onnx"))

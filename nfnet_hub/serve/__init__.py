@@ -1,0 +1,2 @@
+"""Production inference: an Open Inference Protocol server (``server``, ``model``, ``batching``,
+``metrics``) and Triton model repositories (``triton``). Nothing here imports torch."""

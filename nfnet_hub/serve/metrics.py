@@ -1,0 +1,102 @@
+"""Prometheus metrics of the server, and the request-size limit, as one ASGI middleware.
+
+The metrics go to prometheus_client's default registry, which KServe's ``/metrics`` route exposes
+beside its own. The middleware sees every inference request, including those KServe refuses before
+the model runs (malformed JSON, an unknown model), so failures are counted wherever they happen.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
+_MODEL = ["model"]
+REQUESTS = Counter("nfnet_hub_requests", "inference requests received", _MODEL)
+FAILURES = Counter("nfnet_hub_request_failures", "inference requests answered with an error", _MODEL + ["code"])
+REQUEST_SECONDS = Histogram("nfnet_hub_request_seconds", "inference request latency, body to answer", _MODEL,
+                            buckets=_LATENCY)
+QUEUE_SECONDS = Histogram("nfnet_hub_queue_seconds", "time a request waited for its batch to start", _MODEL,
+                          buckets=_LATENCY)
+COMPUTE_SECONDS = Histogram("nfnet_hub_compute_seconds", "ONNX Runtime time per batch", _MODEL, buckets=_LATENCY)
+BATCH_SIZE = Histogram("nfnet_hub_batch_size", "rows per batch run by ONNX Runtime", _MODEL,
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+def observer(model: str):
+    """The ``observe`` callback of one model's batcher."""
+    queue, compute, size = QUEUE_SECONDS.labels(model), COMPUTE_SECONDS.labels(model), BATCH_SIZE.labels(model)
+
+    def observe(queue_seconds: list[float], compute_seconds: float, rows: int) -> None:
+        for q in queue_seconds:
+            queue.observe(q)
+        compute.observe(compute_seconds)
+        size.observe(rows)
+    return observe
+
+
+class InferenceGate:
+    """ASGI middleware: refuses request bodies above ``max_body_bytes`` and counts inference requests."""
+
+    def __init__(self, app, *, max_body_bytes: int, models: set[str]):
+        self.app, self.max_body_bytes, self.models = app, max_body_bytes, models
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = f"request body above the server's limit of {self.max_body_bytes / 2**20:g} MB (--max-request-mb)"
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _error(send, 400, too_big)
+        match = _INFER.match(scope.get("path", ""))
+        if match is None:
+            return await self.app(scope, receive, send)
+        if b"inference-header-content-length" not in dict(scope["headers"]):
+            # The protocol's body is JSON unless that header says where JSON ends and binary data begins;
+            # tritonclient and curl -d do not say application/json, which FastAPI needs to parse it.
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                         + [(b"content-type", b"application/json")])
+        model = match.group(1) if match.group(1) in self.models else "(unknown)"  # bounded label values
+        started, status = time.perf_counter(), [500]
+        REQUESTS.labels(model).inc()
+        body = bytearray()  # read here, bounded, whether or not the client sent a Content-Length
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > self.max_body_bytes:
+                FAILURES.labels(model, "400").inc()
+                return await _error(send, 400, too_big)
+            if not message.get("more_body"):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        async def record(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+        try:
+            await self.app(scope, replay, record)
+        finally:
+            REQUEST_SECONDS.labels(model).observe(time.perf_counter() - started)
+            if status[0] >= 400:
+                FAILURES.labels(model, str(status[0])).inc()
+
+
+async def _error(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

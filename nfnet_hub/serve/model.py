@@ -1,0 +1,151 @@
+"""One bundle as a KServe model: Open Inference Protocol inputs in, logits (and top-k labels) out.
+
+Inputs: ``pixel_values`` FP32 ``[N, 3, H, W]`` (preprocessed), or ``image`` BYTES ``[N]`` (encoded
+JPEG/PNG/WebP/BMP files, as base64 strings in JSON; preprocessed here with the bundle's timm eval
+transform). Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also
+``labels`` BYTES ``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first).
+Every mistake in a request is a ``kserve.errors.InvalidInput``, which KServe answers with
+``{"error": ...}`` and HTTP 400.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import sys
+import uuid
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..runtime import OnnxClassifier
+from .batching import Batcher
+from .metrics import observer
+
+_argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv for its own options when first imported
+try:
+    import kserve.model_server  # noqa: F401
+    from kserve import InferOutput, InferRequest, InferResponse, Model
+    from kserve.errors import InvalidInput
+finally:
+    sys.argv = _argv
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+class BundleModel(Model):
+    """A bundle's ONNX model behind the batcher, named as clients address it."""
+
+    def __init__(self, name: str, classifier: OnnxClassifier, *, max_batch_size: int, max_delay_ms: float,
+                 instances: int):
+        super().__init__(name)
+        self.classifier = classifier
+        self.channels, self.height, self.width = 3, *classifier.preprocess.input_size
+        self.num_classes = len(classifier.labels)
+        self.max_batch_size = max_batch_size
+        self.batcher = Batcher(classifier.logits, max_batch_size=max_batch_size, max_delay_s=max_delay_ms / 1000,
+                               instances=instances, observe=observer(name))
+        self.ready = True
+
+    def get_input_types(self) -> list[dict]:
+        return [{"name": "pixel_values", "datatype": "FP32", "shape": [-1, self.channels, self.height, self.width]},
+                {"name": "image", "datatype": "BYTES", "shape": [-1]}]
+
+    def get_output_types(self) -> list[dict]:
+        return [{"name": "logits", "datatype": "FP32", "shape": [-1, self.num_classes]},
+                {"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]}]
+
+    async def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
+                      response_headers: dict[str, str] | None = None) -> InferResponse:
+        if not isinstance(payload, InferRequest):
+            raise InvalidInput("expected an Open Inference Protocol v2 request")
+        top_k = self._top_k(payload.parameters or {})
+        wanted = [o.name for o in payload.request_outputs or []] or (
+            ["logits", "labels", "scores"] if top_k else ["logits"])
+        unknown = sorted(set(wanted) - {"logits", "labels", "scores"})
+        if unknown:
+            raise InvalidInput(f"unknown output {', '.join(map(repr, unknown))}: this model answers 'logits', and "
+                               "'labels' and 'scores' with the request parameter top_k")
+        if not top_k and {"labels", "scores"} & set(wanted):
+            raise InvalidInput("outputs 'labels' and 'scores' need the request parameter top_k")
+        try:
+            logits = await self.batcher(await self._pixels(payload))
+        except ValueError as e:  # the batcher's size limit
+            raise InvalidInput(str(e)) from None
+        outputs = {"logits": logits}
+        if top_k:
+            order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            probs = e / e.sum(axis=1, keepdims=True)
+            outputs["scores"] = np.take_along_axis(probs, order, axis=1).astype(np.float32)
+            outputs["labels"] = np.array([[self.classifier.labels[i].encode() for i in row] for row in order],
+                                         dtype=np.object_)
+        infer_outputs = []
+        for name in wanted:
+            out = InferOutput(name, list(outputs[name].shape), "BYTES" if name == "labels" else "FP32")
+            out.set_data_from_numpy(outputs[name], binary_data=False)
+            infer_outputs.append(out)
+        return InferResponse(payload.id or str(uuid.uuid4()), self.name, infer_outputs,
+                             use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
+
+    def _top_k(self, parameters) -> int:
+        top_k = parameters.get("top_k", 0)
+        if hasattr(top_k, "int64_param"):  # gRPC's InferParameter
+            top_k = top_k.int64_param
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= self.num_classes:
+            raise InvalidInput(f"parameter top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
+        return top_k
+
+    async def _pixels(self, payload: InferRequest) -> np.ndarray:
+        """The request's one input as a preprocessed float32 NCHW batch."""
+        names = [i.name for i in payload.inputs]
+        if len(names) != 1 or names[0] not in ("pixel_values", "image"):
+            raise InvalidInput(f"expected one input, 'pixel_values' (FP32 [N,{self.channels},{self.height},"
+                               f"{self.width}]) or 'image' (BYTES [N]), got {names}")
+        tensor = payload.inputs[0]
+        shape = list(tensor.shape)
+        if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+            raise InvalidInput(f"input {tensor.name!r} has shape {shape}: every dimension must be a positive integer")
+        if len(shape) and shape[0] > self.max_batch_size:
+            raise InvalidInput(f"a batch of {shape[0]} is above the server's --max-batch-size {self.max_batch_size}")
+        if tensor.name == "pixel_values":
+            expected = [self.channels, self.height, self.width]
+            if tensor.datatype != "FP32":
+                raise InvalidInput(f"input 'pixel_values' must be FP32, got {tensor.datatype}")
+            if len(shape) != 4 or shape[1:] != expected:
+                raise InvalidInput(f"input 'pixel_values' must have shape [N,{','.join(map(str, expected))}], "
+                                   f"got {shape}")
+            try:
+                pixels = tensor.as_numpy()
+            except Exception as e:  # data that does not fill the declared shape
+                raise InvalidInput(f"input 'pixel_values' data does not match its shape {shape}: {e}") from None
+            if pixels.dtype != np.float32 or list(pixels.shape) != shape:
+                raise InvalidInput(f"input 'pixel_values' data does not match its shape {shape}")
+            return pixels
+        if tensor.datatype != "BYTES" or len(shape) != 1:
+            raise InvalidInput(f"input 'image' must be BYTES of shape [N] (one encoded image each), got "
+                               f"{tensor.datatype} {shape}")
+        try:  # binary data carries the files as they are; JSON strings carry them base64-encoded
+            files = [base64.b64decode(b, validate=True) if isinstance(b, str) else bytes(b)
+                     for b in tensor.as_numpy().ravel()]
+        except Exception as e:
+            raise InvalidInput(f"input 'image' data does not match its shape {shape}: {e}") from None
+        if len(files) != shape[0]:
+            raise InvalidInput(f"input 'image' holds {len(files)} elements for shape {shape}")
+        return await asyncio.to_thread(self._decode, files)
+
+    def _decode(self, files: list[bytes]) -> np.ndarray:
+        images = []
+        for i, data in enumerate(files):
+            try:
+                img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+                img.load()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                raise InvalidInput(f"input 'image' element {i} is not a {'/'.join(IMAGE_FORMATS)} image "
+                                   f"({type(e).__name__}: {str(e)[:120]})") from None
+            images.append(img)
+        return self.classifier.preprocess.batch(images)
+
+    def stop(self) -> None:
+        self.batcher.close()

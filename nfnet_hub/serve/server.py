@@ -1,0 +1,182 @@
+"""``nfnet-hub serve``: bundles behind KServe's model server, speaking the Open Inference Protocol v2.
+
+KServe's Python server (FastAPI + uvicorn) gives the protocol: health, metadata, JSON and Triton's
+binary tensor extension, ``{"error": ...}`` answers, ``/metrics``. nfnet-hub adds the models, a batcher
+per model, its own metrics and the request-size limit. uvicorn drains in-flight requests on SIGTERM.
+"""
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle_files import ONNX_FILES
+from ..errors import UsageError
+from ..runtime import OnnxClassifier, _looks_local
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How models are served (the CLI's options, with the same defaults)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    precision: str = "fp32"
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    instances: int = 1
+    threads: int | None = None
+    max_request_mb: float = 64.0
+    grace_period_s: int = 30
+
+
+def _is_bundle(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in ONNX_FILES.values())
+
+
+def find_bundles(source: str, *, name: str | None = None) -> dict[str, str]:
+    """Model names and where their bundles are: one bundle folder, a folder of bundle folders (each served
+    under its folder's name), or a Hub repo id (served under its name part)."""
+    path = Path(source).expanduser()
+    if not _looks_local(source):
+        found = {name or source.split("/")[1]: source}
+    elif not path.is_dir():
+        raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files)"
+                                                            if path.is_file() else ""))
+    elif _is_bundle(path):
+        found = {name or path.resolve().name: str(path)}
+    else:
+        found = {p.name: str(p) for p in sorted(path.iterdir()) if p.is_dir() and _is_bundle(p)}
+        if not found:
+            raise UsageError(f"{source} is neither a bundle folder (config.json and model.onnx) nor a folder of them")
+        if name:
+            raise UsageError(f"--name names one model, but {source} holds {len(found)} bundles, each served under "
+                             "its folder's name")
+    for model_name in found:
+        if not _NAME.match(model_name):
+            raise UsageError(f"{model_name!r} cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
+                             "give --name")
+    return found
+
+
+def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, providers=None,
+                     require_cuda: bool = False, log: Callable = print) -> dict[str, OnnxClassifier]:
+    """An ONNX Runtime session per bundle, opened and run once (the first run allocates)."""
+    import onnxruntime as ort
+
+    if require_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise UsageError("--device cuda: this ONNX Runtime has no CUDA provider (install nfnet-hub[serve,gpu], which "
+                         f"brings onnxruntime-gpu); it has {', '.join(ort.get_available_providers())}")
+    filename = ONNX_FILES[options.precision]
+    classifiers = {}
+    for model_name, where in bundles.items():
+        local = Path(where)
+        if local.is_dir() and not (local / filename).is_file():
+            have = sorted(p for p, f in ONNX_FILES.items() if (local / f).is_file())
+            raise UsageError(f"bundle {where} has no {options.precision} model ({filename}); it has: {', '.join(have)}")
+        clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=options.threads)
+        clf.logits(clf.preprocess.batch([_blank(clf.preprocess.input_size)]))
+        h, w = clf.preprocess.input_size
+        log(f"model {model_name}: {where} ({filename}, {clf.device}), input 3x{h}x{w}, {len(clf.labels)} classes, "
+            f"{clf.preprocess.describe()}")
+        classifiers[model_name] = clf
+    return classifiers
+
+
+def load_models(bundles: dict[str, str], options: ServeOptions, *, providers=None, require_cuda: bool = False,
+                log: Callable = print) -> list:
+    """One ``BundleModel`` per bundle. The sessions open in a thread while KServe is imported (about 0.7 s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_classifiers, bundles, options, providers=providers, require_cuda=require_cuda,
+                              log=log)
+        from .model import BundleModel
+
+        classifiers = loading.result()
+    return [BundleModel(name, clf, max_batch_size=options.max_batch_size, max_delay_ms=options.max_delay_ms,
+                        instances=options.instances) for name, clf in classifiers.items()]
+
+
+def _blank(size: tuple[int, int]):
+    from PIL import Image
+
+    return Image.new("RGB", (size[1], size[0]))
+
+
+def _check_port(host: str, port: int) -> None:
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def serve(source: str, *, name: str | None = None, options: ServeOptions = ServeOptions(), providers=None,
+          require_cuda: bool = False, log: Callable = print) -> None:
+    """Serve the bundles of ``source`` until SIGTERM or Ctrl-C, then drain in-flight requests and return."""
+    if options.precision not in ONNX_FILES:
+        raise UsageError(f"unknown precision {options.precision!r}: choose one of {', '.join(ONNX_FILES)}")
+    _check_port(options.host, options.port)
+    models = load_models(find_bundles(source, name=name), options, providers=providers, require_cuda=require_cuda,
+                         log=log)
+    rest = _rest_server(models, options)
+    base = f"http://{options.host}:{options.port}"
+    log(f"serving {', '.join(m.name for m in models)} at {base}/v2/models/NAME/infer (Open Inference Protocol v2), "
+        f"metrics at {base}/metrics; batches of up to {options.max_batch_size} within {options.max_delay_ms:g} ms, "
+        f"{options.instances} at a time")
+    import asyncio
+    import signal
+    import warnings
+
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")  # KServe's choice, not the user's
+    # uvicorn drains on SIGTERM/SIGINT, then raises the signal again for the handler it found: make that
+    # one a no-op, so that a drained server exits 0 rather than dying of the signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        asyncio.run(rest.start())
+    finally:
+        for model in models:
+            model.stop()
+    log("stopped: in-flight requests answered")
+
+
+def _rest_server(models: list, options: ServeOptions):
+    """KServe's REST server over these models, bound to ``options.host`` (KServe binds every interface)."""
+    from fastapi.exceptions import RequestValidationError
+    from kserve.model_repository import ModelRepository
+    from kserve.model_server import app  # imported (sys.argv set aside) by .model, which every caller loads first
+    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
+    from kserve.protocol.rest.server import RESTServer
+
+    from .binary import BinaryDataPlane
+    from .metrics import InferenceGate
+
+    repository = ModelRepository()
+    for model in models:
+        repository.update(model)
+    rest = RESTServer("kserve.model_server:app", BinaryDataPlane(model_registry=repository),
+                      ModelRepositoryExtension(model_registry=repository), options.port,
+                      grace_period=options.grace_period_s)
+    rest.config.host = options.host
+    rest.config.access_log = False
+    app.add_exception_handler(RequestValidationError, _invalid_body)
+    app.add_middleware(InferenceGate, max_body_bytes=int(options.max_request_mb * 2**20),
+                       models={m.name for m in models})
+    return rest
+
+
+
+async def _invalid_body(request, exc):
+    """A body that is not a protocol request (malformed JSON, missing fields): the protocol's 400, not
+    FastAPI's 422."""
+    from fastapi.responses import JSONResponse
+
+    where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())[1:])) or 'body'}: {e.get('msg', '')}"
+                      for e in exc.errors()[:3])
+    return JSONResponse({"error": f"not an inference request ({where})"}, status_code=400)

@@ -1,0 +1,116 @@
+"""``nfnet-hub triton``: a bundle as a Triton Inference Server model repository entry.
+
+Writes ``REPO/NAME/1/model.onnx``, ``REPO/NAME/config.pbtxt`` (batching, tensors read from the ONNX
+file itself, instances, accelerator), ``REPO/NAME/labels.txt`` (Triton's classification extension)
+and ``REPO/NAME/README.md`` with the ``tritonserver`` command. Other models in REPO are left alone.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..bundle_files import ONNX_FILES
+from ..errors import UsageError
+from ..files import atomic_folder, check_writable_folder
+
+_TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
+          2: "TYPE_UINT8", 9: "TYPE_BOOL"}
+_OURS = {"config.pbtxt", "labels.txt", "README.md", "1"}
+ACCELERATORS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    data_type: str
+    dims: list[int]  # without the batch dimension
+
+
+def onnx_tensors(path: Path) -> tuple[list[Tensor], list[Tensor]]:
+    """Inputs and outputs of an ONNX file whose first dimension is a dynamic batch."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    initializers = {i.name for i in graph.initializer}
+
+    def tensors(values) -> list[Tensor]:
+        out = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+            if not dims or t.shape.dim[0].HasField("dim_value"):
+                raise UsageError(f"{path}: {v.name!r} has no dynamic batch dimension; re-export it with nfnet-hub")
+            out.append(Tensor(v.name, _TYPES.get(t.elem_type, f"elem_type {t.elem_type}"), dims[1:]))
+        return out
+    return tensors(graph.input), tensors(graph.output)
+
+
+def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, max_batch_size: int,
+                 max_delay_ms: float, instances: int, gpu: bool, accelerator: str, precision: str = "fp32") -> str:
+    """``config.pbtxt`` text (Triton's ``ModelConfig`` message)."""
+    def tensor(t: Tensor, extra: str = "") -> str:
+        return f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ {", ".join(map(str, t.dims))} ]{extra} }}'
+    lines = [f'name: "{name}"', 'backend: "onnxruntime"', f"max_batch_size: {max_batch_size}",
+             "input [", ",\n".join(tensor(t) for t in inputs), "]",
+             "output [", ",\n".join(tensor(t, ' label_filename: "labels.txt"' if i == 0 else "")
+                                    for i, t in enumerate(outputs)), "]",
+             f"dynamic_batching {{ max_queue_delay_microseconds: {round(max_delay_ms * 1000)} }}",
+             f"instance_group [ {{ count: {instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]"]
+    if gpu and accelerator == "tensorrt":
+        mode = "FP16" if precision == "fp16" else "FP32"  # int8 models carry their own quantisation
+        lines.append('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
+                     f'parameters {{ key: "precision_mode" value: "{mode}" }} }} ] }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None = None, precision: str = "fp32",
+                     max_batch_size: int = 32, max_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
+                     accelerator: str = "onnxruntime", overwrite: bool = False) -> Path:
+    """Add ``bundle`` to the Triton model repository ``repo`` as ``name``; the model's folder."""
+    bundle, repo = Path(bundle), Path(repo)
+    if accelerator not in ACCELERATORS:
+        raise UsageError(f"unknown accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
+    if accelerator == "tensorrt" and not gpu:
+        raise UsageError("--accelerator tensorrt needs --gpu (TensorRT runs on NVIDIA GPUs only)")
+    if precision not in ONNX_FILES:
+        raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(ONNX_FILES)}")
+    onnx_file, config_file = bundle / ONNX_FILES[precision], bundle / "config.json"
+    if not config_file.is_file() or not onnx_file.is_file():
+        raise UsageError(f"{bundle} is not a bundle with a {precision} model (needs config.json and {onnx_file.name})")
+    name = name or bundle.resolve().name
+    target = repo / name
+    if target.exists():
+        if not overwrite:
+            raise UsageError(f"{target} exists: pass --overwrite to replace it")
+        if not target.is_dir() or not (target / "config.pbtxt").is_file() or set(
+                p.name for p in target.iterdir()) - _OURS:
+            raise UsageError(f"refusing to replace {target}: it is not a model folder this command wrote")
+    check_writable_folder(repo)
+    inputs, outputs = onnx_tensors(onnx_file)
+    config = json.loads(config_file.read_text())
+    labels = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names") or []
+    text = model_config(name, inputs, outputs, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
+                        instances=instances, gpu=gpu, accelerator=accelerator, precision=precision)
+    with atomic_folder(target, replace=overwrite) as tmp:
+        (tmp / "1").mkdir()
+        shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
+        (tmp / "config.pbtxt").write_text(text)
+        (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+        (tmp / "README.md").write_text(_readme(name, repo, inputs, outputs, gpu))
+    return target
+
+
+def _readme(name: str, repo: Path, inputs: list[Tensor], outputs: list[Tensor], gpu: bool) -> str:
+    shape = lambda t: "[N, " + ", ".join(map(str, t.dims)) + "]"  # noqa: E731
+    return (f"# {name} for Triton Inference Server\n\nWritten by `nfnet-hub triton` from an nfnet-hub bundle. "
+            f"Serve the repository with\n\n```\ntritonserver --model-repository={repo.resolve()}\n```\n\n"
+            f"or in NVIDIA's container, `docker run --rm {'--gpus all ' if gpu else ''}-p8000:8000 -p8001:8001 "
+            f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
+            f"--model-repository=/models`.\n\nInput `{inputs[0].name}` {inputs[0].data_type} {shape(inputs[0])} "
+            f"(preprocessed as the bundle's config.json says); output `{outputs[0].name}` {outputs[0].data_type} "
+            f"{shape(outputs[0])}, with labels from labels.txt through the classification extension. The same "
+            "Open Inference Protocol client works against `nfnet-hub serve` and KServe.\n")

@@ -1,0 +1,284 @@
+"""``nfnet-hub serve`` on loopback, talked to with tritonclient (a client nobody here wrote).
+
+One server (the suite's trained nano, torch unimportable in its process) answers every test of the
+module; the drain test starts its own. Expected answers come from ``OnnxClassifier`` in this process.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import io
+import json
+import re
+import threading
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+from PIL import Image
+from serving import Server, free_port
+
+from nfnet_hub.preprocess import list_images
+from nfnet_hub.runtime import OnnxClassifier
+
+tritonclient_http = pytest.importorskip("tritonclient.http")
+MAX_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def server(nano_bundle):
+    # A 200 ms window makes concurrent requests meet in one batch even on a loaded 2-core machine.
+    with Server(str(nano_bundle), "--name", "nano", "--max-batch-size", str(MAX_BATCH), "--max-delay-ms", "200",
+                "--max-request-mb", "1", "--workers", "2") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = tritonclient_http.InferenceServerClient(server.removeprefix("http://"), concurrency=16)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def clf(nano_bundle):
+    return OnnxClassifier.from_pretrained(nano_bundle)
+
+
+@pytest.fixture(scope="module")
+def digit_files(digits_folders):
+    return list_images(digits_folders / "validation")[:40]
+
+
+def _encoded(path, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.open(path).convert("RGB").save(buf, fmt)
+    return buf.getvalue()
+
+
+def _pixels_input(x: np.ndarray, binary: bool = True):
+    i = tritonclient_http.InferInput("pixel_values", list(x.shape), "FP32")
+    i.set_data_from_numpy(x, binary_data=binary)
+    return i
+
+
+def _post(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        data = r.read()
+        return r.status, json.loads(data) if data else {}
+    finally:
+        conn.close()
+
+
+def _metrics(url: str) -> str:
+    conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return text
+
+
+def test_health_and_metadata(client, clf):
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("nano")
+    assert not client.is_model_ready("no-such-model")
+    meta = client.get_model_metadata("nano")
+    h, w = clf.preprocess.input_size
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
+        "pixel_values": ("FP32", [-1, 3, h, w]), "image": ("BYTES", [-1])}
+    assert meta["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, len(clf.labels)]}
+    assert "name" in client.get_server_metadata()
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_pixel_values_give_the_classifiers_logits(client, clf, binary):
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = tritonclient_http.InferRequestedOutput("logits", binary_data=binary)
+    result = client.infer("nano", [_pixels_input(x, binary)], outputs=[out])
+    np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), rtol=0, atol=1e-5)
+    assert (result.get_response()["outputs"][0].get("parameters") or {}).get("binary_data_size") == (
+        3 * len(clf.labels) * 4 if binary else None)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
+def test_image_bytes_are_preprocessed_like_the_runtime_and_give_top_k(client, clf, digit_files, fmt):
+    files = [_encoded(p, fmt) for p in digit_files[:3]]
+    images = [Image.open(io.BytesIO(f)) for f in files]
+    i = tritonclient_http.InferInput("image", [len(files)], "BYTES")
+    i.set_data_from_numpy(np.array(files, dtype=np.object_))
+    result = client.infer("nano", [i], parameters={"top_k": 3})
+    np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(clf.preprocess.batch(images)), atol=1e-5)
+    expected = clf.predict(images, top_k=3)
+    labels, scores = result.as_numpy("labels"), result.as_numpy("scores")
+    assert labels.shape == scores.shape == (3, 3)
+    assert [[b.decode() for b in row] for row in labels] == [[p.label for p in row] for row in expected]
+    np.testing.assert_allclose(scores, [[p.probability for p in row] for row in expected], atol=1e-5)
+
+
+def test_image_bytes_in_json_are_base64(server, clf, digit_files):
+    data = _encoded(digit_files[0], "PNG")
+    body = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(data).decode()]}],
+            "parameters": {"top_k": 1}}
+    status, answer = _post(server, "/v2/models/nano/infer", json.dumps(body).encode(),
+                           {"Content-Type": "application/json"})
+    assert status == 200, answer
+    outputs = {o["name"]: o for o in answer["outputs"]}
+    assert outputs["labels"]["data"] == [clf.predict([Image.open(io.BytesIO(data))], top_k=1)[0][0].label]
+
+
+def test_concurrent_requests_are_batched_and_each_answer_is_its_own(server, client, clf):
+    before = _batch_counts(_metrics(server))
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_normal((1 + k % 2, 3, 32, 32)).astype(np.float32) for k in range(16)]
+    pending = [client.async_infer("nano", [_pixels_input(x)], request_id=str(k)) for k, x in enumerate(xs)]
+    for k, (x, p) in enumerate(zip(xs, pending)):
+        result = p.get_result(timeout=120)
+        assert result.get_response()["id"] == str(k)
+        np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), atol=1e-5)
+    after = _batch_counts(_metrics(server))
+    batches, rows, of_one = (after[k] - before[k] for k in ("count", "sum", "le1"))
+    assert rows == sum(len(x) for x in xs)
+    assert batches - of_one >= 1 and batches < len(xs), f"{batches} batches for {len(xs)} requests"
+
+
+def _batch_counts(metrics: str) -> dict[str, float]:
+    def value(pattern: str) -> float:
+        m = re.search(pattern + r' ([0-9.e+]+)', metrics)
+        return float(m.group(1)) if m else 0.0
+    return {"count": value(r'nfnet_hub_batch_size_count\{model="nano"\}'),
+            "sum": value(r'nfnet_hub_batch_size_sum\{model="nano"\}'),
+            "le1": value(r'nfnet_hub_batch_size_bucket\{le="1\.0",model="nano"\}')}
+
+
+def test_metrics_cover_requests_latency_queue_compute_and_failures(server, client):
+    client.infer("nano", [_pixels_input(np.zeros((1, 3, 32, 32), np.float32))])
+    _post(server, "/v2/models/nano/infer", b"{not json")
+    text = _metrics(server)
+    for name in ("nfnet_hub_requests_total", "nfnet_hub_request_seconds_bucket", "nfnet_hub_queue_seconds_bucket",
+                 "nfnet_hub_compute_seconds_bucket", "nfnet_hub_batch_size_bucket"):
+        assert re.search(name + r'\{[^}]*model="nano"', text), name
+    assert re.search(r'nfnet_hub_request_failures_total\{code="400",model="nano"\} [1-9]', text)
+
+
+def _binary(header: dict, tail: bytes) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    return head + tail, {"Inference-Header-Content-Length": str(len(head)),
+                         "Content-Type": "application/octet-stream"}
+
+
+def _request(name="pixel_values", shape=(1, 3, 32, 32), datatype="FP32", data=None, **extra) -> bytes:
+    data = data if data is not None else [0.0] * int(np.prod(shape))
+    return json.dumps({"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": data}],
+                       **extra}).encode()
+
+
+def _bad_requests():
+    x = np.zeros((1, 3, 32, 32), np.float32).tobytes()
+    spec = {"name": "pixel_values", "shape": [1, 3, 32, 32], "datatype": "FP32"}
+    return {
+        "wrong shape": ("nano", _request(shape=(1, 3, 16, 16)), {}, "shape"),
+        "wrong dtype": ("nano", _request(datatype="INT32", data=[0] * 3072), {}, "FP32"),
+        "wrong input name": ("nano", _request(name="pixels"), {}, "pixel_values"),
+        "two inputs": ("nano", json.dumps({"inputs": [json.loads(_request())["inputs"][0]] * 2}).encode(), {},
+                       "one input"),
+        "unknown model": ("no-such-model", _request(), {}, "no-such-model"),
+        "malformed JSON": ("nano", b'{"inputs": [', {}, "not an inference request"),
+        "no inputs field": ("nano", b'{"outputs": []}', {}, "inputs"),
+        "data shorter than shape": ("nano", _request(data=[0.0] * 10), {}, "shape"),
+        "non-image bytes": ("nano", _request(name="image", shape=(1,), datatype="BYTES",
+                                              data=[base64.b64encode(b"not an image").decode()]), {}, "not a"),
+        "BYTES not base64": ("nano", _request(name="image", shape=(1,), datatype="BYTES", data=["%%%"]), {},
+                             "image"),
+        "truncated binary data": ("nano", *_binary({"inputs": [{**spec, "parameters": {"binary_data_size": len(x)}}]},
+                                                   x[:100]), "truncated"),
+        "binary header past the body": ("nano", b'{"inputs": []}', {"Inference-Header-Content-Length": "999"},
+                                        "length"),
+        "batch above the limit": ("nano", _request(shape=(MAX_BATCH + 1, 3, 32, 32)), {}, "--max-batch-size"),
+        "negative dim": ("nano", _request(shape=(-1, 3, 32, 32), data=[]), {}, "positive"),
+        "zero dim": ("nano", _request(shape=(0, 3, 32, 32), data=[]), {}, "positive"),
+        "top_k too large": ("nano", _request(parameters={"top_k": 11}), {}, "top_k"),
+        "top_k not a number": ("nano", _request(parameters={"top_k": "5"}), {}, "top_k"),
+        "unknown output": ("nano", _request(outputs=[{"name": "probs"}]), {}, "probs"),
+        "oversized body": ("nano", b" " * (2 << 20) + _request(), {}, "--max-request-mb"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests()))
+def test_bad_requests_get_the_protocols_error_and_the_server_keeps_serving(server, client, clf, case):
+    model, body, headers, words = _bad_requests()[case]
+    status, answer = _post(server, f"/v2/models/{model}/infer", body, headers)
+    assert status == (404 if case == "unknown model" else 400), (status, answer)
+    assert set(answer) == {"error"} and words in answer["error"], answer
+    x = np.ones((1, 3, 32, 32), np.float32)
+    np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+
+
+def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):
+    server = Server(str(nano_bundle), "--name", "nano", "--max-delay-ms", "1500")
+    url = server.__enter__()
+    x = np.full((2, 3, 32, 32), 0.5, np.float32)
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(_post(url, "/v2/models/nano/infer", _request(
+        shape=x.shape, data=x.ravel().tolist()))))
+    sender.start()
+    time.sleep(0.7)  # the request now waits in its 1.5 s batch window
+    assert sender.is_alive()
+    code = server.stop()
+    sender.join(timeout=30)
+    assert code == 0, server.output
+    assert answers and answers[0][0] == 200, answers
+    np.testing.assert_allclose(np.array(answers[0][1]["outputs"][0]["data"]).reshape(2, -1), clf.logits(x), atol=1e-5)
+    assert "stopped" in server.output
+
+
+def test_a_folder_of_bundles_serves_each_under_its_folder_name(nano_bundle, tmp_path, clf):
+    import shutil
+
+    for name in ("digits-a", "digits-b"):
+        shutil.copytree(nano_bundle, tmp_path / "models" / name)
+    (tmp_path / "models" / "notes").mkdir()  # not a bundle: skipped
+    with Server(str(tmp_path / "models"), "--precision", "int8") as url:
+        c = tritonclient_http.InferenceServerClient(url.removeprefix("http://"))
+        assert c.is_model_ready("digits-a") and c.is_model_ready("digits-b") and not c.is_model_ready("notes")
+        x = np.zeros((1, 3, 32, 32), np.float32)
+        int8 = OnnxClassifier.from_pretrained(nano_bundle, filename="model_int8.onnx")
+        np.testing.assert_allclose(c.infer("digits-b", [_pixels_input(x)]).as_numpy("logits"), int8.logits(x),
+                                   atol=1e-5)
+        c.close()
+
+
+def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path, capsys):
+    import shutil
+    import socket
+
+    from nfnet_hub.cli import main
+
+    shutil.copytree(nano_bundle, tmp_path / "two" / "a")
+    shutil.copytree(nano_bundle, tmp_path / "two" / "b")
+    (tmp_path / "empty").mkdir()
+    shutil.copytree(nano_bundle, tmp_path / "bad name!")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = [
+            ([str(nano_bundle), "--port", port], "cannot listen on 127.0.0.1:" + port),
+            ([str(nano_bundle), "--precision", "fp16"], "has no fp16 model (model_fp16.onnx); it has: fp32, int8"),
+            ([str(tmp_path / "two"), "--name", "x"], "--name names one model"),
+            ([str(tmp_path / "empty")], "neither a bundle folder"),
+            ([str(tmp_path / "missing")], "no bundle folder at"),
+            ([str(tmp_path / "bad name!")], "give --name"),
+            ([str(nano_bundle / "model.onnx")], "give the folder"),
+            ([str(nano_bundle), "--workers", "0"], "must be a positive integer"),
+            ([str(nano_bundle), "--max-delay-ms", "-1"], "at least 0"),
+            ([str(nano_bundle), "--device", "cuda", "--port", str(free_port())], "has no CUDA provider"),
+        ]
+        for args, words in cases:
+            with pytest.raises(SystemExit) if "positive" in words or "at least" in words else nullcontext():
+                assert main(["serve", *args]) == 2
+            err = capsys.readouterr().err
+            assert words in err and err.count("\n") == 1, (args, err)
+
