@@ -37,10 +37,11 @@ def _gpu_report(results: dict) -> str:
 def test_gpu_benchmark_script_runs_every_step_in_smoke_mode(smoke):
     stdout, _ = smoke
     steps = {line.split(" ", 1)[0]: line for line in stdout.splitlines()}
-    for step in ("peak", "fold", "agc", "onnx"):
+    for step in ("peak", "fold", "agc", "onnx", "serve"):
         assert step in steps, stdout
         assert "'error'" not in steps[step] and "_error'" not in steps[step], steps[step]
     assert "ours_vs_timm" in steps["onnx"] and "int8_speedup" in steps["onnx"]
+    assert "'requests_per_s'" in steps["serve"] and "'errors': 0" in steps["serve"]
 
 
 def test_gpu_report_renders_every_headline_number(smoke):
@@ -52,6 +53,8 @@ def test_gpu_report_renders_every_headline_number(smoke):
     assert f"`per_tensor` {agc['per_tensor_ms']:.2f} ms" in text and f"`grouped` {agc['grouped_ms']:.2f} ms" in text
     assert f"**{results['fold']['float32_b1']['speedup']:.2f}x**" in text
     assert f"({results['onnx']['b2']['int8_speedup']:.2f}x)" in text
+    level = results["serve"]["models"]["nano"]["levels"]["32"]
+    assert f"| nano (3x32x32) | 32 | {level['requests_per_s']:.1f} | {level['raw_images_per_s']:.1f} |" in text
 
 
 def test_gpu_benchmark_checks_our_clipping_against_timms_on_gradients_that_clip(smoke):

@@ -126,7 +126,8 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
                          log=log)
     rest = _rest_server(models, options)
     base = f"http://{options.host}:{options.port}"
-    log(f"serving {', '.join(m.name for m in models)} at {base}/v2/models/NAME/infer (Open Inference Protocol v2), "
+    where = f"{base}/v2/models/{models[0].name if len(models) == 1 else 'NAME'}/infer"
+    log(f"serving {', '.join(m.name for m in models)} at {where} (Open Inference Protocol v2), "
         f"metrics at {base}/metrics; batches of up to {options.max_batch_size} within {options.max_delay_ms:g} ms, "
         f"{options.instances} at a time")
     import asyncio
