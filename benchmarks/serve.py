@@ -69,7 +69,7 @@ def load(url: str, name: str, x: np.ndarray, concurrency: int, requests_each: in
         t.join()
     wall = time.perf_counter() - start
     ms = np.array(latencies) * 1e3
-    return {"requests": len(latencies), "errors": len(errors), "first_error": errors[0] if errors else None,
+    return {"requests": len(latencies), "errors": len(errors), "first_failure": errors[0] if errors else None,
             "requests_per_s": len(latencies) / wall, "p50_ms": float(np.percentile(ms, 50)),
             "p99_ms": float(np.percentile(ms, 99))}
 

@@ -116,7 +116,8 @@ CASES = [
     ("export-missing-labels", ["export", *NANO, "--labels", "nope.txt", "--out", "o"], "no labels file at nope.txt"),
     ("export-label-count", ["export", *NANO, "--labels", "labels3.txt", "--out", "o"],
      "3 label names for a model with 10 classes"),
-    ("export-min-agreement", ["export", *NANO, "--min-agreement", "2", "--out", "o"], "must be a number between 0 and 1"),
+    ("export-min-agreement", ["export", *NANO, "--min-agreement", "2", "--out", "o"],
+     "must be a number between 0 and 1"),
     ("export-bad-local-dir", ["export", "local-dir:nowhere", "--out", "o"], "local-dir:nowhere: no such folder"),
     # validate
     ("validate-random-weights", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_nano"],
