@@ -276,6 +276,23 @@ def serve_section(r: dict, heading: str = "## Serving: `nfnet-hub serve` vs Onnx
     return lines + [""]
 
 
+def libraries_section(r: dict) -> list[str]:
+    """KServe's model server against MLServer, the two Python Open Inference Protocol servers."""
+    lines = ["### The serving library: KServe's model server vs MLServer", "",
+             f"Machine: {_machine(r['machine'])}. Command: `python benchmarks/serving_libraries.py --mlserver ...`. "
+             f"Requests: {r['requests']}, from tritonclient (JSON, since MLServer's REST API has no binary tensor "
+             "extension); each server batches within 5 ms.", "",
+             "| server | C | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    for name, levels in r["servers"].items():
+        for c, x in levels.items():
+            lines.append(f"| {name} | {c} | {x['requests_per_s']:.1f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} |")
+    servers = list(r["servers"].values())
+    ratio = servers[1]["32"]["requests_per_s"] / servers[0]["32"]["requests_per_s"]
+    return lines + ["", f"With JSON at C = 32, MLServer answers {ratio:.2f}x the requests KServe's server does. Only "
+                    "KServe's speaks the binary extension, which tritonclient uses by default and which is much "
+                    "cheaper than JSON (compare the table above); and it is what KServe deployments run.", ""]
+
+
 def gpu_section(r: dict | None) -> list[str]:
     lines = ["## GPU", ""]
     if r is None:
@@ -309,10 +326,13 @@ def main() -> None:
     int8 = json.loads((results / "int8.json").read_text()) if (results / "int8.json").is_file() else None
     trainer = json.loads((results / "trainer.json").read_text()) if (results / "trainer.json").is_file() else None
     serve = json.loads((results / "serve.json").read_text()) if (results / "serve.json").is_file() else None
+    libraries = results / "serving_libraries.json"
+    libraries = json.loads(libraries.read_text()) if libraries.is_file() else None
     text = ["# Benchmarks", "",
             "Every number is a median, measured against the anchor (timm) in the same run. Regenerate with "
             "`python benchmarks/report.py --run`.", "", *cpu_section(cpu), *(int8_section(int8) if int8 else []),
-            *(serve_section(serve) if serve else []), *gpu_section(gpu), *(trainer_section(trainer) if trainer else [])]
+            *(serve_section(serve) if serve else []), *(libraries_section(libraries) if libraries else []),
+            *gpu_section(gpu), *(trainer_section(trainer) if trainer else [])]
     OUT.write_text("\n".join(text))
     _write_readme_table(readme_table(cpu, gpu, serve))
     print(f"wrote {OUT} and the table in {README.name}")

@@ -42,9 +42,10 @@ def bundle(variant: str, out: Path) -> Path:
     return build_bundle(model, out, progress=False, precisions=("fp32",))
 
 
-def load(url: str, name: str, x: np.ndarray, concurrency: int, requests_each: int) -> dict:
-    """Closed-loop load: ``concurrency`` workers, each sending ``requests_each`` one-image requests."""
-    from tritonclient.http import InferenceServerClient, InferInput
+def load(url: str, name: str, x: np.ndarray, concurrency: int, requests_each: int, binary: bool = True) -> dict:
+    """Closed-loop load: ``concurrency`` workers, each sending ``requests_each`` requests of ``x`` (binary
+    tensor data, or JSON)."""
+    from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
     latencies: list[float] = []
     errors: list[str] = []
@@ -52,11 +53,12 @@ def load(url: str, name: str, x: np.ndarray, concurrency: int, requests_each: in
     def worker():
         client = InferenceServerClient(url.removeprefix("http://"), network_timeout=300, connection_timeout=60)
         pixels = InferInput("pixel_values", list(x.shape), "FP32")
-        pixels.set_data_from_numpy(x)
+        pixels.set_data_from_numpy(x, binary_data=binary)
+        outputs = [InferRequestedOutput("logits", binary_data=binary)]
         for _ in range(requests_each):
             t = time.perf_counter()
             try:
-                client.infer(name, [pixels])
+                client.infer(name, [pixels], outputs=outputs)
             except Exception as e:  # recorded, never hidden
                 errors.append(str(e)[:200])
             latencies.append(time.perf_counter() - t)

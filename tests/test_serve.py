@@ -26,11 +26,18 @@ MAX_BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def server(nano_bundle):
+def servers(nano_bundle):
+    """The HTTP URL and the gRPC address of one server."""
     # A 200 ms window makes concurrent requests meet in one batch even on a loaded 2-core machine.
+    grpc_port = free_port()
     with Server(str(nano_bundle), "--name", "nano", "--max-batch-size", str(MAX_BATCH), "--max-delay-ms", "200",
-                "--max-request-mb", "1", "--workers", "2") as url:
-        yield url
+                "--max-request-mb", "1", "--workers", "2", "--grpc-port", str(grpc_port)) as url:
+        yield url, f"127.0.0.1:{grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +220,41 @@ def test_bad_requests_get_the_protocols_error_and_the_server_keeps_serving(serve
     assert set(answer) == {"error"} and words in answer["error"], answer
     x = np.ones((1, 3, 32, 32), np.float32)
     np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+
+
+def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_files):
+    grpc_client = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc_client.InferenceServerClient(servers[1])
+    assert client.is_server_ready() and client.is_model_ready("nano")
+    meta = client.get_model_metadata("nano", as_json=True)
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("pixel_values", "FP32"), ("image", "BYTES")]
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    pixels = grpc_client.InferInput("pixel_values", [2, 3, 32, 32], "FP32").set_data_from_numpy(x)
+    np.testing.assert_allclose(client.infer("nano", [pixels]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+    files = [_encoded(p, "PNG") for p in digit_files[:2]]
+    image = grpc_client.InferInput("image", [2], "BYTES").set_data_from_numpy(np.array(files, dtype=np.object_))
+    result = client.infer("nano", [image], parameters={"top_k": 2})
+    expected = clf.predict([Image.open(io.BytesIO(f)) for f in files], top_k=2)
+    assert [[b.decode() for b in row] for row in result.as_numpy("labels")] == [[p.label for p in r] for r in expected]
+    bad = [("nano", grpc_client.InferInput("pixels", [1, 3, 32, 32], "FP32").set_data_from_numpy(x[:1]),
+            "INVALID_ARGUMENT"),
+           ("no-such-model", pixels, "NOT_FOUND"),
+           ("nano", grpc_client.InferInput("pixel_values", [MAX_BATCH + 1, 3, 32, 32], "FP32").set_data_from_numpy(
+               np.zeros((MAX_BATCH + 1, 3, 32, 32), np.float32)), "INVALID_ARGUMENT")]
+    for model, tensor, status in bad:
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(model, [tensor])
+        assert status in str(e.value.status()), e.value
+    big = np.zeros((MAX_BATCH, 3, 128, 128), np.float32)  # 1.5 MiB: above --max-request-mb 1
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("nano", [grpc_client.InferInput("pixel_values", list(big.shape), "FP32").set_data_from_numpy(big)])
+    assert "RESOURCE_EXHAUSTED" in str(e.value.status())
+    np.testing.assert_allclose(client.infer("nano", [pixels]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+    client.close()
+    assert re.search(r'nfnet_hub_request_failures_total\{code="INVALID_ARGUMENT",model="nano"\} [1-9]',
+                     _metrics(servers[0]))
 
 
 def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):

@@ -22,6 +22,7 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--name", help="model name in URLs (default: the bundle folder's or the repo's name)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=positive, default=8080, help="HTTP port")
+    s.add_argument("--grpc-port", type=positive, help="also serve the protocol's gRPC API on this port (default: off)")
     _batching(s, "--workers")
     s.add_argument("--threads", type=positive, help="ONNX Runtime threads per batch (default: one per core)")
     s.add_argument("--max-request-mb", type=non_negative_float, default=64.0,
@@ -49,7 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[args.device]
     options = ServeOptions(host=args.host, port=args.port, precision=args.precision, max_batch_size=args.max_batch_size,
                            max_delay_ms=args.max_delay_ms, instances=args.workers, threads=args.threads,
-                           max_request_mb=args.max_request_mb, grace_period_s=args.grace_period)
+                           max_request_mb=args.max_request_mb, grace_period_s=args.grace_period,
+                           grpc_port=args.grpc_port)
     serve(args.source, name=args.name, options=options, providers=providers,
           log=lambda line: print(line, flush=True), require_cuda=args.device == "cuda")
     return 0

@@ -32,6 +32,7 @@ class ServeOptions:
     threads: int | None = None
     max_request_mb: float = 64.0
     grace_period_s: int = 30
+    grpc_port: int | None = None  # the protocol's gRPC API too, on this port
 
 
 def _is_bundle(folder: Path) -> bool:
@@ -121,34 +122,65 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
     """Serve the bundles of ``source`` until SIGTERM or Ctrl-C, then drain in-flight requests and return."""
     if options.precision not in ONNX_FILES:
         raise UsageError(f"unknown precision {options.precision!r}: choose one of {', '.join(ONNX_FILES)}")
-    _check_port(options.host, options.port)
+    for port in (options.port, options.grpc_port):
+        if port is not None:
+            _check_port(options.host, port)
+    if options.grpc_port == options.port:
+        raise UsageError(f"--grpc-port {options.grpc_port} is the HTTP port: give another")
     models = load_models(find_bundles(source, name=name), options, providers=providers, require_cuda=require_cuda,
                          log=log)
-    rest = _rest_server(models, options)
+    rest, make_grpc = _servers(models, options)
     base = f"http://{options.host}:{options.port}"
     where = f"{base}/v2/models/{models[0].name if len(models) == 1 else 'NAME'}/infer"
-    log(f"serving {', '.join(m.name for m in models)} at {where} (Open Inference Protocol v2), "
-        f"metrics at {base}/metrics; batches of up to {options.max_batch_size} within {options.max_delay_ms:g} ms, "
-        f"{options.instances} at a time")
+    log(f"serving {', '.join(m.name for m in models)} at {where} (Open Inference Protocol v2"
+        + (f"; gRPC on port {options.grpc_port}" if make_grpc else "") + f"), metrics at {base}/metrics; batches of up "
+        f"to {options.max_batch_size} within {options.max_delay_ms:g} ms, {options.instances} at a time")
     import asyncio
     import signal
     import warnings
 
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")  # KServe's choice, not the user's
+    _client_errors_in_one_line()
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again for the handler it found: make that
     # one a no-op, so that a drained server exits 0 rather than dying of the signal.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+
+    async def run():
+        grpc = make_grpc() if make_grpc else None  # gRPC's server belongs to the loop it is made in
+        if grpc is not None:
+            await grpc.start()
+        try:
+            await rest.start()  # returns once SIGTERM has drained HTTP
+        finally:
+            if grpc is not None:
+                await grpc.stop(grace=options.grace_period_s)
     try:
-        asyncio.run(rest.start())
+        asyncio.run(run())
     finally:
         for model in models:
             model.stop()
     log("stopped: in-flight requests answered")
 
 
-def _rest_server(models: list, options: ServeOptions):
-    """KServe's REST server over these models, bound to ``options.host`` (KServe binds every interface)."""
+def _client_errors_in_one_line() -> None:
+    """KServe logs a client's mistake (a bad request, an unknown model) with a traceback: one line is enough;
+    the server's own errors keep theirs."""
+    import logging
+
+    from kserve.errors import InvalidInput, ModelNotFound
+    from kserve.logging import logger
+
+    def strip(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (InvalidInput, ModelNotFound)):
+            record.exc_info = record.exc_text = None
+        return True
+    logger.addFilter(strip)
+
+
+def _servers(models: list, options: ServeOptions):
+    """KServe's REST server over these models, bound to ``options.host`` (KServe binds every interface), and
+    what makes the gRPC server, where asked for."""
     from fastapi.exceptions import RequestValidationError
     from kserve.model_repository import ModelRepository
     from kserve.model_server import app  # imported (sys.argv set aside) by .model, which every caller loads first
@@ -161,15 +193,21 @@ def _rest_server(models: list, options: ServeOptions):
     repository = ModelRepository()
     for model in models:
         repository.update(model)
-    rest = RESTServer("kserve.model_server:app", BinaryDataPlane(model_registry=repository),
-                      ModelRepositoryExtension(model_registry=repository), options.port,
+    dataplane = BinaryDataPlane(model_registry=repository)
+    extension = ModelRepositoryExtension(model_registry=repository)
+    rest = RESTServer("kserve.model_server:app", dataplane, extension, options.port,
                       grace_period=options.grace_period_s)
     rest.config.host = options.host
     rest.config.access_log = False
     app.add_exception_handler(RequestValidationError, _invalid_body)
-    app.add_middleware(InferenceGate, max_body_bytes=int(options.max_request_mb * 2**20),
-                       models={m.name for m in models})
-    return rest
+    limit, names = int(options.max_request_mb * 2**20), {m.name for m in models}
+    app.add_middleware(InferenceGate, max_body_bytes=limit, models=names)
+    if options.grpc_port is None:
+        return rest, None
+    from .grpc_server import grpc_server
+
+    return rest, lambda: grpc_server(dataplane, extension, host=options.host, port=options.grpc_port,
+                                     max_message_bytes=limit, models=names)
 
 
 

@@ -1,0 +1,57 @@
+"""The same models over the protocol's gRPC API: KServe's servicer, bound to ``--host`` (KServe's own
+gRPC server binds every interface), with the request-size limit and the request metrics of HTTP."""
+from __future__ import annotations
+
+import time
+
+import grpc
+from grpc import aio
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.servicer import InferenceServicer
+
+from ..errors import UsageError
+from .metrics import FAILURES, REQUEST_SECONDS, REQUESTS
+
+
+class _Metrics(aio.ServerInterceptor):
+    """Counts and times ``ModelInfer`` calls under the metric names HTTP requests use."""
+
+    def __init__(self, models: set[str]):
+        self.models = models
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.endswith("/ModelInfer"):
+            return handler
+        inner = handler.unary_unary
+
+        async def timed(request, context):
+            model = request.model_name if request.model_name in self.models else "(unknown)"
+            REQUESTS.labels(model).inc()
+            started = time.perf_counter()
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = context.code()
+                FAILURES.labels(model, getattr(code, "name", "UNKNOWN")).inc()
+                raise
+            finally:
+                REQUEST_SECONDS.labels(model).observe(time.perf_counter() - started)
+        return grpc.unary_unary_rpc_method_handler(timed, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
+
+
+def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_message_bytes: int,
+                models: set[str]) -> aio.Server:
+    server = aio.server(interceptors=(_Metrics(models), ExceptionToStatusInterceptor()),
+                        options=[("grpc.max_receive_message_length", max_message_bytes),
+                                 ("grpc.max_send_message_length", -1)])
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(dataplane, repository_extension), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise UsageError(f"cannot listen for gRPC on {address}: {e}") from None
+    return server
