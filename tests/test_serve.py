@@ -202,6 +202,9 @@ def _bad_requests():
                                                    x[:100]), "truncated"),
         "binary header past the body": ("nano", b'{"inputs": []}', {"Inference-Header-Content-Length": "999"},
                                         "length"),
+        "binary header not a number": ("nano", *_binary({"inputs": []}, b"")[:1],
+                                       {"Inference-Header-Content-Length": "x", "Content-Type": "application/json"},
+                                       "length"),
         "batch above the limit": ("nano", _request(shape=(MAX_BATCH + 1, 3, 32, 32)), {}, "--max-batch-size"),
         "negative dim": ("nano", _request(shape=(-1, 3, 32, 32), data=[]), {}, "positive"),
         "zero dim": ("nano", _request(shape=(0, 3, 32, 32), data=[]), {}, "positive"),
@@ -323,3 +326,32 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
                                  capture_output=True, text=True, timeout=120)
             assert run.returncode == 2 and words in run.stderr and run.stderr.count("\n") == 1, (args, run.stderr)
             assert "serving" not in run.stdout
+
+
+def test_the_readme_client_snippet_runs_as_written(server, digit_files, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S)
+                   if "tritonclient.http as httpclient" in block)
+    (tmp_path / "digit.png").write_bytes(digit_files[0].read_bytes())
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    code = snippet.replace("127.0.0.1:8080", server.removeprefix("http://")).replace('"nano-digits"', '"nano"')
+    exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.write(" ".join(map(str, a)))})
+    assert printed.getvalue().endswith("(1, 10)")
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json", "text/plain"])
+def test_the_binary_header_decides_the_body_format_whatever_the_content_type(server, clf, content_type):
+    x = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    spec = {"name": "pixel_values", "shape": [1, 3, 32, 32], "datatype": "FP32"}
+    body, headers = _binary({"inputs": [{**spec, "parameters": {"binary_data_size": x.nbytes}}]}, x.tobytes())
+    headers = {k: v for k, v in headers.items() if k != "Content-Type"} | (
+        {"Content-Type": content_type} if content_type else {})
+    status, answer = _post(server, "/v2/models/nano/infer", body, headers)
+    assert status == 200, answer
+    np.testing.assert_allclose(np.array(answer["outputs"][0]["data"]).reshape(1, -1), clf.logits(x), atol=1e-5)
+    status, answer = _post(server, "/v2/models/nano/infer", _request(data=x.ravel().tolist()),
+                           {"Content-Type": content_type} if content_type else {})
+    assert status == 200, answer

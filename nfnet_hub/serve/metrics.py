@@ -55,11 +55,11 @@ class InferenceGate:
         match = _INFER.match(scope.get("path", ""))
         if match is None:
             return await self.app(scope, receive, send)
-        if b"inference-header-content-length" not in dict(scope["headers"]):
-            # The protocol's body is JSON unless that header says where JSON ends and binary data begins;
-            # tritonclient and curl -d do not say application/json, which FastAPI needs to parse it.
-            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
-                         + [(b"content-type", b"application/json")])
+        # The protocol's body is JSON unless that header says where JSON ends and binary data begins, whatever
+        # the content type says (tritonclient and curl -d do not say application/json, which FastAPI needs).
+        binary = b"inference-header-content-length" in dict(scope["headers"])
+        scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
+                     + [(b"content-type", b"application/octet-stream" if binary else b"application/json")])
         model = match.group(1) if match.group(1) in self.models else "(unknown)"  # bounded label values
         started, status = time.perf_counter(), [500]
         REQUESTS.labels(model).inc()
