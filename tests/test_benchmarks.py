@@ -126,3 +126,21 @@ def test_trainer_benchmark_runs_in_smoke_mode_and_its_report_renders(tmp_path):
     assert f"| nfnet-hub train | {results['ours']['img_s']:.0f} |" in text
     timm_run = results["timm_train_py"]
     assert ("img_s" in timm_run) == (BENCHMARKS / "timm_train.py").is_file()
+
+
+def test_serving_reports_render_the_recorded_runs():
+    """The committed serving results: the F0 goal, the misses explained, and the library comparison."""
+    report = _report()
+    serve = json.loads((BENCHMARKS / "results" / "serve.json").read_text())
+    text = "\n".join(report.serve_section(serve))
+    f0 = serve["models"]["f0"]["levels"]["32"]
+    assert f0["errors"] == 0 and f0["ratio_to_raw"] >= 0.8 and f0["p99_within_bound"]
+    assert f"| f0 (3x256x256) | 32 | {f0['requests_per_s']:.1f} | {f0['raw_images_per_s']:.1f} |" in text
+    assert ("nano misses the throughput goal" in text) == (serve["models"]["nano"]["levels"]["32"]["ratio_to_raw"]
+                                                           < 0.8)
+    assert f"`nfnet-hub serve` {serve['cold_start_s']['nfnet_hub_serve_f0']:.2f} s" in text
+    libraries = json.loads((BENCHMARKS / "results" / "serving_libraries.json").read_text())
+    text = "\n".join(report.libraries_section(libraries))
+    assert set(libraries["servers"]) == {"kserve (nfnet-hub serve)", "mlserver"}
+    assert all(x["errors"] == 0 for levels in libraries["servers"].values() for x in levels.values())
+    assert "MLServer answers" in text
