@@ -49,6 +49,17 @@ def _looks_local(name: str) -> bool:
             or os.sep != "/" and os.sep in name or (path.parent != Path(".") and path.parent.is_dir()))
 
 
+def read_bundle_config(path: Path) -> dict[str, Any]:
+    """A bundle's config.json, which must hold timm's ``pretrained_cfg``."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not valid JSON ({e}): is the bundle complete?") from None
+    if not isinstance(config, dict) or not isinstance(config.get("pretrained_cfg"), dict):
+        raise UsageError(f"{path} has no pretrained_cfg (the preprocessing): it is not a bundle's config.json")
+    return config
+
+
 class OnnxClassifier:
     """Image classifier over an exported ``model.onnx`` and its ``config.json``."""
 
@@ -123,8 +134,8 @@ class OnnxClassifier:
             with hub_errors(f"downloading {repo_id}"):
                 config_file = Path(hf_hub_download(repo_id, "config.json", **kw))
                 model_file = Path(hf_hub_download(repo_id, filename, **kw))
-        config = json.loads(config_file.read_text()) if config_file.is_file() else None
-        return cls(model_file, config, providers=providers, threads=threads)
+        return cls(model_file, read_bundle_config(config_file) if config_file.is_file() else None, providers=providers,
+                   threads=threads)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits of a preprocessed NCHW float32 batch."""

@@ -84,3 +84,8 @@ def test_bad_models_and_repo_ids(tmp_path):
         OnnxClassifier.from_pretrained("not-a-folder-nor-repo")
     with pytest.raises(ValueError, match="neither a bundle folder nor a Hub repo id"):
         OnnxClassifier.from_pretrained("me/a..b")
+    for text, words in (("{not json", "is not valid JSON"), ('{"architecture": "x"}', "has no pretrained_cfg"),
+                        ("[1, 2]", "has no pretrained_cfg")):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(ValueError, match=words):
+            OnnxClassifier.from_pretrained(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import onnx
@@ -69,6 +70,11 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     for extra, words in cases:
         assert main(["triton", str(nano_bundle), "--out", str(repo), *extra]) == 2
         assert words in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(nano_bundle, broken)
+    (broken / "model.onnx").write_bytes(b"garbage")
+    assert main(["triton", str(broken), "--out", str(repo)]) == 2
+    assert "is not an ONNX model" in capsys.readouterr().err and not (repo / "broken").exists()
     assert (repo / "mine" / "notes.txt").read_text() == "keep me"
     assert main(["triton", str(tmp_path / "missing"), "--out", str(repo)]) == 2
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again"])

@@ -69,10 +69,7 @@ class BundleModel(Model):
                                "'labels' and 'scores' with the request parameter top_k")
         if not top_k and {"labels", "scores"} & set(wanted):
             raise InvalidInput("outputs 'labels' and 'scores' need the request parameter top_k")
-        try:
-            logits = await self.batcher(await self._pixels(payload))
-        except ValueError as e:  # the batcher's size limit
-            raise InvalidInput(str(e)) from None
+        logits = await self.batcher(await self._pixels(payload))  # _pixels keeps to the batcher's size limit
         outputs = {"logits": logits}
         if top_k:
             order = np.argsort(-logits, axis=1, kind="stable")[:, :top_k]

@@ -6,7 +6,6 @@ and ``REPO/NAME/README.md`` with the ``tritonserver`` command. Other models in R
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..files import atomic_folder, check_writable_folder
+from ..runtime import read_bundle_config
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -32,7 +32,10 @@ def onnx_tensors(path: Path) -> tuple[list[Tensor], list[Tensor]]:
     """Inputs and outputs of an ONNX file whose first dimension is a dynamic batch."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:  # protobuf's DecodeError and onnx's own: a file that is not an ONNX model
+        raise UsageError(f"{path} is not an ONNX model ({type(e).__name__}: {e})") from None
     initializers = {i.name for i in graph.initializer}
 
     def tensors(values) -> list[Tensor]:
@@ -91,7 +94,7 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None =
             raise UsageError(f"refusing to replace {target}: it is not a model folder this command wrote")
     check_writable_folder(repo)
     inputs, outputs = onnx_tensors(onnx_file)
-    config = json.loads(config_file.read_text())
+    config = read_bundle_config(config_file)
     labels = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names") or []
     text = model_config(name, inputs, outputs, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                         instances=instances, gpu=gpu, accelerator=accelerator, precision=precision)
