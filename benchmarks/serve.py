@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import timm
-import torch
 from common import machine, median_s, save, trained_like
 
 import nfnet_hub  # noqa: F401  (registers the models)
@@ -130,7 +129,6 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="nano only, few requests (a smoke run)")
     p.add_argument("--results", type=Path, help="folder for serve.json (default: benchmarks/results)")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = {"machine": machine(), "device": args.device, "max_delay_ms": MAX_DELAY_MS, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -43,7 +43,7 @@ def _choose_providers(requested: Sequence[str] | None) -> list[str]:
         else ["CPUExecutionProvider"]
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     path = Path(name).expanduser()
     return (path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
             or os.sep != "/" and os.sep in name or (path.parent != Path(".") and path.parent.is_dir()))
@@ -111,7 +111,7 @@ class OnnxClassifier:
         ``/``, or its parent folder exists here) is a local folder, and a missing one is a local error:
         it never turns into a Hub download."""
         path = Path(repo_or_dir).expanduser()
-        if _looks_local(str(repo_or_dir)):
+        if looks_local(str(repo_or_dir)):
             if not path.is_dir():
                 raise UsageError(f"no bundle folder at {repo_or_dir}" + (
                     f" ({path} is a file: give the folder that holds it)" if path.is_file() else ""))

@@ -162,11 +162,19 @@ def _batch_counts(metrics: str) -> dict[str, float]:
 def test_metrics_cover_requests_latency_queue_compute_and_failures(server, client):
     client.infer("nano", [_pixels_input(np.zeros((1, 3, 32, 32), np.float32))])
     _post(server, "/v2/models/nano/infer", b"{not json")
+    before = _failures(_metrics(server))
+    _post(server, "/v2/models/nano/infer", b" " * (2 << 20))  # refused by its Content-Length alone
     text = _metrics(server)
+    assert _failures(text) == before + 1
     for name in ("nfnet_hub_requests_total", "nfnet_hub_request_seconds_bucket", "nfnet_hub_queue_seconds_bucket",
                  "nfnet_hub_compute_seconds_bucket", "nfnet_hub_batch_size_bucket"):
         assert re.search(name + r'\{[^}]*model="nano"', text), name
     assert re.search(r'nfnet_hub_request_failures_total\{code="400",model="nano"\} [1-9]', text)
+
+
+def _failures(metrics: str) -> float:
+    m = re.search(r'nfnet_hub_request_failures_total\{code="400",model="nano"\} ([0-9.e+]+)', metrics)
+    return float(m.group(1)) if m else 0.0
 
 
 def _binary(header: dict, tail: bytes) -> tuple[bytes, dict[str, str]]:
@@ -304,6 +312,8 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
     shutil.copytree(nano_bundle, tmp_path / "two" / "b")
     (tmp_path / "empty").mkdir()
     shutil.copytree(nano_bundle, tmp_path / "bad name!")
+    shutil.copytree(nano_bundle, tmp_path / "odd" / "ok")
+    shutil.copytree(nano_bundle, tmp_path / "odd" / "not ok")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -315,6 +325,9 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
             ([str(tmp_path / "empty")], "neither a bundle folder"),
             ([str(tmp_path / "missing")], "no bundle folder at"),
             ([str(tmp_path / "bad name!")], "give --name"),
+            ([str(tmp_path / "odd")], "'not ok' cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
+                                      "rename its folder"),
+            ([str(nano_bundle), "--grpc-port", "8080", "--port", "8080"], "is the HTTP port"),
             ([str(nano_bundle / "model.onnx")], "give the folder"),
             ([str(nano_bundle), "--workers", "0"], "--workers: must be a positive integer"),
             ([str(nano_bundle), "--max-delay-ms", "-1"], "--max-delay-ms: must be a finite number of at least 0"),

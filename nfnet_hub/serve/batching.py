@@ -37,6 +37,7 @@ class Batcher:
         self.instances, self.observe = instances, observe
         self._pool = ThreadPoolExecutor(instances, thread_name_prefix="nfnet-hub-batch")
         self._queue: asyncio.Queue[_Request] | None = None
+        self._slots: asyncio.Semaphore | None = None
         self._task: asyncio.Task | None = None
 
     async def __call__(self, rows: np.ndarray) -> np.ndarray:

@@ -48,21 +48,24 @@ class InferenceGate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = f"request body above the server's limit of {self.max_body_bytes / 2**20:g} MB (--max-request-mb)"
+        too_big = f"request body above the server's limit of {self.max_body_bytes / 2**20:g} MiB (--max-request-mb)"
+        match = _INFER.match(scope.get("path", ""))
+        model = match and (match.group(1) if match.group(1) in self.models else "(unknown)")  # bounded labels
+        if model:
+            REQUESTS.labels(model).inc()
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
+            if model:
+                FAILURES.labels(model, "400").inc()
             return await _error(send, 400, too_big)
-        match = _INFER.match(scope.get("path", ""))
-        if match is None:
+        if not model:
             return await self.app(scope, receive, send)
         # The protocol's body is JSON unless that header says where JSON ends and binary data begins, whatever
         # the content type says (tritonclient and curl -d do not say application/json, which FastAPI needs).
         binary = b"inference-header-content-length" in dict(scope["headers"])
         scope = dict(scope, headers=[(k, v) for k, v in scope["headers"] if k != b"content-type"]
                      + [(b"content-type", b"application/octet-stream" if binary else b"application/json")])
-        model = match.group(1) if match.group(1) in self.models else "(unknown)"  # bounded label values
         started, status = time.perf_counter(), [500]
-        REQUESTS.labels(model).inc()
         body = bytearray()  # read here, bounded, whether or not the client sent a Content-Length
         while True:
             message = await receive()

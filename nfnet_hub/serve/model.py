@@ -104,7 +104,7 @@ class BundleModel(Model):
         shape = list(tensor.shape)
         if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
             raise InvalidInput(f"input {tensor.name!r} has shape {shape}: every dimension must be a positive integer")
-        if len(shape) and shape[0] > self.max_batch_size:
+        if shape[0] > self.max_batch_size:
             raise InvalidInput(f"a batch of {shape[0]} is above the server's --max-batch-size {self.max_batch_size}")
         if tensor.name == "pixel_values":
             expected = [self.channels, self.height, self.width]

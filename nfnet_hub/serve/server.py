@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, _looks_local
+from ..runtime import OnnxClassifier, looks_local
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -43,7 +43,7 @@ def find_bundles(source: str, *, name: str | None = None) -> dict[str, str]:
     """Model names and where their bundles are: one bundle folder, a folder of bundle folders (each served
     under its folder's name), or a Hub repo id (served under its name part)."""
     path = Path(source).expanduser()
-    if not _looks_local(source):
+    if not looks_local(source):
         found = {name or source.split("/")[1]: source}
     elif not path.is_dir():
         raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files)"
@@ -60,7 +60,7 @@ def find_bundles(source: str, *, name: str | None = None) -> dict[str, str]:
     for model_name in found:
         if not _NAME.match(model_name):
             raise UsageError(f"{model_name!r} cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
-                             "give --name")
+                             + ("give --name" if len(found) == 1 else "rename its folder"))
     return found
 
 
@@ -122,11 +122,11 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
     """Serve the bundles of ``source`` until SIGTERM or Ctrl-C, then drain in-flight requests and return."""
     if options.precision not in ONNX_FILES:
         raise UsageError(f"unknown precision {options.precision!r}: choose one of {', '.join(ONNX_FILES)}")
+    if options.grpc_port == options.port:
+        raise UsageError(f"--grpc-port {options.grpc_port} is the HTTP port: give another")
     for port in (options.port, options.grpc_port):
         if port is not None:
             _check_port(options.host, port)
-    if options.grpc_port == options.port:
-        raise UsageError(f"--grpc-port {options.grpc_port} is the HTTP port: give another")
     models = load_models(find_bundles(source, name=name), options, providers=providers, require_cuda=require_cuda,
                          log=log)
     rest, make_grpc = _servers(models, options)
