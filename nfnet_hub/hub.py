@@ -29,7 +29,6 @@ from .preprocess import data_config, export_size
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
 
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
