@@ -72,22 +72,23 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=100, help="requests per worker at concurrency 1 (32: a tenth)")
     args = p.parse_args()
     out = {"machine": machine(), "requests": "JSON, one image (3x32x32) each", "servers": {}}
+    levels = ((1, args.requests), (32, max(1, args.requests // 10)))  # (concurrency, requests per worker)
     with tempfile.TemporaryDirectory() as tmp:
         path = bundle("nfnet_hub_nano", Path(tmp) / "nano")
         x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
         with Server(str(path), "--name", "nano", "--threads", "1", threads=False) as url:
-            out["servers"]["kserve (nfnet-hub serve)"] = {
-                c: load(url, "nano", x, c, n, binary=False) for c, n in ((1, args.requests), (32, args.requests // 10))}
+            out["servers"]["kserve (nfnet-hub serve)"] = {c: load(url, "nano", x, c, n, binary=False)
+                                                          for c, n in levels}
         port = free_port()
         proc = mlserver(args.mlserver, path, Path(tmp), port)
         try:
             out["servers"]["mlserver"] = {c: load(f"http://127.0.0.1:{port}", "nano", x, c, n, binary=False)
-                                          for c, n in ((1, args.requests), (32, args.requests // 10))}
+                                          for c, n in levels}
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    for name, levels in out["servers"].items():
-        for c, r in levels.items():
+    for name, results in out["servers"].items():
+        for c, r in results.items():
             print(f"{name:28} c={c:>2}: {r['requests_per_s']:7.1f} req/s  p50 {r['p50_ms']:6.2f} ms  "
                   f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}")
     print(f"saved {save('serving_libraries', out)}")
