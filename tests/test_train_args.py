@@ -2,6 +2,7 @@
 ways, fine-tuning; and the optimiser step in the order the project promises."""
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -118,9 +119,25 @@ def test_val_interval_and_eval_metric_choose_when_and_what_is_best(tmp_path):
                                "--experiment", "run"]))
     rows = (Path(result["output"]) / "summary.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "3"]
+    # train.py's lr column: the rate the epoch trained at (cosine per epoch), not the next epoch's
+    lrs = [float(r.split(",")[5]) for r in rows[1:]]
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 4)) for e in (1, 3)])
     losses = [float(r.split(",")[2]) for r in rows[1:]]
     best = torch.load(Path(result["output"]) / "model_best.pth.tar", weights_only=True)
     assert best["metric"] == pytest.approx(min(losses)) and result["best_top1"] == pytest.approx(min(losses))
+
+
+def test_every_evaluated_epoch_is_summarised_even_when_it_is_not_kept(tmp_path, capsys):
+    """A learning rate of 0 (which train.py takes as given) never improves the metric after epoch 0, so no
+    epoch after it is kept by --checkpoint-hist 1; each still gets its row and its line, as in train.py."""
+    result = train(parse_args([*QUICK, "--epochs", "3", "--lr", "0", "--checkpoint-hist", "1",
+                               "--output", str(tmp_path), "--experiment", "run"]))
+    rows = [r.split(",") for r in (Path(result["output"]) / "summary.csv").read_text().splitlines()[1:]]
+    assert [r[0] for r in rows] == ["0", "1", "2"] and {r[5] for r in rows} == {"0.0"}
+    assert len({r[2] for r in rows}) == 1  # the weights never moved
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("epoch ")] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert sorted(p.name for p in Path(result["output"]).glob("checkpoint-*")) == ["checkpoint-0.pth.tar"]
 
 
 def _nano_optimizer(model):

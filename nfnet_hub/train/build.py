@@ -78,7 +78,7 @@ def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device, bool
 
 def learning_rate(args: argparse.Namespace, world: int) -> float:
     """``--lr``, else ``--lr-base`` scaled to the global batch (linear, or sqrt for ada* and lamb), as train.py."""
-    if args.lr:
+    if args.lr is not None:  # --lr 0 is a learning rate of 0, as in train.py
         return args.lr
     ratio = args.batch_size * world * args.grad_accum_steps / args.lr_base_size
     scale = args.lr_base_scale or ("sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear")

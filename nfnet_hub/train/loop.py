@@ -257,25 +257,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         step_in_epoch = 0
         last = epoch + 1 == run.num_epochs
         names: list[str] = []
-        if (epoch + 1) % args.val_interval == 0 or last:
+        evaluated = (epoch + 1) % args.val_interval == 0 or last
+        if evaluated:
             metrics = validate(run.ema.module if run.ema is not None else run.train_model, run)
             metric = metrics[args.eval_metric]
             improved = history.better(metric, best)
             best = metric if improved else best
             names = history.record(epoch, metric, improved)
+            if run.main:  # as train.py: every evaluated epoch, with the lr it ended on (before the scheduler steps)
+                _report_epoch(out_dir, epoch, train_loss, metrics, run.optimizer, wandb_run)
         run.scheduler.step(epoch + 1, metrics.get(args.eval_metric))
-        ckpt = checkpoint(epoch + 1, 0, metrics.get(args.eval_metric) if names else None)
+        ckpt = checkpoint(epoch + 1, 0, metrics.get(args.eval_metric) if evaluated else None)
         if run.main:
             for name in [LAST, *names]:
                 save_checkpoint(out_dir / name, ckpt)
-            if metrics and names:
-                _append_summary(out_dir / "summary.csv", epoch, train_loss, metrics,
-                                run.optimizer.param_groups[0]["lr"])
-                print(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
-                      f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
-                if wandb_run is not None:
-                    wandb_run.log({"epoch": epoch, "train_loss": train_loss, **{f"eval_{k}": v
-                                                                                for k, v in metrics.items()}})
     if wandb_run is not None:
         wandb_run.finish()
     if run.owns_group:
@@ -283,6 +278,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         dist.destroy_process_group()
     return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
             "model": run.model}
+
+
+def _report_epoch(out_dir: Path, epoch: int, train_loss: float, metrics: dict[str, float],
+                  optimizer: torch.optim.Optimizer, wandb_run: Any) -> None:
+    """One evaluated epoch: a row of summary.csv, a line on the console, wandb if it logs."""
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    _append_summary(out_dir / "summary.csv", epoch, train_loss, metrics, sum(lrs) / len(lrs))
+    print(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
+          f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
+    if wandb_run is not None:
+        wandb_run.log({"epoch": epoch, "train_loss": train_loss, **{f"eval_{k}": v for k, v in metrics.items()}})
 
 
 def _append_summary(path: Path, epoch: int, train_loss: float, metrics: dict[str, float], lr: float) -> None:
