@@ -80,7 +80,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if name.name != args.filename or name.suffix != ".onnx" or args.filename.startswith("."):
         raise UsageError(f"--filename {args.filename!r} must be a plain file name ending in .onnx; "
                          "--out chooses the folder")
-    check_writable_folder(Path(args.out))
+    out = Path(args.out)
+    if out.suffix == ".onnx" and not out.is_dir():
+        raise UsageError(f"--out {args.out} names a file, but --out is the folder to write into: "
+                         f"--out {out.parent} --filename {out.name}")
+    check_writable_folder(out)
     model, _ = _say_model(args.model, args, args.img_size)
     size = export_size(model.pretrained_cfg, args.img_size)
     calibration = None
@@ -89,7 +93,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         calibration = _calibration(args, Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
-    report = export_onnx(model, Path(args.out) / args.filename, img_size=size, precision=args.precision,
+    report = export_onnx(model, out / args.filename, img_size=size, precision=args.precision,
                          opset=args.opset, label_names=_labels(args), calibration=calibration,
                          min_agreement=args.min_agreement, force=args.force)
     print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {report.img_size[0]}px, "
@@ -198,13 +202,18 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .preprocess import list_images
     from .runtime import OnnxClassifier
 
+    images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
     clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
-    for image, preds in zip(args.images, clf.predict(args.images, top_k=args.top_k, batch_size=args.batch_size)):
-        print(image)
-        for p in preds:
-            print(f"  {p.probability:7.2%}  {p.label}")
+    for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
+        chunk = images[start:start + args.batch_size]
+        for image, preds in zip(chunk, clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size)):
+            print(image)
+            for p in preds:
+                print(f"  {p.probability:7.2%}  {p.label}")
+        sys.stdout.flush()
     return 0
 
 
@@ -315,7 +324,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--dry-run", action="store_true", help="build and verify, upload nothing")
 
     s = command("predict", _cmd_predict, "classify images with the torch-free ONNX runtime")
-    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("images", nargs="+", help="image files, or folders (their images, recursively)")
     s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
     s.add_argument("--top-k", type=positive, default=5, help="labels per image")
     s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")

@@ -118,6 +118,8 @@ CASES = [
      "3 label names for a model with 10 classes"),
     ("export-min-agreement", ["export", *NANO, "--min-agreement", "2", "--out", "o"],
      "must be a number between 0 and 1"),
+    ("export-out-names-a-file", ["export", *NANO, "--out", "exports/nano.onnx"],
+     "--out exports/nano.onnx names a file, but --out is the folder to write into: --out exports --filename nano.onnx"),
     ("export-bad-local-dir", ["export", "local-dir:nowhere", "--out", "o"], "local-dir:nowhere: no such folder"),
     # validate
     ("validate-random-weights", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_nano"],
@@ -189,6 +191,7 @@ CASES = [
      "no bundle folder at images/bundel"),
     ("predict-not-an-image", ["predict", "notes.txt", "--model", "bundle"], "notes.txt is not a readable image"),
     ("predict-missing-image", ["predict", "nope.png", "--model", "bundle"], "nope.png is not a readable image"),
+    ("predict-empty-folder", ["predict", "noimages", "--model", "bundle"], "no images .* under noimages"),
     ("predict-top-k-0", ["predict", "images/3/0000.png", "--model", "bundle", "--top-k", "0"],
      "--top-k: must be a positive integer"),
     ("predict-missing-precision", ["predict", "images/3/0000.png", "--model", "bundle", "--filename",

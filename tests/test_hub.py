@@ -129,6 +129,9 @@ def test_predict_cli(bundle, sample_images, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == photos[0] and len(out) == 8
     assert all(line.strip().split("%")[1].strip() in LABELS for line in out[1:4])
+    assert main(["predict", str(sample_images), "--model", str(bundle), "--top-k", "1", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()  # a folder: its images, in order, in batches of 2
+    assert out[::2] == [str(p) for p in sorted(sample_images.iterdir())] and len(out) > 4
     assert main(["predict", str(bundle / "config.json"), "--model", str(bundle)]) == 2
     assert "not a readable image" in capsys.readouterr().err
 
