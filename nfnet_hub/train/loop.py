@@ -284,11 +284,13 @@ def _report_epoch(out_dir: Path, epoch: int, train_loss: float, metrics: dict[st
                   optimizer: torch.optim.Optimizer, wandb_run: Any) -> None:
     """One evaluated epoch: a row of summary.csv, a line on the console, wandb if it logs."""
     lrs = [group["lr"] for group in optimizer.param_groups]
-    _append_summary(out_dir / "summary.csv", epoch, train_loss, metrics, sum(lrs) / len(lrs))
+    lr = sum(lrs) / len(lrs)
+    _append_summary(out_dir / "summary.csv", epoch, train_loss, metrics, lr)
     print(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
           f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
     if wandb_run is not None:
-        wandb_run.log({"epoch": epoch, "train_loss": train_loss, **{f"eval_{k}": v for k, v in metrics.items()}})
+        wandb_run.log({"epoch": epoch, "train_loss": train_loss, "lr": lr,
+                       **{f"eval_{k}": v for k, v in metrics.items()}})
 
 
 def _append_summary(path: Path, epoch: int, train_loss: float, metrics: dict[str, float], lr: float) -> None:
