@@ -380,7 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the machine's, not the user's: a full disk, a lost mount
         if debug:
             raise
-        print(f"nfnet-hub {command}: error: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"nfnet-hub {command}: error: {str(e) or type(e).__name__} (run with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 

@@ -262,6 +262,16 @@ def test_debug_shows_the_traceback(ws, capsys, monkeypatch):
         main(["export", *NANO, "--img-size", "50", "--out", "o"])
 
 
+def test_a_system_error_without_a_message_still_says_what_it_is(ws):
+    """timm's validate.py raises a bare FileNotFoundError for a missing checkpoint (it logs the path first)."""
+    (ws / "fails.py").write_text("raise FileNotFoundError()\n")
+    # a process of its own: timm-train patches timm's AGC, which other tests compare ours with
+    p = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "timm-train", "fails.py"], capture_output=True,
+                       text=True)
+    assert p.returncode == 1 and p.stderr.strip() == \
+        "nfnet-hub timm-train: error: FileNotFoundError (run with --debug for the traceback)", p.stderr
+
+
 def test_a_bundle_listing_a_missing_file_is_refused_before_upload(ws, capsys):
     (ws / "bundle" / "model_int8.onnx").unlink()
     code, _, err = _run(ws, capsys, ["publish", "bundle", "--repo-id", "me/x", "--dry-run"])
