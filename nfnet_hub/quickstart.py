@@ -17,6 +17,7 @@ from .hub import ONNX_FILES, build_bundle, check_replaceable
 from .preprocess import Preprocess, list_images
 from .runtime import OnnxClassifier
 from .train import parse_args, train
+from .train.checkpoints import run_files
 from .train.data import digits_split
 
 SIZE = 32
@@ -58,6 +59,11 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
     out = Path(out)
     check_writable_folder(out)
     check_replaceable(out / "bundle")  # before the training, not after
+    earlier = run_files(out / "runs" / "nano-digits")
+    if earlier:  # the quickstart's own run folder: a rerun replaces its run, and says so
+        print(f"replacing the earlier quickstart run in {out / 'runs' / 'nano-digits'}", flush=True)
+        for f in earlier:
+            f.unlink()
     print(f"1/4 training nfnet_hub_nano on scikit-learn's digits ({epochs} epochs, AGC clipping 0.02) ...", flush=True)
     extra = [] if progress else ["--no-progress", "--log-interval", "0"]
     result = train(parse_args([*train_args(epochs), "--output", str(out / "runs"), "--experiment", "nano-digits",

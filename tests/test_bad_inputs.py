@@ -149,6 +149,8 @@ CASES = [
      "holds weights only, not a training checkpoint: .* --initial-checkpoint"),
     ("train-resume-finished-run", ["train", "--dataset", "digits", "--resume", "nano.pth.tar", "--epochs", "10",
                                    "--output", "runs"], r"nothing to train: .* pass --epochs N with N > 10"),
+    ("train-into-an-earlier-run", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output", "old"],
+     r"old/nfnet_hub_nano-digits holds an earlier run \(last.pth.tar, summary.csv\): continue it with --resume auto"),
     ("train-missing-config", ["train", "--config", "nope"], "no config file 'nope' .recipes: f0, f1"),
     ("train-unknown-config-keys", ["train", "--config", "bad.yaml"], "unknown options learning_rate"),
     ("train-unknown-model", ["train", "--dataset", "digits", "--model", "resnet_nope", "--output", "runs"],
@@ -217,7 +219,14 @@ CASES = [
     ("list-unknown-option", ["list", "--bogus"], "unrecognized arguments: --bogus"),
     ("unknown-command", ["bogus"], "invalid choice: 'bogus'"),
 ]
-SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine")}
+def _earlier_run(ws: Path) -> None:
+    (ws / "old" / "nfnet_hub_nano-digits").mkdir(parents=True)
+    shutil.copy(ws / "nano.pth.tar", ws / "old" / "nfnet_hub_nano-digits" / "last.pth.tar")
+    (ws / "old" / "nfnet_hub_nano-digits" / "summary.csv").write_text("epoch,train_loss\n0,2.3\n")
+
+
+SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine"),
+           "train-into-an-earlier-run": _earlier_run}
 MESSAGES = {
     "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",
     "quickstart-bundle-folder-not-a-bundle": "refusing to replace bundle: it is not a bundle",

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 from ..models.checkpoint import checkpoint_form, read_pytorch
 
 LAST = "last.pth.tar"
@@ -48,11 +48,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
 
 
+def _restarted() -> bool:
+    """torchrun restarted this run after a failure: it continues in its own folder."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
 def resume_path(args: argparse.Namespace, out_dir: Path) -> Path | None:
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    if args.resume == "auto" or (restarted and not args.resume):
+    if args.resume == "auto" or (_restarted() and not args.resume):
         return out_dir / LAST if (out_dir / LAST).is_file() else None
     return Path(args.resume) if args.resume else None
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """What a run writes into its folder that a new run would overwrite or append to."""
+    return [p for p in out_dir.glob("*") if p.name in (LAST, BEST, "summary.csv", "args.yaml")
+            or (p.name.startswith("checkpoint-") and p.name.endswith(".pth.tar"))]
+
+
+def check_new_run_folder(out_dir: Path) -> None:
+    """A new run never writes over an earlier run's checkpoints and summary. train.py's default folder name
+    carries a timestamp, so its runs rarely meet; ours is MODEL-DATASET (so that --resume auto finds it)."""
+    if _restarted():
+        return
+    earlier = sorted(p.name for p in run_files(out_dir))
+    if earlier:
+        raise UsageError(f"{out_dir} holds an earlier run ({', '.join(earlier)}): continue it with --resume auto, "
+                         "or start a new one elsewhere with --experiment NAME (or --output DIR)")
 
 
 def load_training_state(path: str | Path) -> dict[str, Any]:

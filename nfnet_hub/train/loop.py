@@ -29,6 +29,7 @@ from .checkpoints import (
     LAST,
     VERSION,
     History,
+    check_new_run_folder,
     load_training_state,
     resume_path,
     rng_state,
@@ -208,6 +209,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.output or "output/train") / (args.experiment or f"{args.model}-{args.dataset or 'folder'}")
     path = resume_path(args, out_dir)
     state = load_training_state(path) if path is not None else None  # read before any work: errors come first
+    if state is None:
+        check_new_run_folder(out_dir)
     run = build(args)
     args = run.args
     start_epoch, step_in_epoch, global_step, best, kept = 0, 0, 0, None, None
