@@ -11,8 +11,6 @@ Works on ``nfnet_hub`` models and on timm's ``NormFreeNet`` family (``dm_nfnet_*
 ``eca_nfnet_*``, ``nf_resnet*``, ``nf_regnet*``...): both share the module layout
 stem / stages / final_conv / final_act / head.
 """
-from __future__ import annotations
-
 import copy
 from functools import partial
 from typing import Any

@@ -58,6 +58,8 @@ def test_traces_with_timm_fx_and_computes_the_same(name, kwargs):
     assert any(n.startswith("stages.3.") for n in eval_nodes) and "head.fc" in eval_nodes
     traced = create_feature_extractor(model, return_nodes={"head.fc": "logits"})
     _assert_same(lambda t: traced(t)["logits"], model, x)
+    scripted = torch.jit.script(traced)  # timm's test_model_forward_fx_torchscript: traced, then scripted
+    _assert_same(lambda t: scripted(t)["logits"], model, x)
     built = []
     for feature_cls in ("fx", None):  # the same weights (same seeds, same parameter order), two feature wrappers
         torch.manual_seed(0)
@@ -86,8 +88,8 @@ def test_folded_models_script_trace_and_export(name):
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = model(x)
-        for compiled in (torch.jit.script(folded), torch.fx.symbolic_trace(folded),
-                         create_feature_extractor(folded, return_nodes={"head.fc": "logits"}),
+        traced = create_feature_extractor(folded, return_nodes={"head.fc": "logits"})
+        for compiled in (torch.jit.script(folded), torch.fx.symbolic_trace(folded), traced, torch.jit.script(traced),
                          torch.export.export(folded, (x,)).module()):
             out = compiled(x)
             assert rel_error(out["logits"] if isinstance(out, dict) else out, expected) < 1e-5

@@ -6,8 +6,6 @@ All of them script (``torch.jit.script``), trace (torch.fx, through timm's trace
 are leaves for fx (``register_notrace_module``, as timm's ``ScaledStdConv2dSame``), and stochastic
 depth is timm's ``drop_path``.
 """
-from __future__ import annotations
-
 import torch
 import torch.nn.functional as F
 from timm.layers import drop_path, get_same_padding, pad_same, register_notrace_module

@@ -3,9 +3,10 @@
 Module and parameter names follow timm's ``NormFreeNet`` so that timm's ``dm_nfnet_*`` state
 dicts load unchanged; the numerics follow the authors (weight standardisation form chosen per
 model, stochastic depth without rescaling, squeeze-excite width ``int(channels * 0.5)``).
-"""
-from __future__ import annotations
 
+No ``from __future__ import annotations`` here, in layers.py or in folding.py: torch.fx copies forward's
+annotations into the traced code, where TorchScript cannot read them as strings (timm's fx-then-script test).
+"""
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -40,7 +41,7 @@ class NFNetCfg:
     stem_strides: tuple[int, ...] = field(default=(2, 1, 1, 2))
 
     @classmethod
-    def from_variant(cls, v: Variant, **overrides: Any) -> NFNetCfg:
+    def from_variant(cls, v: Variant, **overrides: Any) -> "NFNetCfg":
         return replace(cls(depths=v.depths, widths=v.widths, stem_chs=v.stem_channels, group_size=v.group_size),
                        **overrides)
 
