@@ -116,6 +116,9 @@ def test_commands_take_model_names_as_timm_create_model_does(tmp_path, nano_bund
     assert main(["export", "nfnet_hub_f0.dm_in1k", "--checkpoint", str(tmp_path / "f0.safetensors"), "--img-size", "32",
                  "--out", str(tmp_path / "f0")]) == 0
     assert (tmp_path / "f0" / "model.onnx").is_file()
+    # a tag without downloadable weights (the authors' numerics), given its weights
+    assert main(["export", "nfnet_hub_f0.deepmind_in1k", "--checkpoint", str(tmp_path / "f0.safetensors"),
+                 "--img-size", "32", "--out", str(tmp_path / "f0-authors")]) == 0
     assert main(["export", f"local-dir:{nano_bundle}", "--out", str(tmp_path / "nano")]) == 0
     out = capsys.readouterr().out
     assert f"weights: pretrained weights of local-dir:{nano_bundle}" in out

@@ -138,6 +138,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
 def _check_name(name: str) -> None:
     """Refuse a model name timm would not know, naming ours; pretrained tags, hf-hub: and local-dir: pass."""
     import timm
+    from timm.models import get_arch_pretrained_cfgs
 
     if name.startswith(("hf-hub:", "local-dir:")):
         return
@@ -147,8 +148,8 @@ def _check_name(name: str) -> None:
 
         ours = ", ".join(model_name(v) for v in VARIANTS)
         raise UsageError(f"unknown model {name!r}; nfnet-hub registers: {ours} (timm's NF models work too)")
-    if tag and name not in timm.list_pretrained(f"{base}.*"):
-        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*")]
+    tags = [n.partition(".")[2] for n in get_arch_pretrained_cfgs(base) if "." in n]  # with weights or not
+    if tag and tag not in tags:
         raise UsageError(f"{base} has no pretrained tag {tag!r}" + (f"; it has: {', '.join(tags)}" if tags else ""))
 
 
@@ -159,8 +160,24 @@ def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 
     if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
         raise UsageError(f"{name}: no such folder")
+    if pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+        _check_downloadable(name)
     with hub_errors(f"loading {name}"):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def _check_downloadable(name: str) -> None:
+    """A one-line refusal where timm would raise for a model (or tag) without weights to download."""
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+    from timm.models import list_pretrained as tagged
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or any((cfg.hf_hub_id, cfg.url, cfg.file, cfg.state_dict)):
+        return
+    others = tagged(f"{split_model_name_tag(name)[0]}.*")
+    hint = "; the authors' .npz converts with nfnet-hub convert deepmind" if cfg.tag == "deepmind_in1k" else ""
+    these = f" (these have: {', '.join(others)})" if others else ""
+    raise UsageError(f"{name} has no weights to download{these}: give them with --checkpoint FILE{hint}")
 
 
 @dataclass(frozen=True)
