@@ -177,7 +177,8 @@ def _check_downloadable(name: str) -> None:
     others = tagged(f"{split_model_name_tag(name)[0]}.*")
     hint = "; the authors' .npz converts with nfnet-hub convert deepmind" if cfg.tag == "deepmind_in1k" else ""
     these = f" (these have: {', '.join(others)})" if others else ""
-    raise UsageError(f"{name} has no weights to download{these}: give them with --checkpoint FILE{hint}")
+    raise UsageError(f"{name} has no weights to download{these}: give them as a file (--checkpoint FILE; "
+                     f"train: --pretrained-path FILE){hint}")
 
 
 @dataclass(frozen=True)
