@@ -117,6 +117,24 @@ def test_timm_interfaces():
     assert fm.feature_info.reduction() == [2, 4, 8, 16, 32]
 
 
+def test_factory_arguments_and_a_classifier_after_pruning():
+    """timm's device/dtype factory arguments reach every tensor; a classifier reset after pruning is sized by
+    the pruned features and made where the model is (timm's own suite checks more: tests/test_timm_suite.py)."""
+    meta = timm.create_model("nfnet_hub_f0", device="meta", dtype=torch.float64)
+    assert {(t.device.type, t.dtype) for t in [*meta.parameters(), *meta.buffers()]} == {("meta", torch.float64)}
+    m = randomise(timm.create_model("nfnet_hub_nano")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        tap = m.forward_intermediates(x, indices=[2], intermediates_only=True)[0]
+        m.prune_intermediate_layers([2])
+        torch.testing.assert_close(m.forward_features(x), tap)
+        m.reset_classifier(5, "avg")  # pruning took the pooling away with the head, as in timm
+        assert m(x).shape == (2, 5) and not m.head.fc.training
+        torch.testing.assert_close(m(x), m.head.fc(tap.mean((2, 3))))
+    m.to(torch.float64).reset_classifier(4)
+    assert m.get_classifier().weight.dtype == torch.float64
+
+
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     m = randomise(timm.create_model("nfnet_hub_nano", num_classes=5, drop_rate=0.0)).train()

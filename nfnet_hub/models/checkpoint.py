@@ -161,18 +161,22 @@ def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
         raise UsageError(f"{name}: no such folder")
     if pretrained and not name.startswith(("hf-hub:", "local-dir:")):
-        _check_downloadable(name)
+        _check_downloadable(name, kwargs)
     with hub_errors(f"loading {name}"):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _check_downloadable(name: str) -> None:
-    """A one-line refusal where timm would raise for a model (or tag) without weights to download."""
+def _check_downloadable(name: str, kwargs: dict[str, Any]) -> None:
+    """A one-line refusal where timm would raise for a model (or tag) without weights to load."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
     from timm.models import list_pretrained as tagged
 
+    sources = ("hf_hub_id", "url", "file", "state_dict")
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if "pretrained_cfg" in kwargs or any(overlay.get(k) for k in sources):  # the caller says where they are
+        return
     cfg = get_pretrained_cfg(name)
-    if cfg is None or any((cfg.hf_hub_id, cfg.url, cfg.file, cfg.state_dict)):
+    if cfg is None or any(getattr(cfg, k) for k in sources):
         return
     others = tagged(f"{split_model_name_tag(name)[0]}.*")
     hint = "; the authors' .npz converts with nfnet-hub convert deepmind" if cfg.tag == "deepmind_in1k" else ""

@@ -37,15 +37,17 @@ class WSConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
-                 *, ws: str = "timm", eps: float | None = None, gain_init: float = 1.0):
+                 *, ws: str = "timm", eps: float | None = None, gain_init: float = 1.0,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         if ws not in WS_FORMS:
             raise ValueError(f"unknown weight standardisation {ws!r}: choose one of {WS_FORMS}")
         self.dynamic_pad = stride > 1 and kernel_size > 1
         padding = 0 if self.dynamic_pad else (kernel_size - 1) // 2
-        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=padding, groups=groups, bias=True)
+        super().__init__(in_chs, out_chs, kernel_size, stride=stride, padding=padding, groups=groups, bias=True,
+                         device=device, dtype=dtype)
         self.ws = ws
         self.eps = eps if eps is not None else (1e-5 if ws == "timm" else 1e-4)
-        self.gain = nn.Parameter(torch.full((out_chs, 1, 1, 1), gain_init))
+        self.gain = nn.Parameter(torch.full((out_chs, 1, 1, 1), gain_init, device=device, dtype=dtype))
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
@@ -92,11 +94,12 @@ class ScaledActivation(nn.Module):
 class SqueezeExcite(nn.Module):
     """``x * sigmoid(fc2(relu(fc1(mean(x)))))``; the block applies the gain of 2."""
 
-    def __init__(self, channels: int, ratio: float = 0.5, hidden: int | None = None):
+    def __init__(self, channels: int, ratio: float = 0.5, hidden: int | None = None, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         super().__init__()
         hidden = hidden or max(1, int(channels * ratio))
-        self.fc1 = nn.Conv2d(channels, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.fc1 = nn.Conv2d(channels, hidden, 1, device=device, dtype=dtype)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True))))

@@ -49,10 +49,10 @@ class NFNetCfg:
 class DownsampleAvg(nn.Module):
     """Shortcut projection: 2x2 average pool when strided, then a 1x1 conv."""
 
-    def __init__(self, in_chs: int, out_chs: int, stride: int, ws: str, eps: float | None):
+    def __init__(self, in_chs: int, out_chs: int, stride: int, **conv: Any):
         super().__init__()
         self.pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride > 1 else nn.Identity()
-        self.conv = WSConv2d(in_chs, out_chs, 1, ws=ws, eps=eps)
+        self.conv = WSConv2d(in_chs, out_chs, 1, **conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pool(x))
@@ -62,12 +62,14 @@ class NFBlock(nn.Module):
     """Bottleneck block: 1x1 -> grouped 3x3 (strided) -> grouped 3x3 -> 1x1, squeeze-excite, skip gain."""
 
     def __init__(self, in_chs: int, out_chs: int, stride: int, beta: float, cfg: NFNetCfg, drop_path: float = 0.0,
-                 drop_path_scale_by_keep: bool = False):
+                 drop_path_scale_by_keep: bool = False, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         mid = int(out_chs * cfg.bottle_ratio)
         groups = max(1, mid // cfg.group_size)
         mid = groups * cfg.group_size if mid >= cfg.group_size else mid
-        conv = dict(ws=cfg.ws, eps=cfg.ws_eps)
+        dd = dict(device=device, dtype=dtype)
+        conv = dict(ws=cfg.ws, eps=cfg.ws_eps, **dd)
         self.alpha, self.beta, self.attn_gain = cfg.alpha, beta, 2.0
         self.downsample = (DownsampleAvg(in_chs, out_chs, stride, **conv)
                            if stride > 1 or in_chs != out_chs else None)
@@ -79,10 +81,10 @@ class NFBlock(nn.Module):
         self.conv2b = WSConv2d(mid, mid, 3, groups=groups, **conv)
         self.act3 = ScaledActivation(cfg.act)
         self.conv3 = WSConv2d(mid, out_chs, 1, **conv)
-        self.attn_last = SqueezeExcite(out_chs, cfg.se_ratio)
+        self.attn_last = SqueezeExcite(out_chs, cfg.se_ratio, **dd)
         self.drop_path = StochasticDepth(drop_path, drop_path_scale_by_keep) if drop_path > 0 else nn.Identity()
         # shape (1,), not timm's (): FSDP2 cannot shard scalars; timm's scalars load through the hook below
-        self.skipinit_gain = nn.Parameter(torch.zeros(1))
+        self.skipinit_gain = nn.Parameter(torch.zeros(1, **dd))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "skipinit_gain"
@@ -102,12 +104,12 @@ class NFBlock(nn.Module):
         return out * (self.skipinit_gain * self.alpha) + shortcut
 
 
-def _stem(in_chans: int, cfg: NFNetCfg) -> nn.Sequential:
+def _stem(in_chans: int, cfg: NFNetCfg, **dd: Any) -> nn.Sequential:
     layers: OrderedDict[str, nn.Module] = OrderedDict()
     for i, (c, s) in enumerate(zip(cfg.stem_chs, cfg.stem_strides)):
         if i:
             layers[f"act{i + 1}"] = ScaledActivation(cfg.act)
-        layers[f"conv{i + 1}"] = WSConv2d(in_chans, c, 3, stride=s, ws=cfg.ws, eps=cfg.ws_eps)
+        layers[f"conv{i + 1}"] = WSConv2d(in_chans, c, 3, stride=s, ws=cfg.ws, eps=cfg.ws_eps, **dd)
         in_chans = c
     return nn.Sequential(layers)
 
@@ -117,15 +119,16 @@ class NFNet(nn.Module):
 
     def __init__(self, cfg: NFNetCfg, num_classes: int = 1000, in_chans: int = 3, global_pool: str = "avg",
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, drop_path_scale_by_keep: bool = False,
-                 **cfg_overrides: Any):
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, **cfg_overrides: Any):
         super().__init__()
         cfg = replace(cfg, **cfg_overrides)
+        dd = dict(device=device, dtype=dtype)  # timm's factory arguments: where and in what dtype to build
         self.cfg = cfg
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.grad_checkpointing = False
-        self.stem = _stem(in_chans, cfg)
+        self.stem = _stem(in_chans, cfg, **dd)
         stem_reduction = 1
         for s in cfg.stem_strides:
             stem_reduction *= s
@@ -140,7 +143,7 @@ class NFNet(nn.Module):
             blocks = []
             for block_idx in range(depth):
                 blocks.append(NFBlock(prev, width, stride if block_idx == 0 else 1, 1.0 / expected_std, cfg,
-                                      drop_path_rate * index / num_blocks, drop_path_scale_by_keep))
+                                      drop_path_rate * index / num_blocks, drop_path_scale_by_keep, **dd))
                 if block_idx == 0:
                     expected_std = 1.0
                 expected_std = (expected_std ** 2 + cfg.alpha ** 2) ** 0.5
@@ -149,10 +152,10 @@ class NFNet(nn.Module):
             self.feature_info.append(dict(num_chs=width, reduction=reduction, module=f"stages.{stage_idx}"))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = cfg.final_conv_mult * prev
-        self.final_conv = WSConv2d(prev, self.num_features, 1, ws=cfg.ws, eps=cfg.ws_eps)
+        self.final_conv = WSConv2d(prev, self.num_features, 1, ws=cfg.ws, eps=cfg.ws_eps, **dd)
         self.final_act = ScaledActivation(cfg.act)
         self.feature_info[-1] = dict(num_chs=self.num_features, reduction=reduction, module="final_conv")
-        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head = ClassifierHead(self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -183,8 +186,13 @@ class NFNet(nn.Module):
         return self.head.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for ``num_features`` (which pruning changes), on the model's device, in its dtype
+        and training mode, as timm's models reset theirs."""
+        like = self.stem.conv1.weight
         self.num_classes = num_classes
+        self.head.in_features = self.num_features
         self.head.reset(num_classes, global_pool)
+        self.head.to(device=like.device, dtype=like.dtype).train(self.training)
         if isinstance(self.head.fc, nn.Linear):
             nn.init.normal_(self.head.fc.weight, 0.0, 0.01)
             nn.init.zeros_(self.head.fc.bias)
@@ -201,7 +209,7 @@ class NFNet(nn.Module):
             x = module(x)
             if i == self.stem_feat_idx and 0 in take:
                 intermediates.append(x)
-        stages = self.stages[:max_index] if stop_early else self.stages
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
         for idx, stage in enumerate(stages, start=1):
             x = stage(x)
             if idx == last:
@@ -217,12 +225,15 @@ class NFNet(nn.Module):
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
         take, max_index = feature_take_indices(len(self.stages) + 1, indices)
-        if max_index < len(self.stages):
+        prune_end = max_index < len(self.stages)
+        if prune_end:  # the features end at the last kept tap
             self.final_conv, self.final_act = nn.Identity(), nn.Identity()
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if max_index == 0:
+            self.stem = self.stem[:self.stem_feat_idx + 1]  # the stem tap is before its last conv
         self.stages = self.stages[:max_index]
-        if prune_head or max_index < len(self.feature_info) - 1:
-            self.head.reset(0, "")
+        if prune_head or prune_end:  # the head is sized for the final features
+            self.reset_classifier(0, "")
         return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
