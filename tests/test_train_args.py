@@ -140,6 +140,24 @@ def test_every_evaluated_epoch_is_summarised_even_when_it_is_not_kept(tmp_path, 
     assert sorted(p.name for p in Path(result["output"]).glob("checkpoint-*")) == ["checkpoint-0.pth.tar"]
 
 
+def test_resume_auto_starts_continues_and_leaves_a_finished_run_alone(tmp_path, capsys):
+    """--resume auto: a fresh run where there is none, the rest of the epochs where one stopped, and nothing
+    (exit 0, files untouched) where it finished; a new run without it is refused there."""
+    run = [*QUICK, "--lr", "0.05", "--output", str(tmp_path), "--experiment", "run", "--resume", "auto"]
+    train(parse_args([*run, "--epochs", "1"]))
+    result = train(parse_args([*run, "--epochs", "2"]))
+    out = Path(result["output"])
+    assert [r.split(",")[0] for r in (out / "summary.csv").read_text().splitlines()[1:]] == ["0", "1"]
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["train", *run, "--epochs", "2"]) == 0
+    assert "has finished 2 of 2 epochs; pass --epochs N with N > 2 to train on (the schedule is stretched to N); " \
+        "--resume auto leaves it as it is" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert main(["train", *run[:-2], "--epochs", "2"]) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+
+
 def _nano_optimizer(model):
     """The optimiser timm's train.py builds."""
     from timm.optim import create_optimizer_v2, optimizer_kwargs

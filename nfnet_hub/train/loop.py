@@ -43,6 +43,10 @@ class TrainingDiverged(TrainingError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class RunFinished(TrainingError):
+    """The checkpoint to resume has trained every epoch asked for."""
+
+
 def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, *, scaler: torch.amp.GradScaler | None = None,
                    clip_grad: float | None = None, clip_mode: str = "agc", clip_params: list | None = None,
                    ema: ModelEmaV3 | None = None, step: int = 0) -> None:
@@ -173,8 +177,8 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     if "rng" in state:
         set_rng_state(state["rng"][run.rank] if run.rank < len(state["rng"]) else state["rng"][0])
     if epoch >= run.num_epochs:
-        raise TrainingError(f"nothing to train: {path} has finished {epoch} of {run.num_epochs} epochs; pass "
-                            f"--epochs N with N > {epoch} to train on (the schedule is stretched to N)")
+        raise RunFinished(f"nothing to train: {path} has finished {epoch} of {run.num_epochs} epochs; pass "
+                          f"--epochs N with N > {epoch} to train on (the schedule is stretched to N)")
     if args.sched_on_updates:
         run.scheduler.step_update(global_step)
     else:
@@ -215,7 +219,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     args = run.args
     start_epoch, step_in_epoch, global_step, best, kept = 0, 0, 0, None, None
     if state is not None:
-        start_epoch, step_in_epoch, global_step, best, kept = resume(run, state, path)
+        try:
+            start_epoch, step_in_epoch, global_step, best, kept = resume(run, state, path)
+        except RunFinished as done:
+            if args.resume not in ("auto", ""):  # an explicit --resume FILE meant to train on
+                raise
+            # --resume auto (or a torchrun restart) of a finished run: done already, as train.py 1.0.31 has it
+            if run.main:
+                print(f"{done.message}; --resume auto leaves it as it is", flush=True)
+            _leave(run)
+            return {"metrics": {}, "output": str(out_dir), "global_step": state.get("global_step"),
+                    "best_top1": state.get("best"), "model": run.model}
     elif args.start_epoch is not None:  # as train.py: start the schedule there
         start_epoch, global_step = args.start_epoch, args.start_epoch * run.updates_per_epoch
         run.scheduler.step(start_epoch)
@@ -276,11 +290,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 save_checkpoint(out_dir / name, ckpt)
     if wandb_run is not None:
         wandb_run.finish()
+    _leave(run)
+    return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
+            "model": run.model}
+
+
+def _leave(run: Run) -> None:
     if run.owns_group:
         dist.barrier()  # leave together: a rank exiting while another still talks to gloo can abort
         dist.destroy_process_group()
-    return {"metrics": metrics, "output": str(out_dir), "global_step": global_step, "best_top1": best,
-            "model": run.model}
 
 
 def _report_epoch(out_dir: Path, epoch: int, train_loss: float, metrics: dict[str, float],
