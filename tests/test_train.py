@@ -160,16 +160,22 @@ def test_compiled_training_writes_the_bare_models_checkpoint(tmp_path):
         torch.testing.assert_close(fresh.state_dict()[k], v)
 
 
-def test_recipes_follow_the_authors(tmp_path):
+def test_recipes_follow_the_authors(tmp_path, capsys):
     args = parse_args(["--config", "f3", "--batch-size", "512"])
     assert (args.model, args.opt, args.momentum, args.weight_decay) == ("nfnet_hub_f3", "sgd", 0.9, 2e-5)
     assert (args.lr_base, args.lr_base_size, args.sched, args.warmup_epochs) == (0.1, 256, "cosine", 5)
     assert (args.epochs, args.clip_mode, args.smoothing) == (360, "agc", 0.1)
     assert (args.drop, args.drop_path, args.aa) == (0.4, 0.25, "rand-m15-n4")
     assert args.img_size == 320 and args.model_ema and args.model_ema_decay == 0.99999 and args.batch_size == 512
-    (tmp_path / "bad.yaml").write_text("learning_rate: 3\n")
-    with pytest.raises(ValueError, match="unknown options learning_rate"):
+    (tmp_path / "bad.yaml").write_text("learning_rate: 3\nstop_epoch: null\n")
+    with pytest.raises(ValueError, match="unknown options learning_rate=3 .nfnet-hub train knows every option"):
         parse_args(["--config", str(tmp_path / "bad.yaml")])
+    # a newer train.py's options left unset (null, false, empty) mean nothing to do: ignored, and said so
+    (tmp_path / "newer.yaml").write_text("lr: 0.3\nstop_epoch: null\nsave_epochs: []\nsome_flag: false\n")
+    args = parse_args(["--config", str(tmp_path / "newer.yaml")])
+    assert args.lr == 0.3 and not hasattr(args, "stop_epoch")
+    assert "note: " + str(tmp_path / "newer.yaml") + ": save_epochs, some_flag, stop_epoch: not options" in \
+        capsys.readouterr().out
     with pytest.raises(ValueError, match="recipes: f0, f1"):
         parse_args(["--config", "f9"])
 

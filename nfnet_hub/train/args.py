@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 from pathlib import Path
 from typing import Any
 
@@ -321,9 +322,20 @@ def apply_config(parser: argparse.ArgumentParser, name: str) -> None:
     cfg = _config(name)
     known = {a.dest for a in parser._actions}
     unknown = sorted(k for k in cfg if k.replace("-", "_") not in known and k not in RECORDED)
-    if unknown:
-        raise UsageError(f"{name}: unknown options {', '.join(unknown)}")
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items() if k not in RECORDED and k != "config"})
+    unset = [k for k in unknown if _unset(cfg[k])]  # a newer train.py's option, left off: nothing to do
+    refused = [f"{k}={cfg[k]!r}" for k in unknown if k not in unset]
+    if refused:
+        raise UsageError(f"{name}: unknown options {', '.join(refused)} (nfnet-hub train knows every option of "
+                         "timm's train.py as of timm 1.0.28; nfnet-hub timm-train runs a newer train.py itself)")
+    if unset and os.environ.get("RANK", "0") == "0":
+        print(f"note: {name}: {', '.join(unset)}: not options nfnet-hub train knows, and unset there: ignored",
+              flush=True)
+    parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()
+                           if k not in RECORDED and k not in unset and k != "config"})
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
