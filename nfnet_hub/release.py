@@ -52,6 +52,15 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
                 e[key] = str((base / e[key]).resolve())
         if not str(e["weights"]).startswith("timm:"):
             e["weights"] = str((base / e["weights"]).resolve())
+    missing: dict[str, list[int]] = {}  # what is missing -> the models that need it
+    for i, e in enumerate(entries):
+        for key, kind, there in (("calibration", "folder", Path.is_dir), ("labels", "file", Path.is_file),
+                                 ("weights", "file", Path.is_file)):
+            if key in e and not str(e[key]).startswith("timm:") and not there(Path(e[key])):
+                missing.setdefault(f"no {key} {kind} at {e[key]}", []).append(i)
+    if missing:  # before hours of building, not in the middle of them
+        raise UsageError(f"{path}: " + "; ".join(f"{what} (model{'s' * (len(models) > 1)} "
+                                                 f"{', '.join(map(str, models))})" for what, models in missing.items()))
     return entries
 
 

@@ -174,8 +174,18 @@ def test_release_manifest_errors(tmp_path):
         read_manifest(tmp_path / "bad.toml")
     for needle in ("unknown keys colour", "missing 'weights'", "not of the form ORG/NAME", "int8 needs"):
         assert needle in str(e.value)
-    entries = read_manifest(Path(__file__).parent.parent / "export" / "release.toml")
+    shipped = tmp_path / "export" / "release.toml"
+    shipped.parent.mkdir()
+    shipped.write_text((Path(__file__).parent.parent / "export" / "release.toml").read_text())
+    with pytest.raises(ValueError, match=r"no calibration folder at .*export/calibration \(models 0, 1"):
+        read_manifest(shipped)  # before any download or build
+    (tmp_path / "export" / "calibration").mkdir()
+    entries = read_manifest(shipped)
     assert entries[0]["repo_id"] == "nfnet-hub/nfnet_f0.dm_in1k" and entries[0]["weights"] == "timm:dm_in1k"
+    (tmp_path / "local.toml").write_text('[[model]]\nrepo_id = "me/x"\nmodel = "nfnet_hub_nano"\n'
+                                         'weights = "nano.safetensors"\nlabels = "labels.txt"\n')
+    with pytest.raises(ValueError, match=r"no labels file at .*labels.txt \(model 0\); no weights file at"):
+        read_manifest(tmp_path / "local.toml")
 
 
 def _free_port() -> int:
