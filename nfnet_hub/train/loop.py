@@ -281,13 +281,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             improved = history.better(metric, best)
             best = metric if improved else best
             names = history.record(epoch, metric, improved)
-            if run.main:  # as train.py: every evaluated epoch, with the lr it ended on (before the scheduler steps)
-                _report_epoch(out_dir, epoch, train_loss, metrics, run.optimizer, wandb_run)
+        lrs = [group["lr"] for group in run.optimizer.param_groups]  # the rate the epoch ended on, as train.py
         run.scheduler.step(epoch + 1, metrics.get(args.eval_metric))
         ckpt = checkpoint(epoch + 1, 0, metrics.get(args.eval_metric) if evaluated else None)
         if run.main:
             for name in [LAST, *names]:
                 save_checkpoint(out_dir / name, ckpt)
+            if evaluated:  # every evaluated epoch, after its checkpoint: a resumed run never repeats a row
+                _report_epoch(out_dir, epoch, train_loss, metrics, sum(lrs) / len(lrs), wandb_run)
     if wandb_run is not None:
         wandb_run.finish()
     _leave(run)
@@ -301,11 +302,9 @@ def _leave(run: Run) -> None:
         dist.destroy_process_group()
 
 
-def _report_epoch(out_dir: Path, epoch: int, train_loss: float, metrics: dict[str, float],
-                  optimizer: torch.optim.Optimizer, wandb_run: Any) -> None:
+def _report_epoch(out_dir: Path, epoch: int, train_loss: float, metrics: dict[str, float], lr: float,
+                  wandb_run: Any) -> None:
     """One evaluated epoch: a row of summary.csv, a line on the console, wandb if it logs."""
-    lrs = [group["lr"] for group in optimizer.param_groups]
-    lr = sum(lrs) / len(lrs)
     _append_summary(out_dir / "summary.csv", epoch, train_loss, metrics, lr)
     print(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
           f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
