@@ -144,6 +144,8 @@ def test_resume_auto_starts_continues_and_leaves_a_finished_run_alone(tmp_path, 
     """--resume auto: a fresh run where there is none, the rest of the epochs where one stopped, and nothing
     (exit 0, files untouched) where it finished; a new run without it is refused there."""
     run = [*QUICK, "--lr", "0.05", "--output", str(tmp_path), "--experiment", "run", "--resume", "auto"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "args.yaml").write_text("epochs: 1\n")  # a run that died before its first checkpoint
     train(parse_args([*run, "--epochs", "1"]))
     result = train(parse_args([*run, "--epochs", "2"]))
     out = Path(result["output"])

@@ -213,7 +213,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = Path(args.output or "output/train") / (args.experiment or f"{args.model}-{args.dataset or 'folder'}")
     path = resume_path(args, out_dir)
     state = load_training_state(path) if path is not None else None  # read before any work: errors come first
-    if state is None:
+    if state is None and args.resume != "auto":  # auto: the folder is this run's, whatever it holds
         check_new_run_folder(out_dir)
     run = build(args)
     args = run.args
