@@ -280,6 +280,7 @@ class ValidationReport:
     onnx_accuracy: float | None = None
     torch_accuracy: float | None = None
     accuracy_change: float | None = None
+    accuracy_note: str | None = None  # why no accuracy was measured on the images given
 
 
 def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[str | os.PathLike] | None = None,
@@ -313,8 +314,8 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((random_inputs, 3, *pre.input_size)).astype(np.float32)]
     labels = json.loads(meta.get("nfnet_hub.labels", "null")) or []
-    targets = None
-    if images and labels and all(Path(p).parent.name in labels for p in images):
+    targets, note = None, _unlabelled(images, labels) if images else None
+    if images and not note:
         targets = np.array([labels.index(Path(p).parent.name) for p in images])
     model = model.eval()
     errors, onnx_pred, torch_pred = [], [], []
@@ -327,9 +328,22 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
         torch_pred.append(ref.argmax(-1))
     err, onnx_pred, torch_pred = np.concatenate(errors), np.concatenate(onnx_pred), np.concatenate(torch_pred)
     report = ValidationReport(len(onnx_pred), "images" if images else "random", float(err.max()), float(err.mean()),
-                              float((onnx_pred == torch_pred).mean()), pre.describe())
+                              float((onnx_pred == torch_pred).mean()), pre.describe(), accuracy_note=note)
     if targets is not None:
         report.onnx_accuracy = float((onnx_pred == targets).mean() * 100)
         report.torch_accuracy = float((torch_pred == targets).mean() * 100)
         report.accuracy_change = report.onnx_accuracy - report.torch_accuracy
     return report
+
+
+def _unlabelled(images: Sequence[str | os.PathLike], labels: Sequence[str]) -> str | None:
+    """Why the images cannot be scored, if they cannot: accuracy needs every image in a folder named after its label."""
+    if not labels:
+        return "no accuracy: the export records no label names (export with --labels, or from a trained checkpoint)"
+    stray = sorted({Path(p).parent.name for p in images} - set(labels))
+    if not stray:
+        return None
+    count = sum(Path(p).parent.name in stray for p in images)
+    return (f"no accuracy: {count} of {len(images)} images are in folders not named after a label "
+            f"({', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}); put each image in a folder named after its "
+            "label to measure accuracy")

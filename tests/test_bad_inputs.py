@@ -48,6 +48,8 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
         for f in sorted((digits_folders / split / "1").iterdir())[:n]:
             shutil.copy(f, tiny / split / "1")
     shutil.copytree(digits_folders / "train" / "1", root / "trainonly" / "train" / "1")
+    shutil.copytree(tiny, root / "strayclass")
+    shutil.copytree(tiny / "validation" / "1", root / "strayclass" / "validation" / "9")
     return root
 
 
@@ -147,6 +149,9 @@ CASES = [
     ("train-no-train-split", ["train", "--data-dir", "images", "--output", "runs"], "no 'train' split under images"),
     ("train-no-validation-split", ["train", "--data-dir", "trainonly", "--output", "runs"],
      "no 'validation' split under trainonly"),
+    ("train-validation-class-not-in-training", ["train", "--data-dir", "strayclass", "--output", "runs", "--workers",
+                                               "0"], r"the validation split has 1 class\(es\) that the training "
+     r"split lacks \(9\)"),
     ("train-fewer-images-than-a-batch", ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0"],
      "yields no full batch of 128"),
     ("train-missing-resume", ["train", "--dataset", "digits", "--resume", "nope.pth.tar"],
@@ -401,6 +406,15 @@ def test_validate_says_which_preprocessing_it_used(ws, capsys):
     assert "preprocessing (from model_int8.onnx's metadata): 32x32 px, squash crop 1, bicubic" in out
     report = json.loads(out[out.index("{"):])
     assert report["inputs"] == len(list((ws / "images").rglob("*.png"))) and report["torch_accuracy"] > 90
+    assert report["accuracy_note"] is None
+    (ws / "images" / "misc").mkdir()
+    shutil.copy(next((ws / "images" / "3").iterdir()), ws / "images" / "misc")
+    code, out, err = _run(ws, capsys, ["validate", "bundle/model_int8.onnx", *["--model", "nfnet_hub_nano"],
+                                       "--checkpoint", "nano.pth.tar", "--images", "images"])
+    report = json.loads(out[out.index("{"):])
+    assert code == 0 and report["torch_accuracy"] is None
+    assert report["accuracy_note"].startswith(f"no accuracy: 1 of {report['inputs']} images are in folders not named "
+                                              "after a label (misc)")
 
 
 def test_every_option_has_help_that_shows_its_default():

@@ -167,6 +167,7 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     report = validate_onnx(out / "model.onnx", nano, sorted(sample_images.iterdir()))
     assert report.inputs == 6 and report.source == "images"
     assert report.top1_agreement == 1.0 and report.max_abs_error < 1e-4
+    assert report.onnx_accuracy is None and report.accuracy_note.startswith("no accuracy: the export records no label")
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--precision", "int8",
                  "--calibration", str(sample_images), "--filename", "model_int8.onnx", "--out", str(out)]) == 0
     assert main(["validate", str(out / "model_int8.onnx"), "--model", "nfnet_hub_nano", "--checkpoint",

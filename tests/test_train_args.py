@@ -113,6 +113,23 @@ def test_image_folder_data_config_options_are_recorded(tmp_path, digits_folders)
     assert x.shape == (8, 3, 64, 64)
 
 
+def test_a_validation_split_lacking_a_class_is_scored_with_the_training_splits_labels(tmp_path, digits_folders,
+                                                                                      capsys):
+    """Each folder split numbers its own classes: validation {3, 7} beside training {3, 5, 7} would score 7s as
+    5s (what timm's train.py does); they keep the training split's index 2."""
+    root = tmp_path / "data"
+    for split, labels in (("train", ("3", "5", "7")), ("validation", ("3", "7"))):
+        for label in labels:
+            shutil.copytree(digits_folders / split / label, root / split / label)
+    run = build(parse_args(["--data-dir", str(root), "--model", "nfnet_hub_nano", "--workers", "0", "--no-prefetcher",
+                            "--batch-size", "8", "--output", str(tmp_path / "out")]))
+    targets = torch.cat([y for _, y in run.loaders.val]).tolist()
+    expected = [{"3": 0, "7": 2}[p.parent.name] for p in sorted((root / "validation").rglob("*.png"))]
+    assert targets == expected
+    assert run.loaders.data_config["label_names"] == ["3", "5", "7"]
+    assert "the validation split lacks 1 of the 3 training classes (5)" in capsys.readouterr().out
+
+
 def test_val_interval_and_eval_metric_choose_when_and_what_is_best(tmp_path):
     result = train(parse_args([*QUICK, "--epochs", "4", "--val-interval", "2", "--eval-metric", "loss", "--lr", "0.2",
                                "--clip-grad", "0.02", "--clip-mode", "agc", "--output", str(tmp_path),

@@ -128,7 +128,14 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                               num_samples=args.train_num_samples, **kw)
     val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
                             **kw)
-    class_to_idx = getattr(getattr(train_ds, "reader", train_ds), "class_to_idx", None) or {}
+    class_to_idx, val_classes = _class_to_idx(train_ds), _class_to_idx(val_ds)
+    if not args.class_map and class_to_idx and val_classes and val_classes != class_to_idx:
+        missing = _missing_classes(class_to_idx, val_classes)
+        if rank == 0:
+            print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
+                  f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
+        val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False,
+                                num_samples=args.val_num_samples, **{**kw, "class_map": class_to_idx})
     num_classes = args.num_classes or len(class_to_idx)
     if not num_classes:
         raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
@@ -155,6 +162,26 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
     return Loaders(train, val, num_classes, shuffler, data_config(data_cfg, label_names=names),
                    collate or (Mixup(**mixup) if mixup else None), mixup is not None and collate is None, prefetch)
+
+
+def _class_to_idx(ds: Dataset) -> dict:
+    return getattr(getattr(ds, "reader", ds), "class_to_idx", None) or {}
+
+
+def _missing_classes(train_classes: dict, val_classes: dict) -> list:
+    """The training classes the validation split lacks. Each split of a folder dataset numbers its own classes
+    (sorted folder names), so a split lacking one is scored against shifted labels (as timm's train.py does,
+    silently), and a split with a class the training split lacks cannot be scored at all."""
+    extra = sorted(set(val_classes) - set(train_classes))
+    if extra:
+        raise UsageError(f"the validation split has {len(extra)} class(es) that the training split lacks "
+                         f"({_some(extra)}): a model trained on it cannot predict them; remove them from the "
+                         "validation split or add images of them to the training split")
+    return sorted(set(train_classes) - set(val_classes))
+
+
+def _some(names: list) -> str:
+    return ", ".join(map(str, names[:10])) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
 _TRAIN_NAMES = ("train", "training")
