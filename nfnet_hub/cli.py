@@ -207,14 +207,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
     clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
+    skipped = 0
     for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
-        chunk = images[start:start + args.batch_size]
-        for image, preds in zip(chunk, clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size)):
+        batch = images[start:start + args.batch_size]
+        chunk, names = _readable(batch, alone=len(images) == 1)
+        skipped += len(batch) - len(chunk)
+        results = clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size) if chunk else []
+        for image, preds in zip(names, results):
             print(image)
             for p in preds:
                 print(f"  {p.probability:7.2%}  {p.label}")
         sys.stdout.flush()
+    if skipped == len(images):
+        raise UsageError(f"none of the {len(images)} images is readable")
+    if skipped:
+        print(f"nfnet-hub predict: {skipped} of {len(images)} images skipped (unreadable)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:
+    """The images of ``paths`` that decode, and their names; each one that does not is named on stderr and skipped
+    (a lone image's failure is the command's error)."""
+    from .preprocess import load_image
+
+    images, names = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            names.append(path)
+        except UsageError as e:
+            if alone:
+                raise
+            print(f"nfnet-hub predict: skipped {e}", file=sys.stderr, flush=True)
+    return images, names
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:

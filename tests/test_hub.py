@@ -136,6 +136,24 @@ def test_predict_cli(bundle, sample_images, capsys):
     assert "not a readable image" in capsys.readouterr().err
 
 
+def test_predict_skips_unreadable_images_names_them_and_exits_1(bundle, sample_images, tmp_path, capsys):
+    """One broken file in a large folder costs its own line, not the run: the rest are predicted as they would be
+    alone, and the exit status says that something was skipped."""
+    photos = sorted(sample_images.iterdir())[:3]
+    for p in photos:
+        shutil.copy(p, tmp_path / p.name)
+    (tmp_path / "b_broken.png").write_bytes(photos[0].read_bytes()[:200])
+    assert main(["predict", str(tmp_path), "--model", str(bundle), "--top-k", "2"]) == 1
+    out, err = capsys.readouterr()
+    assert main(["predict", *map(str, photos), "--model", str(bundle), "--top-k", "2"]) == 0
+    assert out.replace(str(tmp_path), str(sample_images)) == capsys.readouterr().out
+    skipped, summary = err.splitlines()
+    assert skipped.startswith(f"nfnet-hub predict: skipped {tmp_path / 'b_broken.png'} is not a readable image: ")
+    assert summary == "nfnet-hub predict: 1 of 4 images skipped (unreadable)"
+    assert main(["predict", str(tmp_path / "b_broken.png"), str(bundle / "config.json"), "--model", str(bundle)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "nfnet-hub predict: error: none of the 2 images is readable"
+
+
 def test_publish_cli_dry_run_and_bad_repo_ids(bundle, capsys):
     assert main(["publish", str(bundle), "--repo-id", "me/nano", "--dry-run"]) == 0
     out = capsys.readouterr().out
