@@ -291,8 +291,10 @@ def test_a_folder_of_bundles_serves_each_under_its_folder_name(nano_bundle, tmp_
 
     for name in ("digits-a", "digits-b"):
         shutil.copytree(nano_bundle, tmp_path / "models" / name)
-    (tmp_path / "models" / "notes").mkdir()  # not a bundle: skipped
-    with Server(str(tmp_path / "models"), "--precision", "int8") as url:
+    (tmp_path / "models" / "notes").mkdir()  # not a bundle: skipped, and said
+    (tmp_path / "models" / ".cache").mkdir()  # hidden: skipped quietly
+    server = Server(str(tmp_path / "models"), "--precision", "int8")
+    with server as url:
         c = tritonclient_http.InferenceServerClient(url.removeprefix("http://"))
         assert c.is_model_ready("digits-a") and c.is_model_ready("digits-b") and not c.is_model_ready("notes")
         x = np.zeros((1, 3, 32, 32), np.float32)
@@ -300,6 +302,8 @@ def test_a_folder_of_bundles_serves_each_under_its_folder_name(nano_bundle, tmp_
         np.testing.assert_allclose(c.infer("digits-b", [_pixels_input(x)]).as_numpy("logits"), int8.logits(x),
                                    atol=1e-5)
         c.close()
+    assert f"note: {tmp_path / 'models' / 'notes'} is not a bundle (config.json and model*.onnx): not served" \
+        in server.output and ".cache" not in server.output
 
 
 def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):

@@ -39,9 +39,10 @@ def _is_bundle(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any((folder / f).is_file() for f in ONNX_FILES.values())
 
 
-def find_bundles(source: str, *, name: str | None = None) -> dict[str, str]:
+def find_bundles(source: str, *, name: str | None = None, log: Callable = print) -> dict[str, str]:
     """Model names and where their bundles are: one bundle folder, a folder of bundle folders (each served
-    under its folder's name), or a Hub repo id (served under its name part)."""
+    under its folder's name; other visible folders are named in the log), or a Hub repo id (served under its
+    name part)."""
     path = Path(source).expanduser()
     if not looks_local(source):
         found = {name or source.split("/")[1]: source}
@@ -51,12 +52,16 @@ def find_bundles(source: str, *, name: str | None = None) -> dict[str, str]:
     elif _is_bundle(path):
         found = {name or path.resolve().name: str(path)}
     else:
-        found = {p.name: str(p) for p in sorted(path.iterdir()) if p.is_dir() and _is_bundle(p)}
+        folders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        found = {p.name: str(p) for p in folders if _is_bundle(p)}
         if not found:
             raise UsageError(f"{source} is neither a bundle folder (config.json and model.onnx) nor a folder of them")
         if name:
             raise UsageError(f"--name names one model, but {source} holds {len(found)} bundles, each served under "
                              "its folder's name")
+        for p in folders:
+            if p.name not in found:
+                log(f"note: {p} is not a bundle (config.json and model*.onnx): not served")
     for model_name in found:
         if not _NAME.match(model_name):
             raise UsageError(f"{model_name!r} cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
@@ -127,8 +132,8 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
     for port in (options.port, options.grpc_port):
         if port is not None:
             _check_port(options.host, port)
-    models = load_models(find_bundles(source, name=name), options, providers=providers, require_cuda=require_cuda,
-                         log=log)
+    bundles = find_bundles(source, name=name, log=log)
+    models = load_models(bundles, options, providers=providers, require_cuda=require_cuda, log=log)
     rest, make_grpc = _servers(models, options)
     base = f"http://{options.host}:{options.port}"
     where = f"{base}/v2/models/{models[0].name if len(models) == 1 else 'NAME'}/infer"
