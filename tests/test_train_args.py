@@ -6,6 +6,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -19,7 +20,7 @@ from timm.utils import CheckpointSaver
 from nfnet_hub.agc import adaptive_clip_grad_
 from nfnet_hub.cli import main
 from nfnet_hub.train import parse_args, train
-from nfnet_hub.train.build import build, learning_rate
+from nfnet_hub.train.build import build, create_ema, learning_rate
 from nfnet_hub.train.loop import optimizer_step
 
 FIXTURE = Path(__file__).parent / "fixtures" / "timm-train-args.yaml"  # written by timm's own train.py
@@ -266,6 +267,39 @@ def test_the_optimiser_step_unscales_then_clips_then_steps_then_averages(tmp_pat
         assert p.grad is None
     for name, p in ema.module.named_parameters():
         torch.testing.assert_close(p, 0.5 * initial[name] + 0.5 * dict(model.named_parameters())[name], msg=name)
+
+
+def test_the_recipes_ema_warms_up_as_the_authors_tf1_ema(tmp_path, monkeypatch, capsys):
+    """The authors' EMA (their utils.tf1_ema: decay min(d, (1 + t) / (10 + t)) at update t), in numpy, against the
+    recipes' EMA as the loop drives it; a fixed 0.99999 would leave the initial weights in the average."""
+    args = parse_args(["--config", "f0"])
+    assert args.model_ema and args.model_ema_decay == 0.99999 and args.model_ema_authors_warmup
+    torch.manual_seed(0)
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=4))
+    ema = create_ema(model, args)
+    expected = {k: v.double().numpy().copy() for k, v in model.state_dict().items()}
+    for t in range(30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, step=t + 1)  # the loop's count (checked below)
+        decay = min(0.99999, (1 + t) / (10 + t))
+        for k, v in model.state_dict().items():
+            expected[k] = expected[k] * decay + v.double().numpy() * (1 - decay)
+    for k, v in ema.module.state_dict().items():
+        np.testing.assert_allclose(v.double().numpy(), expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    steps = []
+    monkeypatch.setattr(timm.utils.ModelEmaV3, "get_decay", lambda self, step=None: steps.append(step) or 0.5)
+    train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--model-ema", "--model-ema-authors-warmup",
+                      "--output", str(tmp_path), "--experiment", "run"]))
+    assert steps == [1, 2, 3, 4, 5]  # 1437 // 256 updates, counted from 1 as train.py counts them
+    assert "warning: --model-ema-decay" not in capsys.readouterr().out
+    train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--model-ema", "--output", str(tmp_path),
+                      "--experiment", "fixed"]))  # train.py's default decay, 0.9998, without a warm-up
+    assert "warning: --model-ema-decay 0.9998 without a warm-up leaves 100% of the initial weights in the EMA after " \
+        "the run's 5 updates" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="two warm-ups: choose one"):
+        create_ema(model, parse_args(["--config", "f0", "--model-ema-warmup"]))
 
 
 def test_a_folder_of_two_digits_trains_with_train_pys_augmentations(tmp_path, digits_folders):

@@ -226,6 +226,9 @@ OPTIONS = [
     _o("--model-ema-force-cpu", action="store_true", default=False, help="keep the EMA on the CPU"),
     _o("--model-ema-decay", type=float, default=0.9998, help="EMA decay per update"),
     _o("--model-ema-warmup", action="store_true", default=False, help="warm the EMA decay up"),
+    _o("--model-ema-authors-warmup", action="store_true", default=False,
+       help=f"{OURS} the authors' EMA warm-up (TF1's): decay min(--model-ema-decay, (1 + t) / (10 + t)) at update t "
+       "(the recipes)"),
     # bookkeeping
     _o("--seed", type=int, default=42, help="random seed"),
     _o("--worker-seeding", default="all", help="loader worker seeding"),

@@ -236,6 +236,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if run.main and args.warmup_epochs >= run.num_epochs:
         print(f"warning: --warmup-epochs {args.warmup_epochs} covers all {run.num_epochs} epochs: the learning rate "
               "never leaves warm-up, so the run will barely learn", flush=True)
+    if run.main and run.ema is not None and not (args.model_ema_warmup or args.model_ema_authors_warmup):
+        updates = run.num_epochs * run.updates_per_epoch
+        initial = args.model_ema_decay ** updates  # the initial weights' share of the average at the end
+        if initial > 0.05:
+            print(f"warning: --model-ema-decay {args.model_ema_decay:g} without a warm-up leaves {initial:.0%} of the "
+                  f"initial weights in the EMA after the run's {updates} updates, and the EMA is what is evaluated "
+                  "and saved: add --model-ema-authors-warmup (or --model-ema-warmup), or lower the decay", flush=True)
     history = History(out_dir, args.checkpoint_hist, args.eval_metric == "loss", kept)
     wandb_run = _wandb(args) if run.main else None
     if run.main:
