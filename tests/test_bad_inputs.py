@@ -152,6 +152,10 @@ CASES = [
     ("train-validation-class-not-in-training", ["train", "--data-dir", "strayclass", "--output", "runs", "--workers",
                                                "0"], r"the validation split has 1 class\(es\) that the training "
      r"split lacks \(9\)"),
+    ("train-mixup-with-an-odd-batch", ["train", "--dataset", "digits", "--mixup", "0.2", "--batch-size", "7"],
+     "--batch-size 7: MixUp and CutMix pair the images of a batch, so it must be even"),
+    ("train-unknown-mixup-mode", ["train", "--dataset", "digits", "--cutmix", "1", "--mixup-mode", "each"],
+     "--mixup-mode 'each': choose batch, pair or elem"),
     ("train-fewer-images-than-a-batch", ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0"],
      "yields no full batch of 128"),
     ("train-missing-resume", ["train", "--dataset", "digits", "--resume", "nope.pth.tar"],

@@ -84,6 +84,11 @@ def _sampler(ds: Dataset, world: int, rank: int, shuffle: bool, seed: int):
 def _mixup_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any] | None:
     if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
         return None
+    if args.mixup_mode not in ("batch", "pair", "elem"):
+        raise UsageError(f"--mixup-mode {args.mixup_mode!r}: choose batch, pair or elem")
+    if args.batch_size % 2:
+        raise UsageError(f"--batch-size {args.batch_size}: MixUp and CutMix pair the images of a batch, so it must "
+                         "be even")
     return dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                 prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                 label_smoothing=args.smoothing, num_classes=num_classes)

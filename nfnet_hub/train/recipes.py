@@ -2,7 +2,9 @@
 
 Global batch = batch size x processes; lr = 0.1 x global batch / 256 (timm's ``--lr-base``); set the
 batch per process on the command line. AGC clipping 0.01 is for a global batch of 4096: the paper uses
-larger values for smaller batches. timm's ``sgd`` is SGD with Nesterov momentum, as the authors'.
+larger values for smaller batches. timm's ``sgd`` is SGD with Nesterov momentum, as the authors'. The authors mix
+every batch half by MixUp (alpha 0.2), half by CutMix (uniform area), each image with its own ratio: timm's
+``elem`` mode (each image its own ratio and, with even odds, its own kind) comes closest.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ __all__ = ["RECIPES", "recipe"]
 
 _SHARED = dict(epochs=360, batch_size=512, opt="sgd", momentum=0.9, lr_base=0.1, lr_base_size=256, sched="cosine",
                warmup_epochs=5, weight_decay=2e-5, smoothing=0.1, clip_mode="agc", clip_grad=0.01, mixup=0.2,
-               cutmix=1.0, drop_path=0.25, model_ema=True, model_ema_decay=0.99999,
+               cutmix=1.0, mixup_mode="elem", drop_path=0.25, model_ema=True, model_ema_decay=0.99999,
                model_ema_authors_warmup=True, amp=True, amp_dtype="bfloat16",
                dataset="")
 RECIPES = [name for name in VARIANTS if name != "nano"]
