@@ -167,6 +167,7 @@ def test_recipes_follow_the_authors(tmp_path, capsys):
     assert (args.epochs, args.clip_mode, args.smoothing) == (360, "agc", 0.1)
     assert (args.drop, args.drop_path, args.aa) == (0.4, 0.25, "rand-m15-n4")
     assert (args.mixup, args.cutmix, args.mixup_mode, args.mixup_switch_prob) == (0.2, 1.0, "elem", 0.5)
+    assert args.train_interpolation == "bicubic"  # the authors resize training crops bicubically
     assert args.img_size == 320 and args.model_ema and args.model_ema_decay == 0.99999 and args.batch_size == 512
     (tmp_path / "bad.yaml").write_text("learning_rate: 3\nstop_epoch: null\n")
     with pytest.raises(ValueError, match="unknown options learning_rate=3 .nfnet-hub train knows every option"):
