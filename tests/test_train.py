@@ -164,6 +164,7 @@ def test_recipes_follow_the_authors(tmp_path, capsys):
     args = parse_args(["--config", "f3", "--batch-size", "512"])
     assert (args.model, args.opt, args.momentum, args.weight_decay) == ("nfnet_hub_f3", "sgd", 0.9, 2e-5)
     assert (args.lr_base, args.lr_base_size, args.sched, args.warmup_epochs) == (0.1, 256, "cosine", 5)
+    assert args.sched_on_updates  # the authors' schedule moves every step
     assert (args.epochs, args.clip_mode, args.smoothing) == (360, "agc", 0.1)
     assert (args.drop, args.drop_path, args.aa) == (0.4, 0.25, "rand-m15-n4")
     assert (args.mixup, args.cutmix, args.mixup_mode, args.mixup_switch_prob) == (0.2, 1.0, "elem", 0.5)

@@ -19,7 +19,7 @@ from timm.utils import CheckpointSaver
 
 from nfnet_hub.agc import adaptive_clip_grad_
 from nfnet_hub.cli import main
-from nfnet_hub.train import parse_args, train
+from nfnet_hub.train import loop, parse_args, train
 from nfnet_hub.train.build import build, create_ema, learning_rate
 from nfnet_hub.train.loop import optimizer_step
 
@@ -129,6 +129,20 @@ def test_a_validation_split_lacking_a_class_is_scored_with_the_training_splits_l
     assert targets == expected
     assert run.loaders.data_config["label_names"] == ["3", "5", "7"]
     assert "the validation split lacks 1 of the 3 training classes (5)" in capsys.readouterr().out
+
+
+def test_sched_on_updates_moves_the_learning_rate_every_update(tmp_path, monkeypatch):
+    """timm's warm-up and cosine, per update (the recipes' choice, as the authors' schedule is per step): the
+    formulas, against the learning rate each optimiser step sees."""
+    seen, step = [], loop.optimizer_step
+    monkeypatch.setattr(loop, "optimizer_step", lambda opt, *a, **k: seen.append(opt.param_groups[0]["lr"]) or
+                        step(opt, *a, **k))
+    train(parse_args([*QUICK, "--epochs", "2", "--batch-size", "256", "--lr", "0.1", "--warmup-epochs", "1",
+                      "--sched-on-updates", "--output", str(tmp_path), "--experiment", "run"]))
+    updates, warmup = 2 * (1437 // 256), 1437 // 256
+    expected = [1e-5 + t * (0.1 - 1e-5) / warmup if t < warmup else 0.05 * (1 + math.cos(math.pi * t / updates))
+                for t in range(updates)]
+    assert seen == pytest.approx(expected)
 
 
 def test_val_interval_and_eval_metric_choose_when_and_what_is_best(tmp_path):

@@ -15,9 +15,10 @@ from ..models.variants import VARIANTS, model_name
 __all__ = ["RECIPES", "recipe"]
 
 _SHARED = dict(epochs=360, batch_size=512, opt="sgd", momentum=0.9, lr_base=0.1, lr_base_size=256, sched="cosine",
-               warmup_epochs=5, weight_decay=2e-5, smoothing=0.1, clip_mode="agc", clip_grad=0.01, mixup=0.2,
-               cutmix=1.0, mixup_mode="elem", train_interpolation="bicubic", drop_path=0.25, model_ema=True,
-               model_ema_decay=0.99999, model_ema_authors_warmup=True, amp=True, amp_dtype="bfloat16", dataset="")
+               sched_on_updates=True, warmup_epochs=5, weight_decay=2e-5, smoothing=0.1, clip_mode="agc",
+               clip_grad=0.01, mixup=0.2, cutmix=1.0, mixup_mode="elem", train_interpolation="bicubic",
+               drop_path=0.25, model_ema=True, model_ema_decay=0.99999, model_ema_authors_warmup=True, amp=True,
+               amp_dtype="bfloat16", dataset="")
 RECIPES = [name for name in VARIANTS if name != "nano"]
 
 
