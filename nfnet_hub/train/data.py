@@ -136,7 +136,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     class_to_idx, val_classes = _class_to_idx(train_ds), _class_to_idx(val_ds)
     if not args.class_map and class_to_idx and val_classes and val_classes != class_to_idx:
         missing = _missing_classes(class_to_idx, val_classes)
-        if rank == 0:
+        if rank == 0 and missing:
             print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
                   f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
         val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False,
