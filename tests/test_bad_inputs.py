@@ -156,6 +156,8 @@ CASES = [
      "--batch-size 7: MixUp and CutMix pair the images of a batch, so it must be even"),
     ("train-unknown-mixup-mode", ["train", "--dataset", "digits", "--cutmix", "1", "--mixup-mode", "each"],
      "--mixup-mode 'each': choose batch, pair or elem"),
+    ("train-num-classes-below-the-data", ["train", "--dataset", "digits", "--num-classes", "5"],
+     r"--num-classes 5, but the training data have 10 classes \(0, 1, 2, .*\): give at least 10"),
     ("train-fewer-images-than-a-batch", ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0"],
      "yields no full batch of 128"),
     ("train-missing-resume", ["train", "--dataset", "digits", "--resume", "nope.pth.tar"],

@@ -131,6 +131,13 @@ def test_a_validation_split_lacking_a_class_is_scored_with_the_training_splits_l
     assert "the validation split lacks 1 of the 3 training classes (5)" in capsys.readouterr().out
 
 
+def test_more_classes_than_the_data_have_train_with_mixup(tmp_path):
+    """--num-classes above the data's count is allowed (as in train.py): MixUp's targets are as wide as the logits."""
+    result = train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--num-classes", "12", "--mixup", "0.2",
+                               "--output", str(tmp_path), "--experiment", "run"]))
+    assert result["model"].num_classes == 12 and result["global_step"] == 1437 // 256
+
+
 def test_sched_on_updates_moves_the_learning_rate_every_update(tmp_path, monkeypatch):
     """timm's warm-up and cosine, per update (the recipes' choice, as the authors' schedule is per step): the
     formulas, against the learning rate each optimiser step sees."""

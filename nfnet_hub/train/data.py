@@ -111,8 +111,9 @@ def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
     record = data_config({"input_size": (3, *pre.input_size), "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
                           "interpolation": pre.interpolation, "mean": pre.mean, "std": pre.std},
                          label_names=[str(i) for i in range(10)])
-    mixup = _mixup_args(args, 10)
-    return Loaders(train, val, 10, sampler, record, Mixup(**mixup) if mixup else None, mixup is not None)
+    num_classes = _num_classes(args, {str(i): i for i in range(10)})
+    mixup = _mixup_args(args, num_classes)
+    return Loaders(train, val, num_classes, sampler, record, Mixup(**mixup) if mixup else None, mixup is not None)
 
 
 def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: int,
@@ -141,7 +142,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                   f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
         val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False,
                                 num_samples=args.val_num_samples, **{**kw, "class_map": class_to_idx})
-    num_classes = args.num_classes or len(class_to_idx)
+    num_classes = _num_classes(args, class_to_idx)
     if not num_classes:
         raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
                          "(webdataset shards name none): pass --num-classes")
@@ -167,6 +168,16 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
     return Loaders(train, val, num_classes, shuffler, data_config(data_cfg, label_names=names),
                    collate or (Mixup(**mixup) if mixup else None), mixup is not None and collate is None, prefetch)
+
+
+def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
+    """--num-classes where given (more than the data have is allowed, as in train.py), else the data's count."""
+    needed = max(class_to_idx.values(), default=-1) + 1
+    if args.num_classes and args.num_classes < needed:
+        raise UsageError(f"--num-classes {args.num_classes}, but the training data have {needed} classes "
+                         f"({_some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
+                         "--num-classes out to take the data's count")
+    return args.num_classes or needed
 
 
 def _class_to_idx(ds: Dataset) -> dict:
