@@ -168,6 +168,9 @@ CASES = [
                                    "--output", "runs"], r"nothing to train: .* pass --epochs N with N > 10"),
     ("train-into-an-earlier-run", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output", "old"],
      r"old/nfnet_hub_nano-digits holds an earlier run \(last.pth.tar, summary.csv\): continue it with --resume auto"),
+    ("train-into-a-run-that-saved-nothing", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output",
+                                             "old"], r"old/nfnet_hub_nano-digits holds the args.yaml of a run that "
+     r"saved no checkpoint .*: start afresh in it with --resume auto"),
     ("train-missing-config", ["train", "--config", "nope"], "no config file 'nope' .recipes: f0, f1"),
     ("train-unknown-config-keys", ["train", "--config", "bad.yaml"], "unknown options learning_rate"),
     ("train-unknown-model", ["train", "--dataset", "digits", "--model", "resnet_nope", "--output", "runs"],
@@ -242,8 +245,13 @@ def _earlier_run(ws: Path) -> None:
     (ws / "old" / "nfnet_hub_nano-digits" / "summary.csv").write_text("epoch,train_loss\n0,2.3\n")
 
 
+def _run_without_checkpoint(ws: Path) -> None:
+    (ws / "old" / "nfnet_hub_nano-digits").mkdir(parents=True)
+    (ws / "old" / "nfnet_hub_nano-digits" / "args.yaml").write_text("model: nfnet_hub_nano\n")
+
+
 SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine"),
-           "train-into-an-earlier-run": _earlier_run}
+           "train-into-an-earlier-run": _earlier_run, "train-into-a-run-that-saved-nothing": _run_without_checkpoint}
 MESSAGES = {
     "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",
     "quickstart-bundle-folder-not-a-bundle": "refusing to replace bundle: it is not a bundle",

@@ -71,6 +71,10 @@ def check_new_run_folder(out_dir: Path) -> None:
     if _restarted():
         return
     earlier = sorted(p.name for p in run_files(out_dir))
+    if earlier == ["args.yaml"]:
+        raise UsageError(f"{out_dir} holds the args.yaml of a run that saved no checkpoint (it stopped in its first "
+                         "epoch, or is still there): start afresh in it with --resume auto, or elsewhere with "
+                         "--experiment NAME (or --output DIR)")
     if earlier:
         raise UsageError(f"{out_dir} holds an earlier run ({', '.join(earlier)}): continue it with --resume auto, "
                          "or start a new one elsewhere with --experiment NAME (or --output DIR)")
