@@ -79,7 +79,9 @@ def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device, bool
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         if rank == 0:
-            print(f"note: --device {args.device}, but this machine has no CUDA device: training on the CPU", flush=True)
+            print(f"note: no CUDA device here (--device {args.device}, train.py's default): training on the CPU"
+                  if args.device == "cuda" else f"note: --device {args.device}, but this machine has no CUDA device: "
+                  "training on the CPU", flush=True)
         device = torch.device("cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local)
