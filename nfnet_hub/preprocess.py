@@ -148,11 +148,13 @@ class Preprocess:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted; an error if there are none."""
+    """Image files under ``folder`` (recursively), sorted; an error if there are none. Hidden files and folders
+    are left out: macOS's ``._NAME.jpg`` companions and notebook checkpoints are not the user's images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files

@@ -50,6 +50,10 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     shutil.copytree(digits_folders / "train" / "1", root / "trainonly" / "train" / "1")
     shutil.copytree(tiny, root / "strayclass")
     shutil.copytree(tiny / "validation" / "1", root / "strayclass" / "validation" / "9")
+    shutil.copytree(tiny, root / "loose")
+    shutil.copy(next((tiny / "train" / "1").iterdir()), root / "loose" / "train" / "stray.png")
+    shutil.copytree(tiny, root / "hiddenclass")
+    shutil.copytree(tiny / "train" / "1", root / "hiddenclass" / "train" / ".ipynb_checkpoints")
     return root
 
 
@@ -158,6 +162,10 @@ CASES = [
      "--mixup-mode 'each': choose batch, pair or elem"),
     ("train-num-classes-below-the-data", ["train", "--dataset", "digits", "--num-classes", "5"],
      r"--num-classes 5, but the training data have 10 classes \(0, 1, 2, .*\): give at least 10"),
+    ("train-images-loose-in-the-split", ["train", "--data-dir", "loose", "--output", "runs", "--workers", "0"],
+     r"images lie loose in the 'train' split's folder: put each one in a folder named after its class"),
+    ("train-hidden-class-folder", ["train", "--data-dir", "hiddenclass", "--output", "runs", "--workers", "0"],
+     r"hidden folders of the 'train' split hold images and would be classes \(.ipynb_checkpoints\)"),
     ("train-fewer-images-than-a-batch", ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0"],
      "yields no full batch of 128"),
     ("train-missing-resume", ["train", "--dataset", "digits", "--resume", "nope.pth.tar"],

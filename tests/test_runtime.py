@@ -1,6 +1,7 @@
 """The torch-free runtime: timm's eval preprocessing in numpy, and logits equal to timm's model."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from nfnet_hub.export import export_onnx
+from nfnet_hub.preprocess import list_images
 from nfnet_hub.runtime import OnnxClassifier, Preprocess, load_image
 
 
@@ -48,6 +50,23 @@ def test_image_modes_are_handled(sample_images):
     (sample_images.parent / "not_image.txt").write_text("hello")
     with pytest.raises(ValueError, match="not a readable image"):
         load_image(sample_images.parent / "not_image.txt")
+
+
+def test_image_folders_are_read_recursively_without_hidden_files(sample_images, tmp_path):
+    """What a zip made on a Mac or a notebook leaves beside the photos is not theirs to classify."""
+    photos = sorted(sample_images.iterdir())[:2]
+    (tmp_path / "cats" / ".ipynb_checkpoints").mkdir(parents=True)
+    shutil.copy(photos[0], tmp_path / "cats" / "a.png")
+    shutil.copy(photos[1], tmp_path / "cats" / "B.PNG")
+    shutil.copy(photos[0], tmp_path / "cats" / ".ipynb_checkpoints" / "a-checkpoint.png")
+    (tmp_path / "cats" / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert list_images(tmp_path) == [tmp_path / "cats" / "B.PNG", tmp_path / "cats" / "a.png"]
+    assert list_images(tmp_path / "cats" / ".ipynb_checkpoints")  # a hidden folder named itself is read
+    (tmp_path / "hidden" / ".cache").mkdir(parents=True)
+    shutil.copy(photos[0], tmp_path / "hidden" / ".cache" / "a.png")
+    with pytest.raises(ValueError, match="no images .* under"):
+        list_images(tmp_path / "hidden")
 
 
 def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_path):

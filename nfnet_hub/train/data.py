@@ -135,6 +135,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
                             **kw)
     class_to_idx, val_classes = _class_to_idx(train_ds), _class_to_idx(val_ds)
+    if not args.class_map:
+        _check_class_folders(class_to_idx, args.train_split)
+        _check_class_folders(val_classes, args.val_split)
     if not args.class_map and class_to_idx and val_classes and val_classes != class_to_idx:
         missing = _missing_classes(class_to_idx, val_classes)
         if rank == 0 and missing:
@@ -178,6 +181,18 @@ def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
                          f"({_some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
                          "--num-classes out to take the data's count")
     return args.num_classes or needed
+
+
+def _check_class_folders(class_to_idx: dict, split: str) -> None:
+    """timm makes a class of every folder that holds images: of the split folder itself (the class '') and of
+    hidden ones (.ipynb_checkpoints), neither of which a user means."""
+    if "" in class_to_idx:
+        raise UsageError(f"images lie loose in the {split!r} split's folder: put each one in a folder named after "
+                         f"its class ({split}/CLASS/image.jpg), or they train as a class named ''")
+    hidden = sorted(c for c in class_to_idx if str(c).startswith("."))
+    if hidden:
+        raise UsageError(f"hidden folders of the {split!r} split hold images and would be classes ({_some(hidden)}): "
+                         "remove them, or name the classes with --class-map")
 
 
 def _class_to_idx(ds: Dataset) -> dict:
