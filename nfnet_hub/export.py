@@ -180,6 +180,14 @@ def _check_target(out: Path) -> None:
             raise UsageError(f"{out} exists and was not written by nfnet-hub: move it away or choose another name")
 
 
+def check_rgb(model: nn.Module) -> None:
+    """The exports, bundles, runtime and server preprocess images to RGB, as timm's eval transform does."""
+    if getattr(model, "in_chans", 3) != 3:
+        raise UsageError(f"the model takes {model.in_chans}-channel input; ONNX export, bundles, the runtime and the "
+                         "server handle RGB models: train on RGB input (timm reads greyscale images as RGB unless "
+                         "--in-chans or --input-size asks for one channel)")
+
+
 def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | None = None, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, label_names: Sequence[str] | None = None,
                 calibration: np.ndarray | None = None, min_agreement: float = MIN_AGREEMENT,
@@ -194,6 +202,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
     start = time.perf_counter()
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_rgb(model)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = export_size(cfg, img_size)
     held_out = None

@@ -91,7 +91,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
     from timm.models import save_for_hf
 
     from .cards import card_data, render_card
-    from .export import VERIFY_BATCHES, export_onnx
+    from .export import VERIFY_BATCHES, check_rgb, export_onnx
     from .models.checkpoint import save_safetensors
     from .models.stats import model_stats
 
@@ -104,6 +104,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace a bundle there")
     check_replaceable(out)
     check_writable_folder(out.parent)
+    check_rgb(model)
     model = model.eval()
     cfg = dict(model.pretrained_cfg)
     size = export_size(cfg, img_size)

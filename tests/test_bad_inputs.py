@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from nfnet_hub.cli import main
@@ -30,6 +31,7 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     run = Path(trained_nano["output"])
     shutil.copy(run / "last.pth.tar", root / "nano.pth.tar")
     save_safetensors(trained_nano["model"], root / "nano.safetensors")
+    save_safetensors(timm.create_model("nfnet_hub_nano", in_chans=1, num_classes=10), root / "grey.safetensors")
     shutil.copytree(nano_bundle, root / "bundle")
     for label in ("3", "7"):
         shutil.copytree(digits_folders / "validation" / label, root / "images" / label)
@@ -166,6 +168,10 @@ CASES = [
      r"images lie loose in the 'train' split's folder: put each one in a folder named after its class"),
     ("train-hidden-class-folder", ["train", "--data-dir", "hiddenclass", "--output", "runs", "--workers", "0"],
      r"hidden folders of the 'train' split hold images and would be classes \(.ipynb_checkpoints\)"),
+    ("export-one-channel-model", ["export", "nfnet_hub_nano", "--checkpoint", "grey.safetensors", "--out", "o"],
+     "the model takes 1-channel input; ONNX export, bundles, the runtime and the server handle RGB models"),
+    ("bundle-one-channel-model", ["bundle", "nfnet_hub_nano", "--checkpoint", "grey.safetensors", "--out", "b2"],
+     "the model takes 1-channel input"),
     ("train-fewer-images-than-a-batch", ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0"],
      "yields no full batch of 128"),
     ("train-missing-resume", ["train", "--dataset", "digits", "--resume", "nope.pth.tar"],

@@ -219,6 +219,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     else:
         if "head.fc.weight" in sd:
             kwargs.setdefault("num_classes", sd["head.fc.weight"].shape[0])
+        if "stem.conv1.weight" in sd:
+            kwargs.setdefault("in_chans", sd["stem.conv1.weight"].shape[1])
         for key in ("ws", "act"):
             if ckpt.metadata.get(f"nfnet_hub.{key}"):
                 kwargs.setdefault(key, ckpt.metadata[f"nfnet_hub.{key}"])
