@@ -311,14 +311,21 @@ def test_the_recipes_ema_warms_up_as_the_authors_tf1_ema(tmp_path, monkeypatch, 
         np.testing.assert_allclose(v.double().numpy(), expected[k], rtol=1e-4, atol=1e-5, err_msg=k)
     steps = []
     monkeypatch.setattr(timm.utils.ModelEmaV3, "get_decay", lambda self, step=None: steps.append(step) or 0.5)
-    train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--model-ema", "--model-ema-authors-warmup",
-                      "--output", str(tmp_path), "--experiment", "run"]))
+    result = train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--model-ema",
+                               "--model-ema-authors-warmup", "--output", str(tmp_path), "--experiment", "run"]))
     assert steps == [1, 2, 3, 4, 5]  # 1437 // 256 updates, counted from 1 as train.py counts them
-    assert "warning: --model-ema-decay" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: --model-ema-decay" not in out
+    # as train.py: the model and the EMA are both evaluated, the EMA's metrics count
+    assert f"top-1 {result['metrics']['top1']:.2f}%, " in out and \
+        f"(EMA; the model's top-1 {result['metrics']['model_top1']:.2f}%)" in out
     train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--model-ema", "--output", str(tmp_path),
                       "--experiment", "fixed"]))  # train.py's default decay, 0.9998, without a warm-up
     assert "warning: --model-ema-decay 0.9998 without a warm-up leaves 100% of the initial weights in the EMA after " \
         "the run's 5 updates" in capsys.readouterr().out
+    result = train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--model-ema", "--model-ema-force-cpu",
+                               "--output", str(tmp_path), "--experiment", "cpu"]))
+    assert "model_top1" not in result["metrics"]  # train.py does not evaluate an EMA kept on the CPU
     with pytest.raises(ValueError, match="two warm-ups: choose one"):
         create_ema(model, parse_args(["--config", "f0", "--model-ema-warmup"]))
 

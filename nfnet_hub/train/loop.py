@@ -283,7 +283,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         names: list[str] = []
         evaluated = (epoch + 1) % args.val_interval == 0 or last
         if evaluated:
-            metrics = validate(run.ema.module if run.ema is not None else run.train_model, run)
+            metrics = validate(run.train_model, run)
+            if run.ema is not None and not args.model_ema_force_cpu:  # as train.py: both, and the EMA's count
+                metrics = {**validate(run.ema.module, run), "model_top1": metrics["top1"]}
             metric = metrics[args.eval_metric]
             improved = history.better(metric, best)
             best = metric if improved else best
@@ -313,8 +315,9 @@ def _report_epoch(out_dir: Path, epoch: int, train_loss: float, metrics: dict[st
                   wandb_run: Any) -> None:
     """One evaluated epoch: a row of summary.csv, a line on the console, wandb if it logs."""
     _append_summary(out_dir / "summary.csv", epoch, train_loss, metrics, lr)
+    ema = f" (EMA; the model's top-1 {metrics['model_top1']:.2f}%)" if "model_top1" in metrics else ""
     print(f"epoch {epoch}: train loss {train_loss:.4f}, eval loss {metrics['loss']:.4f}, "
-          f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%", flush=True)
+          f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%{ema}", flush=True)
     if wandb_run is not None:
         wandb_run.log({"epoch": epoch, "train_loss": train_loss, "lr": lr,
                        **{f"eval_{k}": v for k, v in metrics.items()}})
