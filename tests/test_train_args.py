@@ -358,6 +358,21 @@ def test_torchscript_training_and_wandb_without_wandb(tmp_path, capsys):
     plain.load_state_dict(torch.load(Path(result["output"]) / "last.pth.tar", weights_only=True)["state_dict"])
 
 
+def test_a_training_checkpoint_gives_its_ema_weights_as_timms_load_checkpoint(trained_nano):
+    """export, bundle, validate and --initial-checkpoint take what timm.create_model(checkpoint_path=...) takes from
+    a checkpoint with an EMA (the EMA's weights, which chose model_best), and say so."""
+    from nfnet_hub.models.checkpoint import load_model
+
+    path = Path(trained_nano["output"]) / "last.pth.tar"
+    model, source = load_model("nfnet_hub_nano", path)
+    timms = timm.create_model("nfnet_hub_nano", num_classes=10, checkpoint_path=str(path))
+    saved = torch.load(path, weights_only=True)
+    assert any(not torch.equal(saved["state_dict"][k], v) for k, v in saved["state_dict_ema"].items())
+    for k, v in timms.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    assert source.weights == f"{path} (its EMA weights, state_dict_ema, as timm's load_checkpoint takes them)"
+
+
 def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path):
     from nfnet_hub.train.checkpoints import load_training_state
     from nfnet_hub.train.loop import resume

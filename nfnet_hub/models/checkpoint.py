@@ -39,6 +39,7 @@ class Checkpoint:
     state_dict: dict[str, Any]
     data_config: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    entry: str = ""  # which weights of a training checkpoint: "state_dict_ema", "state_dict", ...
 
 
 def checkpoint_form(path: Path) -> str:
@@ -94,14 +95,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path, form, sd, record, metadata)
     raw = read_pytorch(path)
     record = raw.get("data_config") if isinstance(raw, dict) else None
-    sd = raw
-    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+    sd, entry = raw, ""
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # the EMA first, as timm's load_checkpoint
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
+            sd, entry = sd[key], key
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
-    return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record)
+    return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record, entry=entry)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -235,7 +236,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
         source = f"the data config recorded in {Path(checkpoint).name}"
     else:
         source = f"{name}'s pretrained config ({Path(checkpoint).name} records none)"
-    return model, Provenance(f"{checkpoint}", source, False)
+    ema = f" (its EMA weights, {ckpt.entry}, as timm's load_checkpoint takes them)" if "ema" in ckpt.entry else ""
+    return model, Provenance(f"{checkpoint}{ema}", source, False)
 
 
 def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
