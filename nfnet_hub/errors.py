@@ -7,9 +7,10 @@ that fits, so library callers may catch ``ValueError`` or ``FileExistsError`` as
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["BundleError", "CheckpointError", "ExportError", "FoldError", "HubError", "NfnetHubError", "TrainingError",
-           "UsageError"]
+           "UsageError", "folder_given"]
 
 
 class NfnetHubError(Exception):
@@ -52,3 +53,14 @@ class HubError(NfnetHubError, RuntimeError):
 
 class TrainingError(NfnetHubError, RuntimeError):
     """A training run that cannot start, or cannot go on (the last good checkpoint is kept)."""
+
+
+_FILES_IN = {"a checkpoint file": ("model.safetensors", "model_best.pth.tar", "last.pth.tar"),  # bundle, run
+             "an ONNX file": ("model.onnx", "model_int8.onnx", "model_fp16.onnx")}
+
+
+def folder_given(path: Path, what: str) -> str:
+    """The message for a folder given where ``what`` (a key of ``_FILES_IN``) was meant, naming the file of that
+    kind it holds (a bundle's model.safetensors or model.onnx, a run folder's model_best.pth.tar)."""
+    found = next((path / name for name in _FILES_IN[what] if (path / name).is_file()), None)
+    return f"{path} is a folder, not {what}" + (f": give {found}" if found else "")

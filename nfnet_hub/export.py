@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import nn
 
-from .errors import ExportError, UsageError
+from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
 from .folding import fold
 from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
@@ -302,6 +302,8 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     import onnxruntime as ort
 
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(folder_given(path, "an ONNX file"))
     if not path.is_file():
         raise UsageError(f"no ONNX model at {path}")
     try:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UsageError
+from ..errors import CheckpointError, UsageError, folder_given
 from ..files import honour_umask
 from ..preprocess import apply_data_config, data_config
 from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
@@ -47,7 +47,7 @@ def checkpoint_form(path: Path) -> str:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+        raise CheckpointError(folder_given(path, "a checkpoint file"))
     with path.open("rb") as f:
         head = f.read(16)
     if not head:

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import UsageError
+from ..errors import UsageError, folder_given
 from ..files import check_writable_folder
 
 DIGITS = "digits"
@@ -385,7 +385,9 @@ def check_args(args: argparse.Namespace) -> None:
     for option in ("initial_checkpoint", "pretrained_path", "class_map"):
         value = getattr(args, option)
         if value and not Path(value).is_file():
-            raise UsageError(f"--{option.replace('_', '-')} {value}: no such file")
+            weights = option != "class_map" and Path(value).is_dir()
+            raise UsageError(f"--{option.replace('_', '-')} " + (folder_given(Path(value), "a checkpoint file")
+                                                                  if weights else f"{value}: no such file"))
     check_writable_folder(Path(args.output or "output/train"))
     if args.resume and (args.initial_checkpoint or args.pretrained_path):
         raise UsageError("--resume and --initial-checkpoint/--pretrained-path conflict: a resumed run takes its "
