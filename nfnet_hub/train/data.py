@@ -134,17 +134,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                               num_samples=args.train_num_samples, **kw)
     val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
                             **kw)
-    class_to_idx, val_classes = _class_to_idx(train_ds), _class_to_idx(val_ds)
-    if not args.class_map:
-        _check_class_folders(class_to_idx, args.train_split)
-        _check_class_folders(val_classes, args.val_split)
-    if not args.class_map and class_to_idx and val_classes and val_classes != class_to_idx:
-        missing = _missing_classes(class_to_idx, val_classes)
-        if rank == 0 and missing:
-            print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
-                  f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
-        val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False,
-                                num_samples=args.val_num_samples, **{**kw, "class_map": class_to_idx})
+    class_to_idx = _class_to_idx(train_ds)
+    if not args.class_map:  # a class map numbers both splits alike
+        val_ds = _labelled_as_training(val_ds, class_to_idx, args, kw, rank)
     num_classes = _num_classes(args, class_to_idx)
     if not num_classes:
         raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
@@ -181,6 +173,24 @@ def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
                          f"({_some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
                          "--num-classes out to take the data's count")
     return args.num_classes or needed
+
+
+def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Namespace, kw: dict,
+                          rank: int) -> Dataset:
+    """The validation split with the training split's class indices, where folder names give the classes."""
+    from timm.data import create_dataset
+
+    val_classes = _class_to_idx(val_ds)
+    _check_class_folders(class_to_idx, args.train_split)
+    _check_class_folders(val_classes, args.val_split)
+    if not (class_to_idx and val_classes) or val_classes == class_to_idx:
+        return val_ds
+    missing = _missing_classes(class_to_idx, val_classes)
+    if rank == 0 and missing:
+        print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
+              f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
+    return create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
+                          **{**kw, "class_map": class_to_idx})
 
 
 def _check_class_folders(class_to_idx: dict, split: str) -> None:
