@@ -96,6 +96,27 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def saved_args(state: dict[str, Any]) -> dict[str, Any]:
+    """The options of the run that wrote a checkpoint: timm's train.py saves a Namespace, we a dict."""
+    saved = state.get("args")
+    return saved if isinstance(saved, dict) else vars(saved) if saved is not None else {}
+
+
+def check_resumable(model: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Weights of another model (name, input channels, classes) refused in one line naming the run's own model."""
+    from ..models.checkpoint import check_fit
+
+    try:
+        check_fit({k.removeprefix("module."): v for k, v in state["state_dict"].items()}, model, str(path))
+    except CheckpointError as e:
+        first = str(e).splitlines()[1].strip()
+        first = first if len(first) <= 100 else first[:100] + " ..."
+        model_name = saved_args(state).get("model")
+        raise CheckpointError(f"--resume {path}: its weights do not fit this run's model ({first}); resume with the "
+                              "options of the run that wrote it" + (f" (--model {model_name}, its args.yaml)"
+                                                                     if model_name else "")) from None
+
+
 def start_of(state: dict[str, Any]) -> tuple[int, int]:
     """(epoch, step within it) where a resumed run starts."""
     epoch = state["epoch"] + 1 if state.get("version", 1) > 1 else state["epoch"]

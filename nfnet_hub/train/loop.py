@@ -30,10 +30,12 @@ from .checkpoints import (
     VERSION,
     History,
     check_new_run_folder,
+    check_resumable,
     load_training_state,
     resume_path,
     rng_state,
     save_checkpoint,
+    saved_args,
     set_rng_state,
     start_of,
 )
@@ -161,6 +163,8 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     """Restore what a checkpoint holds (ours or timm's train.py's) and put the schedule where it stopped.
     Returns the start epoch, the step within it, the global step, the best metric and the kept history."""
     args = run.args
+    if not args.fsdp:  # a sharded model's own state dict is checked as it loads
+        check_resumable(run.model, state, path)
     run.states.load_model(run.model, state["state_dict"])
     if not args.no_resume_opt:
         run.states.load_optimizer(run.model, run.optimizer, state["optimizer"])
@@ -186,8 +190,7 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     if all(group["lr"] <= 0 for group in run.optimizer.param_groups):
         raise TrainingError(f"resumed at epoch {epoch} where the schedule's learning rate is 0, so the run cannot "
                             "learn: raise --epochs, --lr or --min-lr")
-    saved = state.get("args")  # timm's train.py saves a Namespace, we a dict
-    before = (saved if isinstance(saved, dict) else vars(saved) if saved is not None else {}).get("epochs")
+    before = saved_args(state).get("epochs")
     if run.main:
         if before and before != args.epochs:
             print(f"the schedule now runs to epoch {args.epochs} (the checkpoint's run was for {before})", flush=True)
