@@ -187,10 +187,12 @@ CASES = [
      "holds weights only, not a training checkpoint: .* --initial-checkpoint"),
     ("train-resume-finished-run", ["train", "--dataset", "digits", "--resume", "nano.pth.tar", "--epochs", "10",
                                    "--output", "runs"], r"nothing to train: .* pass --epochs N with N > 10"),
-    ("train-resume-another-model", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--in-chans", "1",
+    ("train-resume-another-model", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--num-classes", "12",
                                     "--resume", "nano.pth.tar", "--epochs", "20", "--output", "runs"],
-     r"--resume nano.pth.tar: its weights do not fit this run's model \(mis-shaped \(1\): stem.conv1.weight: .*\); "
+     r"--resume nano.pth.tar: its weights do not fit this run's model \(mis-shaped \(2\): head.fc.bias: .*\); "
      r"resume with the options of the run that wrote it \(--model nfnet_hub_nano, its args.yaml\)"),
+    ("train-digits-one-channel", ["train", "--dataset", "digits", "--in-chans", "1", "--output", "runs"],
+     r"--dataset digits gives 3-channel \(RGB\) images: leave out --in-chans, or give 3"),
     ("train-into-an-earlier-run", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output", "old"],
      r"old/nfnet_hub_nano-digits holds an earlier run \(last.pth.tar, summary.csv\): continue it with --resume auto"),
     ("train-into-a-run-that-saved-nothing", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output",

@@ -98,6 +98,8 @@ def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
     from timm.data import Mixup
 
     size = args.img_size or 32
+    if (args.in_chans or (args.input_size or (3,))[0]) != 3:
+        raise UsageError("--dataset digits gives 3-channel (RGB) images: leave out --in-chans, or give 3")
     xtr, xte, ytr, yte = digits_split()
     train_ds = TensorDataset(digits_to_tensor(xtr, size), torch.from_numpy(ytr).long())
     val_ds = TensorDataset(digits_to_tensor(xte, size), torch.from_numpy(yte).long())
