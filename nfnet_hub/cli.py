@@ -24,7 +24,7 @@ def _say_model(model_name: str, args: argparse.Namespace, size: int | None = Non
 
     print(f"loading {model_name} ...", flush=True)
     model, source = load_model(model_name, args.checkpoint, pretrained=getattr(args, "pretrained", False))
-    pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size)
+    pre = Preprocess.for_model(model, img_size=size)
     print(f"weights: {source.weights}\npreprocessing: {pre.describe()}, from {source.preprocessing}", flush=True)
     if source.random and warn_random:
         print(f"warning: {model_name} has random weights: its skip gains are zero, so every residual branch "
@@ -91,7 +91,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.precision == "int8":
         from .preprocess import Preprocess
 
-        calibration = _calibration(args, Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size))
+        calibration = _calibration(args, Preprocess.for_model(model, img_size=size))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
     report = export_onnx(model, out / args.filename, img_size=size, precision=args.precision,
                          opset=args.opset, label_names=_labels(args), calibration=calibration,
@@ -161,7 +161,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     size = export_size(model.pretrained_cfg, args.img_size)
     calibration = None
     if "int8" in args.precision:
-        calibration = _calibration(args, Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size))
+        calibration = _calibration(args, Preprocess.for_model(model, img_size=size))
     build_bundle(model, out, img_size=size, label_names=_labels(args), precisions=["fp32", *args.precision],
                  calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
                  license=args.license, overwrite=args.overwrite, min_agreement=args.min_agreement, force=args.force)

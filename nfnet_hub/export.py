@@ -31,7 +31,7 @@ from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
 from .folding import fold
 from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
-from .preprocess import Preprocess, data_config, export_size
+from .preprocess import Preprocess, check_channels, data_config, export_size
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
            "onnx_logits", "validate_onnx"]
@@ -81,8 +81,8 @@ class _HalfPrecision(nn.Module):
         return self.model(x.half()).float()
 
 
-def _to_onnx(module: nn.Module, img_size: tuple[int, int], opset: int) -> onnx.ModelProto:
-    example = torch.zeros(2, 3, *img_size)
+def _to_onnx(module: nn.Module, shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+    example = torch.zeros(2, *shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with contextlib.redirect_stdout(io.StringIO()):  # the exporter narrates each pass
         program = torch.onnx.export(module, (example,), input_names=["pixel_values"], output_names=["logits"],
@@ -146,7 +146,7 @@ def onnx_logits(session: Any, batch: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: batch.astype(np.float32)})[0]
 
 
-def _compare(proto: bytes, reference: nn.Module, img_size: tuple[int, int], opset: int, seed: int = 0):
+def _compare(proto: bytes, reference: nn.Module, shape: tuple[int, int, int], opset: int, seed: int = 0):
     import onnxruntime as ort
 
     try:
@@ -157,7 +157,7 @@ def _compare(proto: bytes, reference: nn.Module, img_size: tuple[int, int], opse
     rng = np.random.default_rng(seed)
     max_abs = max_rel = 0.0
     for n in VERIFY_BATCHES:
-        x = rng.standard_normal((n, 3, *img_size)).astype(np.float32)
+        x = rng.standard_normal((n, *shape)).astype(np.float32)
         with torch.no_grad():
             ref = reference(torch.from_numpy(x)).float().numpy()
         out = onnx_logits(session, x)
@@ -180,14 +180,6 @@ def _check_target(out: Path) -> None:
             raise UsageError(f"{out} exists and was not written by nfnet-hub: move it away or choose another name")
 
 
-def check_rgb(model: nn.Module) -> None:
-    """The exports, bundles, runtime and server preprocess images to RGB, as timm's eval transform does."""
-    if getattr(model, "in_chans", 3) != 3:
-        raise UsageError(f"the model takes {model.in_chans}-channel input; ONNX export, bundles, the runtime and the "
-                         "server handle RGB models: train on RGB input (timm reads greyscale images as RGB unless "
-                         "--in-chans or --input-size asks for one channel)")
-
-
 def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | None = None, precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, label_names: Sequence[str] | None = None,
                 calibration: np.ndarray | None = None, min_agreement: float = MIN_AGREEMENT,
@@ -202,7 +194,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
     start = time.perf_counter()
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    check_rgb(model)
+    channels = check_channels(getattr(model, "in_chans", 3))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = export_size(cfg, img_size)
     held_out = None
@@ -210,9 +202,9 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         if calibration is None or len(calibration) == 0:
             raise UsageError("int8 export needs calibration images (preprocessed NCHW float32)")
         calibration = np.asarray(calibration, np.float32)
-        if calibration.ndim != 4 or calibration.shape[1:] != (3, size, size):
+        if calibration.ndim != 4 or calibration.shape[1:] != (channels, size, size):
             raise UsageError(f"calibration images of shape {calibration.shape[1:]} for an export at {size}x{size}: "
-                             "preprocess them at the export size (3, H, W)")
+                             f"preprocess them at the export size and channels ({channels}, H, W)")
         calibrate_on, held_out = split_calibration(calibration)
     max_opset = onnx.defs.onnx_opset_version()
     if not DEFAULT_OPSET <= opset <= max_opset:
@@ -228,12 +220,12 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
     hw = (size, size)
     model = model.eval()
     folded = fold(model, img_size=hw)
-    proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, hw, opset)
+    proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
     if held_out is not None:
         proto = quantize_int8(proto, calibrate_on)
         check_no_saturation(proto)
     meta = {
-        "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, size), "label_names": None}),
+        "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, size, channels=channels), "label_names": None}),
         "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
         "nfnet_hub.precision": precision,
         "nfnet_hub.opset": str(opset),
@@ -249,7 +241,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         raise ExportError(f"ONNX checker rejected the {precision} export: {e}") from None
     _check_clean(proto, precision)
     data = proto.SerializeToString()
-    max_abs, max_rel = _compare(data, model, hw, opset)
+    max_abs, max_rel = _compare(data, model, (channels, *hw), opset)
     limit = TOLERANCE.get(precision)
     if limit is not None and max_rel > limit:
         raise ExportError(f"{precision} export disagrees with PyTorch: max abs error {max_abs:.3g}, relative "
@@ -319,11 +311,15 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     if isinstance(classes, int) and classes != num_classes:
         raise UsageError(f"{path.name} ({meta.get('nfnet_hub.architecture', '?')}) has {classes} classes, the model "
                          f"to compare with has {num_classes}: give the --model and --checkpoint it was exported from")
+    channels = getattr(model, "in_chans", pre.channels)
+    if channels != pre.channels:
+        raise UsageError(f"{path.name} takes {pre.channels}-channel input, the model to compare with takes {channels}: "
+                         "give the --model and --checkpoint it was exported from")
     if images:
         batches = [pre.batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
     else:
         rng = np.random.default_rng(0)
-        batches = [rng.standard_normal((random_inputs, 3, *pre.input_size)).astype(np.float32)]
+        batches = [rng.standard_normal((random_inputs, pre.channels, *pre.input_size)).astype(np.float32)]
     labels = json.loads(meta.get("nfnet_hub.labels", "null")) or []
     targets, note = None, _unlabelled(images, labels) if images else None
     if images and not note:

@@ -24,7 +24,7 @@ from .errors import BundleError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
 from .int8 import MIN_AGREEMENT
-from .preprocess import data_config, export_size
+from .preprocess import check_channels, data_config, export_size
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
@@ -37,11 +37,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _ort_latency_ms(path: Path, size: int, runs: int = 20) -> float:
+def _ort_latency_ms(path: Path, shape: tuple[int, int, int], runs: int = 20) -> float:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = np.zeros((1, 3, size, size), np.float32)
+    x = np.zeros((1, *shape), np.float32)
     session.run(None, {"pixel_values": x})
     times = []
     for _ in range(runs):
@@ -91,7 +91,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
     from timm.models import save_for_hf
 
     from .cards import card_data, render_card
-    from .export import VERIFY_BATCHES, check_rgb, export_onnx
+    from .export import VERIFY_BATCHES, export_onnx
     from .models.checkpoint import save_safetensors
     from .models.stats import model_stats
 
@@ -104,7 +104,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace a bundle there")
     check_replaceable(out)
     check_writable_folder(out.parent)
-    check_rgb(model)
+    channels = check_channels(getattr(model, "in_chans", 3))
     model = model.eval()
     cfg = dict(model.pretrained_cfg)
     size = export_size(cfg, img_size)
@@ -112,7 +112,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
     if labels is not None and len(labels) != model.num_classes:
         raise UsageError(f"{len(labels)} label names for a model with {model.num_classes} classes")
     say = print if progress else (lambda *a, **k: None)
-    record = data_config(cfg, size, labels)
+    record = data_config(cfg, size, labels, channels=channels)
     with atomic_folder(out, replace=overwrite) as tmp:
         save_for_hf(model, str(tmp), model_config={"label_names": labels} if labels is not None else None,
                     model_args=_model_args(model), safe_serialization=True, data_config=record)
@@ -123,10 +123,11 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
             r = export_onnx(model, tmp / ONNX_FILES[precision], img_size=size, precision=precision, label_names=labels,
                             calibration=calibration, min_agreement=min_agreement, force=force)
             exports.append({**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
-                            "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], size)})
+                            "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], (channels, size, size))})
         (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset,
                                                      "data_config": record}, indent=2))
-        stats = model_stats(cfg["architecture"], size, num_classes=model.num_classes, **_model_args(model))
+        stats = model_stats(cfg["architecture"], size, num_classes=model.num_classes, in_chans=channels,
+                            **_model_args(model))
         ws = getattr(getattr(model, "cfg", None), "ws", "timm")
         fields = dict(
             title=repo_id.split("/")[-1], repo_id=repo_id, architecture=cfg["architecture"],
@@ -134,7 +135,8 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
                     + (f", trained on {dataset})." if dataset else ")."),
             params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size=size,
             crop_pct=record["crop_pct"], crop_mode=record["crop_mode"], interpolation=record["interpolation"],
-            mean=record["mean"], std=record["std"], num_classes=model.num_classes,
+            colour="greyscale (1 channel)" if channels == 1 else "RGB", mean=record["mean"], std=record["std"],
+            num_classes=model.num_classes,
             ws_form={"timm": "timm's (w - mean) / sqrt(var + eps)",
                      "deepmind": "the authors' rsqrt(max(var * fan_in, 1e-4))"}[ws],
             act=getattr(getattr(model, "cfg", None), "act", "see timm config"), dataset=dataset,

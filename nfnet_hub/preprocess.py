@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "Preprocess", "apply_data_config", "data_config", "eval_size", "export_size",
-           "list_images", "load_image", "read_labels"]
+__all__ = ["IMAGE_SUFFIXES", "Preprocess", "apply_data_config", "check_channels", "data_config", "eval_size",
+           "export_size", "list_images", "load_image", "read_labels"]
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -29,6 +29,7 @@ _INTERPOLATION = {
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 STRIDE = 32  # an NFNet's total stride: sizes are multiples of it
+CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (input_img_mode RGB or L)
 
 
 def eval_size(cfg: Mapping[str, Any], img_size: int | None = None) -> tuple[int, int]:
@@ -50,17 +51,22 @@ def export_size(cfg: Mapping[str, Any], img_size: int | None = None) -> int:
 
 
 def data_config(cfg: Mapping[str, Any], img_size: int | None = None,
-                label_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """The record of an eval transform that training writes and exports carry (JSON-ready)."""
-    pre = Preprocess.from_pretrained_cfg(cfg, img_size=img_size)
+                label_names: Sequence[str] | None = None, *, channels: int | None = None) -> dict[str, Any]:
+    """The record of an eval transform that training writes and exports carry (JSON-ready); ``channels``:
+    the model's input channels, where they may differ from the config's (see ``Preprocess.from_pretrained_cfg``)."""
+    pre = Preprocess.from_pretrained_cfg(cfg, img_size=img_size, channels=channels)
     labels = list(label_names) if label_names is not None else cfg.get("label_names")
-    return {"input_size": [3, *pre.input_size], "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
+    return {"input_size": [pre.channels, *pre.input_size], "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
             "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std),
             "label_names": list(labels) if labels else None}
 
 
-def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any]) -> dict[str, Any]:
-    """A pretrained_cfg whose eval transform is the recorded one (train and test size alike)."""
+def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any], *,
+                      channels: int | None = None) -> dict[str, Any]:
+    """A pretrained_cfg whose eval transform is the recorded one (train and test size alike), for a model of
+    ``channels`` input channels where given."""
+    if channels is not None:
+        record = data_config(record, channels=channels)
     size = tuple(record["input_size"])
     out = {**cfg, "input_size": size, "test_input_size": size, "crop_pct": record["crop_pct"],
            "crop_mode": record["crop_mode"], "interpolation": record["interpolation"],
@@ -71,9 +77,9 @@ def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any]) -> dict
     return out
 
 
-def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
-    """An RGB image: greyscale and palette images expanded, alpha dropped (as timm's loader does),
-    16-bit and 32-bit integer images rescaled to 8 bits rather than clipped."""
+def load_image(source: str | os.PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
+    """An RGB image, or a greyscale one (``mode="L"``), converted as timm's loader converts (alpha dropped,
+    palettes expanded), 16-bit and 32-bit integer images rescaled to 8 bits rather than clipped."""
     if isinstance(source, Image.Image):
         img = source
     else:
@@ -86,23 +92,35 @@ def load_image(source: str | os.PathLike | Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(arr * 255.0 / peak), 0, 255).astype(np.uint8), "L")
-    return img.convert("RGB")
+    return img.convert(mode)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """timm's eval transform (``transforms_imagenet_eval``) for a pretrained_cfg, in numpy."""
+    """timm's eval transform (``transforms_imagenet_eval``) for a pretrained_cfg, in numpy: RGB images for
+    3-channel models, greyscale ones for 1-channel models (timm's ``input_img_mode`` "L")."""
 
     input_size: tuple[int, int]
     crop_pct: float = 0.875
     crop_mode: str = "center"
     interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise UsageError(f"mean {self.mean} and std {self.std} must have a value per input channel "
+                             f"({self.channels})")
 
     @classmethod
-    def from_pretrained_cfg(cls, cfg: Mapping[str, Any], *, img_size: int | None = None) -> Preprocess:
-        """The eval transform at ``img_size``, or at the config's test size (timm's ``use_test_size``)."""
+    def from_pretrained_cfg(cls, cfg: Mapping[str, Any], *, img_size: int | None = None,
+                            channels: int | None = None) -> Preprocess:
+        """The eval transform at ``img_size``, or at the config's test size (timm's ``use_test_size``).
+
+        ``channels`` (the model's ``in_chans``) overrides the config's: timm leaves a model's pretrained_cfg at
+        3 channels when it is created with ``in_chans=1``, and its loader then normalises with the mean of the
+        three means and stds, as done here."""
         size = eval_size(cfg, img_size)
         test = cfg.get("test_input_size")
         at_test_size = bool(test) and (int(test[-2]), int(test[-1])) == size
@@ -110,14 +128,24 @@ class Preprocess:
         interpolation = cfg.get("interpolation") or "bicubic"
         if interpolation not in _INTERPOLATION:
             raise UsageError(f"unknown interpolation {interpolation!r}: choose one of {', '.join(_INTERPOLATION)}")
+        if channels is None:
+            channels = int((cfg.get("test_input_size") or cfg.get("input_size") or (3,))[0])
         return cls(size, float(crop_pct), cfg.get("crop_mode") or "center", interpolation,
-                   tuple(cfg.get("mean", cls.mean)), tuple(cfg.get("std", cls.std)))
+                   _per_channel(cfg.get("mean", cls.mean), channels), _per_channel(cfg.get("std", cls.std), channels),
+                   channels)
+
+    @classmethod
+    def for_model(cls, model: Any, *, img_size: int | None = None) -> Preprocess:
+        """The eval transform of a timm model: its pretrained_cfg, for its ``in_chans``."""
+        return cls.from_pretrained_cfg(model.pretrained_cfg, img_size=img_size,
+                                       channels=getattr(model, "in_chans", None))
 
     def describe(self) -> str:
         """One line a user can check against their training."""
         h, w = self.input_size
         fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
-        return (f"{h}x{w} px, {self.crop_mode} crop {self.crop_pct:g}, {self.interpolation}, "
+        grey = " greyscale" if self.channels == 1 else ""
+        return (f"{h}x{w} px{grey}, {self.crop_mode} crop {self.crop_pct:g}, {self.interpolation}, "
                 f"mean {fmt(self.mean)}, std {fmt(self.std)}")
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
@@ -138,13 +166,31 @@ class Preprocess:
         return img.crop((left, top, left + w, top + h))
 
     def __call__(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
-        arr = np.asarray(self.resize_crop(load_image(image)), dtype=np.float32) / np.float32(255.0)
+        img = load_image(image, "RGB" if check_channels(self.channels) == 3 else "L")
+        arr = np.asarray(self.resize_crop(img), dtype=np.float32).reshape(*self.input_size, -1) / np.float32(255.0)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
     def batch(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
         """An NCHW float32 batch of preprocessed images."""
         return np.stack([self(image) for image in images])
+
+
+def check_channels(channels: int) -> int:
+    """``channels`` if images can feed a model of that many input channels (RGB or greyscale), else an error."""
+    if channels not in CHANNELS:
+        raise UsageError(f"the model takes {channels}-channel input; images are read as 3 channels (RGB) or 1 "
+                         "(greyscale), as timm's loader reads them: exports, bundles, the runtime and the server "
+                         "take such models only")
+    return channels
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """Normalisation values for ``channels`` channels, as timm's loader adapts them (``adapt_to_chs``)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    return (sum(values) / len(values),) * channels
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:

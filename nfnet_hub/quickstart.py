@@ -70,7 +70,7 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
                                *extra]))
     model = result["model"].eval()
     digits = write_digits(out / "digits")
-    pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg)
+    pre = Preprocess.for_model(model)
     train_files = list_images(digits / "train")
     calibration = pre.batch(train_files[::len(train_files) // CALIBRATION][:CALIBRATION])
 

@@ -100,7 +100,7 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
             size = entry.get("img_size")
             calibration = None
             if "calibration" in entry:
-                pre = Preprocess.from_pretrained_cfg(model.pretrained_cfg, img_size=size)
+                pre = Preprocess.for_model(model, img_size=size)
                 calibration = pre.batch(list_images(entry["calibration"]))
             labels = read_labels(entry["labels"]) if "labels" in entry else None
             build_bundle(model, folder, img_size=size, label_names=labels, precisions=entry["precisions"],

@@ -90,6 +90,10 @@ class OnnxClassifier:
         labels = config.get("label_names") or config["pretrained_cfg"].get("label_names")
         self.labels = list(labels or [str(i) for i in range(num_classes)])
         self.input_name = self.session.get_inputs()[0].name
+        shape = self.session.get_inputs()[0].shape
+        if len(shape) == 4 and shape[1] != self.preprocess.channels:
+            raise UsageError(f"{model_path.name} takes {shape[1]}-channel input, but its config's preprocessing gives "
+                             f"{self.preprocess.channels}: the config is not the one exported with this model")
 
     @property
     def providers(self) -> list[str]:

@@ -31,7 +31,7 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     run = Path(trained_nano["output"])
     shutil.copy(run / "last.pth.tar", root / "nano.pth.tar")
     save_safetensors(trained_nano["model"], root / "nano.safetensors")
-    save_safetensors(timm.create_model("nfnet_hub_nano", in_chans=1, num_classes=10), root / "grey.safetensors")
+    save_safetensors(timm.create_model("nfnet_hub_nano", in_chans=4, num_classes=10), root / "rgba.safetensors")
     shutil.copytree(nano_bundle, root / "bundle")
     for label in ("3", "7"):
         shutil.copytree(digits_folders / "validation" / label, root / "images" / label)
@@ -168,10 +168,10 @@ CASES = [
      r"images lie loose in the 'train' split's folder: put each one in a folder named after its class"),
     ("train-hidden-class-folder", ["train", "--data-dir", "hiddenclass", "--output", "runs", "--workers", "0"],
      r"hidden folders of the 'train' split hold images and would be classes \(.ipynb_checkpoints\)"),
-    ("export-one-channel-model", ["export", "nfnet_hub_nano", "--checkpoint", "grey.safetensors", "--out", "o"],
-     "the model takes 1-channel input; ONNX export, bundles, the runtime and the server handle RGB models"),
-    ("bundle-one-channel-model", ["bundle", "nfnet_hub_nano", "--checkpoint", "grey.safetensors", "--out", "b2"],
-     "the model takes 1-channel input"),
+    ("export-four-channel-model", ["export", "nfnet_hub_nano", "--checkpoint", "rgba.safetensors", "--out", "o"],
+     r"the model takes 4-channel input; images are read as 3 channels \(RGB\) or 1 \(greyscale\)"),
+    ("bundle-four-channel-model", ["bundle", "nfnet_hub_nano", "--checkpoint", "rgba.safetensors", "--out", "b2"],
+     "the model takes 4-channel input"),
     ("export-checkpoint-is-a-bundle-folder", ["export", "nfnet_hub_nano", "--checkpoint", "bundle", "--out", "o"],
      "bundle is a folder, not a checkpoint file: give bundle/model.safetensors"),
     ("validate-onnx-is-a-bundle-folder", ["validate", "bundle", "--model", "nfnet_hub_nano", "--checkpoint",
@@ -191,8 +191,11 @@ CASES = [
                                     "--resume", "nano.pth.tar", "--epochs", "20", "--output", "runs"],
      r"--resume nano.pth.tar: its weights do not fit this run's model \(mis-shaped \(2\): head.fc.bias: .*\); "
      r"resume with the options of the run that wrote it \(--model nfnet_hub_nano, its args.yaml\)"),
-    ("train-digits-one-channel", ["train", "--dataset", "digits", "--in-chans", "1", "--output", "runs"],
-     r"--dataset digits gives 3-channel \(RGB\) images: leave out --in-chans, or give 3"),
+    ("train-digits-two-channels", ["train", "--dataset", "digits", "--in-chans", "2", "--output", "runs"],
+     "the model takes 2-channel input; images are read as 3 channels"),
+    ("train-in-chans-against-input-size", ["train", "--data-dir", "tiny", "--in-chans", "1", "--input-size", "3", "32",
+                                           "32", "--output", "runs"],
+     "--in-chans 1 and --input-size 3 32 32 disagree: the first value of --input-size is the channel count"),
     ("train-into-an-earlier-run", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output", "old"],
      r"old/nfnet_hub_nano-digits holds an earlier run \(last.pth.tar, summary.csv\): continue it with --resume auto"),
     ("train-into-a-run-that-saved-nothing", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output",

@@ -231,7 +231,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     check_fit(sd, model, str(checkpoint))
     model.load_state_dict(sd)
     if ckpt.data_config:
-        model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, ckpt.data_config),
+        model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, ckpt.data_config,
+                                                    channels=getattr(model, "in_chans", None)),
                                 "num_classes": model.num_classes}
         source = f"the data config recorded in {Path(checkpoint).name}"
     else:
@@ -289,7 +290,7 @@ def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str
         meta["nfnet_hub.ws"], meta["nfnet_hub.act"] = cfg.ws, cfg.act
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if pretrained_cfg:
-        meta[DATA_CONFIG_KEY] = json.dumps(data_config(pretrained_cfg))
+        meta[DATA_CONFIG_KEY] = json.dumps(data_config(pretrained_cfg, channels=getattr(model, "in_chans", None)))
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(path), metadata=meta)
     honour_umask(path)
     return path

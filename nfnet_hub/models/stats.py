@@ -17,7 +17,7 @@ class ModelStats:
 def model_stats(name: str, img_size: int, **kwargs) -> ModelStats:
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs).eval()
-        x = torch.empty(1, 3, img_size, img_size)
+        x = torch.empty(1, kwargs.get("in_chans", 3), img_size, img_size)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(x)

@@ -1,8 +1,8 @@
 """One bundle as a KServe model: Open Inference Protocol inputs in, logits (and top-k labels) out.
 
-Inputs: ``pixel_values`` FP32 ``[N, 3, H, W]`` (preprocessed), or ``image`` BYTES ``[N]`` (encoded
-JPEG/PNG/WebP/BMP files, as base64 strings in JSON; preprocessed here with the bundle's timm eval
-transform). Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also
+Inputs: ``pixel_values`` FP32 ``[N, 3, H, W]`` (preprocessed; ``[N, 1, H, W]`` for a greyscale model), or
+``image`` BYTES ``[N]`` (encoded JPEG/PNG/WebP/BMP files, as base64 strings in JSON; preprocessed here with the
+bundle's timm eval transform). Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also
 ``labels`` BYTES ``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first).
 Every mistake in a request is a ``kserve.errors.InvalidInput``, which KServe answers with
 ``{"error": ...}`` and HTTP 400.
@@ -40,7 +40,7 @@ class BundleModel(Model):
                  instances: int):
         super().__init__(name)
         self.classifier = classifier
-        self.channels, self.height, self.width = 3, *classifier.preprocess.input_size
+        self.channels, (self.height, self.width) = classifier.preprocess.channels, classifier.preprocess.input_size
         self.num_classes = len(classifier.labels)
         self.max_batch_size = max_batch_size
         self.batcher = Batcher(classifier.logits, max_batch_size=max_batch_size, max_delay_s=max_delay_ms / 1000,

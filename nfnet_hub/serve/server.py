@@ -87,8 +87,8 @@ def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, provider
         clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=options.threads)
         clf.logits(clf.preprocess.batch([_blank(clf.preprocess.input_size)]))
         h, w = clf.preprocess.input_size
-        log(f"model {model_name}: {where} ({filename}, {clf.device}), input 3x{h}x{w}, {len(clf.labels)} classes, "
-            f"{clf.preprocess.describe()}")
+        log(f"model {model_name}: {where} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
+            f"{len(clf.labels)} classes, {clf.preprocess.describe()}")
         classifiers[model_name] = clf
     return classifiers
 
@@ -169,18 +169,21 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
 
 
 def _client_errors_in_one_line() -> None:
-    """KServe logs a client's mistake (a bad request, an unknown model) with a traceback: one line is enough;
-    the server's own errors keep theirs."""
+    """KServe logs a client's mistake (a bad request, an unknown model) with a traceback, over REST as a bare
+    "Exception:": one line that says what was refused is enough; the server's own errors keep their tracebacks."""
     import logging
 
     from kserve.errors import InvalidInput, ModelNotFound
     from kserve.logging import logger
 
-    def strip(record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (InvalidInput, ModelNotFound)):
+    def one_line(record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (InvalidInput, ModelNotFound)):
+            kind = "unknown model" if isinstance(error, ModelNotFound) else "bad request"
+            record.msg, record.args = f"{kind}, refused: {error}", ()
             record.exc_info = record.exc_text = None
         return True
-    logger.addFilter(strip)
+    logger.addFilter(one_line)
 
 
 def _servers(models: list, options: ServeOptions):

@@ -26,7 +26,7 @@ from ..models.checkpoint import create_model, load_checkpoint, read_checkpoint
 from ..preprocess import apply_data_config
 from .args import DIGITS, noted_options
 from .checkpoints import ModelState
-from .data import Loaders, check_sizes, create_loaders
+from .data import Loaders, check_sizes, create_loaders, input_channels
 
 
 @dataclass
@@ -110,8 +110,7 @@ def _classes_in(path: str) -> int:
 
 
 def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
-    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    kwargs: dict[str, Any] = dict(in_chans=in_chans, num_classes=args.num_classes or loaders.num_classes,
+    kwargs: dict[str, Any] = dict(in_chans=input_channels(args), num_classes=args.num_classes or loaders.num_classes,
                                   drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
                                   scriptable=args.torchscript or None, **args.model_kwargs)
     if args.pretrained_path:  # its classifier is kept where it fits, re-initialised where it does not

@@ -12,10 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from ..errors import TrainingError, UsageError
-from ..preprocess import Preprocess, data_config
+from ..preprocess import Preprocess, check_channels, data_config
 
-DIGITS_MEAN = (0.27, 0.27, 0.27)  # of digits scaled to [0, 1]
-DIGITS_STD = (0.38, 0.38, 0.38)
+DIGITS_MEAN, DIGITS_STD = 0.27, 0.38  # of digits scaled to [0, 1]
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -28,15 +27,15 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray,
     return tuple(train_test_split(images, d.target, test_size=test_fraction, random_state=seed, stratify=d.target))
 
 
-def digits_preprocess(size: int) -> Preprocess:
+def digits_preprocess(size: int, channels: int = 3) -> Preprocess:
     """The eval transform of a digits model: the same one the ONNX runtime applies to an image file."""
-    return Preprocess((size, size), crop_pct=1.0, crop_mode="squash", interpolation="bicubic", mean=DIGITS_MEAN,
-                      std=DIGITS_STD)
+    return Preprocess((size, size), crop_pct=1.0, crop_mode="squash", interpolation="bicubic",
+                      mean=(DIGITS_MEAN,) * channels, std=(DIGITS_STD,) * channels, channels=channels)
 
 
-def digits_to_tensor(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N, 8, 8) -> normalised float (N, 3, size, size), through the runtime's preprocessing."""
-    pre = digits_preprocess(size)
+def digits_to_tensor(images: np.ndarray, size: int, channels: int = 3) -> torch.Tensor:
+    """uint8 (N, 8, 8) -> normalised float (N, channels, size, size), through the runtime's preprocessing."""
+    pre = digits_preprocess(size, channels)
     return torch.from_numpy(pre.batch([Image.fromarray(img) for img in images]))
 
 
@@ -97,22 +96,21 @@ def _mixup_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any] | 
 def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
     from timm.data import Mixup
 
-    size = args.img_size or 32
-    if (args.in_chans or (args.input_size or (3,))[0]) != 3:
-        raise UsageError("--dataset digits gives 3-channel (RGB) images: leave out --in-chans, or give 3")
+    size = args.img_size or (args.input_size[-1] if args.input_size else 32)
+    channels = check_channels(input_channels(args))
     xtr, xte, ytr, yte = digits_split()
-    train_ds = TensorDataset(digits_to_tensor(xtr, size), torch.from_numpy(ytr).long())
-    val_ds = TensorDataset(digits_to_tensor(xte, size), torch.from_numpy(yte).long())
+    train_ds = TensorDataset(digits_to_tensor(xtr, size, channels), torch.from_numpy(ytr).long())
+    val_ds = TensorDataset(digits_to_tensor(xte, size, channels), torch.from_numpy(yte).long())
     sampler = GlobalBatchSampler(len(train_ds), args.batch_size, world, rank, args.seed)
     # own generators: creating an iterator must not draw from the global RNG (exact resumption)
     train = DataLoader(train_ds, args.batch_size, sampler=sampler, drop_last=True,
                        generator=torch.Generator().manual_seed(args.seed))
     val = DataLoader(val_ds, args.validation_batch_size or 256, sampler=_sampler(val_ds, world, rank, False, args.seed),
                      generator=torch.Generator().manual_seed(args.seed))
-    pre = digits_preprocess(size)
-    record = data_config({"input_size": (3, *pre.input_size), "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
-                          "interpolation": pre.interpolation, "mean": pre.mean, "std": pre.std},
-                         label_names=[str(i) for i in range(10)])
+    pre = digits_preprocess(size, channels)
+    record = data_config({"input_size": (channels, *pre.input_size), "crop_pct": pre.crop_pct,
+                          "crop_mode": pre.crop_mode, "interpolation": pre.interpolation, "mean": pre.mean,
+                          "std": pre.std}, label_names=[str(i) for i in range(10)])
     num_classes = _num_classes(args, {str(i): i for i in range(10)})
     mixup = _mixup_args(args, num_classes)
     return Loaders(train, val, num_classes, sampler, record, Mixup(**mixup) if mixup else None, mixup is not None)
@@ -125,7 +123,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
         return _digits(args, world, rank)
     from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 
-    data_cfg = resolve_data_config(vars(args), pretrained_cfg=model_cfg)
+    # timm's train.py gives the model --in-chans but the data the config's channels; here both take the model's,
+    # with the mean and std adapted as timm's loader adapts them
+    data_cfg = data_config(resolve_data_config(vars(args), pretrained_cfg=model_cfg), channels=input_channels(args))
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
         _split_folder(args.data_dir, args.train_split, _TRAIN_NAMES)
         _split_folder(args.data_dir, args.val_split, _EVAL_NAMES)
@@ -146,7 +146,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     prefetch = not args.no_prefetcher  # as train.py: normalisation and erasing in the main process, on the device
     mixup = _mixup_args(args, num_classes)
     collate = FastCollateMixup(**mixup) if mixup and prefetch else None
-    common = dict(input_size=data_cfg["input_size"], mean=data_cfg["mean"], std=data_cfg["std"],
+    common = dict(input_size=tuple(data_cfg["input_size"]), mean=data_cfg["mean"], std=data_cfg["std"],
                   distributed=world > 1, pin_memory=args.pin_mem, device=device, use_prefetcher=prefetch)
     interpolation = data_cfg["interpolation"] if args.no_aug or not args.train_interpolation else \
         args.train_interpolation
@@ -163,8 +163,16 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                         crop_pct=data_cfg["crop_pct"], **common)
     names = sorted(class_to_idx, key=class_to_idx.get) if len(class_to_idx) == num_classes else None
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
-    return Loaders(train, val, num_classes, shuffler, data_config(data_cfg, label_names=names),
+    return Loaders(train, val, num_classes, shuffler, {**data_cfg, "label_names": names},
                    collate or (Mixup(**mixup) if mixup else None), mixup is not None and collate is None, prefetch)
+
+
+def input_channels(args: argparse.Namespace) -> int:
+    """The model's input channels: --in-chans, else the first of --input-size, else 3 (as timm's train.py)."""
+    if args.in_chans and args.input_size and args.in_chans != args.input_size[0]:
+        raise UsageError(f"--in-chans {args.in_chans} and --input-size {' '.join(map(str, args.input_size))} disagree: "
+                         "the first value of --input-size is the channel count; give one of them, or make them agree")
+    return args.in_chans or (args.input_size[0] if args.input_size else 3)
 
 
 def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
