@@ -56,6 +56,11 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     shutil.copy(next((tiny / "train" / "1").iterdir()), root / "loose" / "train" / "stray.png")
     shutil.copytree(tiny, root / "hiddenclass")
     shutil.copytree(tiny / "train" / "1", root / "hiddenclass" / "train" / ".ipynb_checkpoints")
+    shutil.copytree(tiny, root / "subfolder")
+    shutil.copytree(tiny / "train" / "1", root / "subfolder" / "train" / "1" / "more")
+    shutil.copytree(tiny / "validation", root / "samename" / "validation")
+    for label in ("1", "7"):
+        shutil.copytree(tiny / "train" / "1", root / "samename" / "train" / label / "2019")
     return root
 
 
@@ -166,6 +171,11 @@ CASES = [
      r"--num-classes 5, but the training data have 10 classes \(0, 1, 2, .*\): give at least 10"),
     ("train-images-loose-in-the-split", ["train", "--data-dir", "loose", "--output", "runs", "--workers", "0"],
      r"images lie loose in the 'train' split's folder: put each one in a folder named after its class"),
+    ("train-class-with-a-subfolder-of-images", ["train", "--data-dir", "subfolder", "--output", "runs", "--workers",
+                                                "0"], r"train/1/more holds images inside train/1, which holds images "
+     r"too: timm makes separate classes of them \('1' and 'more'\): keep each class's images in one folder"),
+    ("train-class-folders-of-one-name", ["train", "--data-dir", "samename", "--output", "runs", "--workers", "0"],
+     r"train/1/2019 and train/7/2019 would be one class, '2019': timm names a class by the last folder"),
     ("train-hidden-class-folder", ["train", "--data-dir", "hiddenclass", "--output", "runs", "--workers", "0"],
      r"hidden folders of the 'train' split hold images and would be classes \(.ipynb_checkpoints\)"),
     ("export-four-channel-model", ["export", "nfnet_hub_nano", "--checkpoint", "rgba.safetensors", "--out", "o"],

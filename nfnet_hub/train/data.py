@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
                             **kw)
     class_to_idx = _class_to_idx(train_ds)
-    if not args.class_map:  # a class map numbers both splits alike
+    if not args.class_map:  # folder names are the classes; a class map numbers both splits alike
+        _check_class_folders(train_ds, args.train_split)
+        _check_class_folders(val_ds, args.val_split)
         val_ds = _labelled_as_training(val_ds, class_to_idx, args, kw, rank)
     num_classes = _num_classes(args, class_to_idx)
     if not num_classes:
@@ -191,8 +194,6 @@ def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Na
     from timm.data import create_dataset
 
     val_classes = _class_to_idx(val_ds)
-    _check_class_folders(class_to_idx, args.train_split)
-    _check_class_folders(val_classes, args.val_split)
     if not (class_to_idx and val_classes) or val_classes == class_to_idx:
         return val_ds
     missing = _missing_classes(class_to_idx, val_classes)
@@ -203,9 +204,11 @@ def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Na
                           **{**kw, "class_map": class_to_idx})
 
 
-def _check_class_folders(class_to_idx: dict, split: str) -> None:
-    """timm makes a class of every folder that holds images: of the split folder itself (the class '') and of
-    hidden ones (.ipynb_checkpoints), neither of which a user means."""
+def _check_class_folders(ds: Dataset, split: str) -> None:
+    """timm makes a class of every folder that holds images, named by its last part: of the split folder itself
+    (the class ''), of hidden ones (.ipynb_checkpoints), of a class's subfolders, and one class of folders that
+    share a name (cat/2019, dog/2019); none of which a user means."""
+    class_to_idx = _class_to_idx(ds)
     if "" in class_to_idx:
         raise UsageError(f"images lie loose in the {split!r} split's folder: put each one in a folder named after "
                          f"its class ({split}/CLASS/image.jpg), or they train as a class named ''")
@@ -213,6 +216,23 @@ def _check_class_folders(class_to_idx: dict, split: str) -> None:
     if hidden:
         raise UsageError(f"hidden folders of the {split!r} split hold images and would be classes ({_some(hidden)}): "
                          "remove them, or name the classes with --class-map")
+    reader = getattr(ds, "reader", None)
+    if not isinstance(getattr(reader, "samples", None), list) or not getattr(reader, "root", None):
+        return  # not a folder of images
+    folders = {Path(os.path.relpath(d, reader.root)) for d in {os.path.dirname(f) for f, _ in reader.samples}}
+    by_name: dict[str, list[Path]] = {}
+    for folder in sorted(folders):
+        inside = next((p for p in folder.parents if p in folders), None)
+        if inside is not None:
+            raise UsageError(f"{split}/{folder} holds images inside {split}/{inside}, which holds images too: timm "
+                             f"makes separate classes of them ({inside.name!r} and {folder.name!r}): keep each class's "
+                             "images in one folder")
+        by_name.setdefault(folder.name, []).append(folder)
+    shared = next((f for f in by_name.values() if len(f) > 1), None)
+    if shared:
+        raise UsageError(f"{split}/{shared[0]} and {split}/{shared[1]} would be one class, {shared[0].name!r}: timm "
+                         "names a class by the last folder of its path only: give each class a folder of its own "
+                         "name")
 
 
 def _class_to_idx(ds: Dataset) -> dict:
