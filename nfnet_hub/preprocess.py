@@ -109,9 +109,12 @@ class Preprocess:
     channels: int = 3
 
     def __post_init__(self) -> None:
+        for name in ("mean", "std"):  # one value stands for every channel, as in timm's data config
+            values = tuple(getattr(self, name))
+            object.__setattr__(self, name, values * self.channels if len(values) == 1 else values)
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UsageError(f"mean {self.mean} and std {self.std} must have a value per input channel "
-                             f"({self.channels})")
+                             f"({self.channels}), or one for all")
 
     @classmethod
     def from_pretrained_cfg(cls, cfg: Mapping[str, Any], *, img_size: int | None = None,

@@ -44,6 +44,13 @@ def test_preprocessing_matches_timms_one_channel_transform(sample_images):
     np.testing.assert_allclose(pre.batch(photos), _timm_eval(cfg, photos).numpy(), atol=1e-5)
 
 
+def test_one_mean_and_std_stand_for_every_channel_as_in_timms_data_config():
+    pre = Preprocess((8, 8), mean=(0.5,), std=(0.25,))
+    assert pre.channels == 3 and pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.25, 0.25, 0.25)
+    with pytest.raises(UsageError, match=r"must have a value per input channel \(1\), or one for all"):
+        Preprocess((8, 8), channels=1)  # the default mean and std are RGB's
+
+
 def test_a_model_created_with_one_channel_is_exported_with_timms_loader_normalisation(sample_images, tmp_path):
     """timm leaves the pretrained_cfg of ``in_chans=1`` at three channels; its loader then averages mean and std."""
     model = randomise(timm.create_model("nfnet_hub_nano", in_chans=1, num_classes=10), seed=3)
