@@ -201,6 +201,8 @@ CASES = [
                                     "--resume", "nano.pth.tar", "--epochs", "20", "--output", "runs"],
      r"--resume nano.pth.tar: its weights do not fit this run's model \(mis-shaped \(2\): head.fc.bias: .*\); "
      r"resume with the options of the run that wrote it \(--model nfnet_hub_nano, its args.yaml\)"),
+    ("train-digits-not-square", ["train", "--dataset", "digits", "--input-size", "3", "32", "64"],
+     "--input-size 3 32 64: --dataset digits trains at a square size"),
     ("train-digits-two-channels", ["train", "--dataset", "digits", "--in-chans", "2", "--output", "runs"],
      "the model takes 2-channel input; images are read as 3 channels"),
     ("train-in-chans-against-input-size", ["train", "--data-dir", "tiny", "--in-chans", "1", "--input-size", "3", "32",

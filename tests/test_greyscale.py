@@ -107,12 +107,14 @@ def test_training_records_one_channel_with_timms_loader_normalisation(grey_run, 
     assert tuple(again["model"].pretrained_cfg["input_size"]) == (1, 32, 32)
 
 
-def test_digits_train_a_one_channel_model(tmp_path):
-    result = train(parse_args(["--dataset", "digits", "--model", "nfnet_hub_nano", "--in-chans", "1", "--epochs",
-                               "1", "--batch-size", "64", "--no-progress", "--log-interval", "0", "--output",
-                               str(tmp_path)]))
+def test_digits_train_a_one_channel_model_at_the_input_size(tmp_path):
+    """--input-size gives the channels and the size, over --img-size (timm's resolve_data_config)."""
+    result = train(parse_args(["--dataset", "digits", "--model", "nfnet_hub_nano", "--input-size", "1", "40", "40",
+                               "--img-size", "32", "--epochs", "1", "--batch-size", "64", "--no-progress",
+                               "--log-interval", "0", "--output", str(tmp_path)]))
     cfg = result["model"].pretrained_cfg
-    assert tuple(cfg["input_size"]) == (1, 32, 32) and tuple(cfg["mean"]) == (0.27,)
+    assert result["model"].in_chans == 1
+    assert tuple(cfg["input_size"]) == (1, 40, 40) and tuple(cfg["mean"]) == (0.27,)
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

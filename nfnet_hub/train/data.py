@@ -97,7 +97,10 @@ def _mixup_args(args: argparse.Namespace, num_classes: int) -> dict[str, Any] | 
 def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
     from timm.data import Mixup
 
-    size = args.img_size or (args.input_size[-1] if args.input_size else 32)
+    if args.input_size and args.input_size[1] != args.input_size[2]:
+        raise UsageError(f"--input-size {' '.join(map(str, args.input_size))}: --dataset digits trains at a square "
+                         "size")
+    size = args.input_size[-1] if args.input_size else args.img_size or 32  # as timm: --input-size over --img-size
     channels = check_channels(input_channels(args))
     xtr, xte, ytr, yte = digits_split()
     train_ds = TensorDataset(digits_to_tensor(xtr, size, channels), torch.from_numpy(ytr).long())
