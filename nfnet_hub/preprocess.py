@@ -20,8 +20,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "Preprocess", "apply_data_config", "check_channels", "data_config", "eval_size",
-           "export_size", "list_images", "load_image", "read_labels"]
+__all__ = ["IMAGE_SUFFIXES", "WIDE_MODES", "Preprocess", "apply_data_config", "check_channels", "data_config",
+           "eval_size", "export_size", "list_images", "load_image", "read_labels"]
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -29,6 +29,7 @@ _INTERPOLATION = {
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 STRIDE = 32  # an NFNet's total stride: sizes are multiples of it
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit and 32-bit integer images, which PIL's convert clips
 CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (input_img_mode RGB or L)
 
 
@@ -88,7 +89,7 @@ def load_image(source: str | os.PathLike | Image.Image, mode: str = "RGB") -> Im
             img.load()
         except (UnidentifiedImageError, OSError) as e:
             raise UsageError(f"{source} is not a readable image: {e}") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(arr * 255.0 / peak), 0, 255).astype(np.uint8), "L")

@@ -164,3 +164,29 @@ def test_bundle_timm_runtime_and_server_take_the_greyscale_model(grey_run, digit
     assert "input 1x32x32" in server.output
     assert "bad request, refused: input 'pixel_values' must have shape [N,1,32,32]" in server.output
     assert "Exception:" not in server.output, server.output
+
+
+def test_image_folders_train_on_the_pixels_the_runtime_reads(digits_folders, tmp_path):
+    """timm reads .png, .jpg and .jpeg only, and clips 16-bit images to white; the runtime reads .bmp, .tif ... and
+    rescales 16-bit images. The same digits as 8-bit PNGs, 16-bit PNGs and BMP/TIFF files train the same weights."""
+    forms = {"png8": lambda a, p: Image.fromarray(a).save(p.with_suffix(".png")),
+             "png16": lambda a, p: Image.fromarray(a.astype(np.uint16) * 257).save(p.with_suffix(".png")),
+             "bmp-tif": lambda a, p: Image.fromarray(a).save(p.with_suffix(".bmp" if int(p.stem) % 2 else ".tif"))}
+    for split, step in (("train", 4), ("validation", 8)):
+        for src in list_images(digits_folders / split)[::step]:
+            pixels = np.asarray(Image.open(src).convert("L"))
+            for form, save in forms.items():
+                (tmp_path / form / split / src.parent.name).mkdir(parents=True, exist_ok=True)
+                save(pixels, tmp_path / form / split / src.parent.name / src.name)
+    weights = {}
+    for form in forms:
+        result = train(parse_args(["--data-dir", str(tmp_path / form), "--model", "nfnet_hub_nano", "--in-chans", "1",
+                                   "--epochs", "1", "--warmup-epochs", "0", "--lr", "0.2", "--batch-size", "32",
+                                   "--workers", "0", "--no-progress", "--log-interval", "0", "--output",
+                                   str(tmp_path / "runs"), "--experiment", form]))
+        weights[form] = result["model"].state_dict()
+    gains = [t for name, t in weights["png8"].items() if name.endswith("skipinit_gain")]
+    assert gains and all(g.abs().max() > 0 for g in gains)  # it trained: skip gains start at zero
+    for form in ("png16", "bmp-tif"):
+        for name, tensor in weights["png8"].items():
+            assert torch.equal(weights[form][name], tensor), (form, name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from ..errors import TrainingError, UsageError
-from ..preprocess import Preprocess, check_channels, data_config
+from ..preprocess import IMAGE_SUFFIXES, WIDE_MODES, Preprocess, check_channels, data_config, load_image
 
 DIGITS_MEAN, DIGITS_STD = 0.27, 0.38  # of digits scaled to [0, 1]
 
@@ -133,13 +134,16 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
         _split_folder(args.data_dir, args.train_split, _TRAIN_NAMES)
         _split_folder(args.data_dir, args.val_split, _EVAL_NAMES)
+    # image folders are read as the runtime reads them: every suffix it takes (timm's: .png, .jpg, .jpeg) for a
+    # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
+    input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
     kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
               input_img_mode=args.input_img_mode or ("RGB" if data_cfg["input_size"][0] == 3 else "L"),
-              input_key=args.input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
-    train_ds = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
-                              num_samples=args.train_num_samples, **kw)
-    val_ds = create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
-                            **kw)
+              input_key=input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
+    train_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.train_split, is_training=True,
+                                                 seed=args.seed, num_samples=args.train_num_samples, **kw))
+    val_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.val_split, is_training=False,
+                                               num_samples=args.val_num_samples, **kw))
     class_to_idx = _class_to_idx(train_ds)
     if not args.class_map:  # folder names are the classes; a class map numbers both splits alike
         _check_class_folders(train_ds, args.train_split)
@@ -181,6 +185,47 @@ def input_channels(args: argparse.Namespace) -> int:
     return args.in_chans or (args.input_size[0] if args.input_size else 3)
 
 
+class ReadAsRuntime:
+    """A folder reader of timm's that hands over 16-bit and 32-bit images as the runtime reads them, rescaled to
+    8 bits: timm converts them with PIL, which clips (most pixels turn white), so a model would train on other
+    pixels than it is served. Other images pass through untouched; one that does not decode is left to timm's
+    dataset, which skips it."""
+
+    def __init__(self, reader: Any):
+        self.reader = reader
+
+    @classmethod
+    def wrap(cls, ds: Dataset) -> Dataset:
+        from timm.data.readers.reader_image_folder import ReaderImageFolder
+
+        if isinstance(getattr(ds, "reader", None), ReaderImageFolder):
+            ds.reader = cls(ds.reader)
+        return ds
+
+    def __getattr__(self, name: str) -> Any:  # samples, class_to_idx, filename ...
+        if name == "reader":  # not set yet (while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.reader, name)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> tuple:
+        file, *rest = self.reader[index]
+        try:
+            img = Image.open(file)
+            if img.mode in WIDE_MODES:
+                out = io.BytesIO()
+                load_image(img, "L").save(out, "BMP")  # lossless and quick to write and read
+                file.close()
+                out.seek(0)
+                return (out, *rest)
+        except OSError:
+            pass
+        file.seek(0)
+        return (file, *rest)
+
+
 def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
     """--num-classes where given (more than the data have is allowed, as in train.py), else the data's count."""
     needed = max(class_to_idx.values(), default=-1) + 1
@@ -203,8 +248,8 @@ def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Na
     if rank == 0 and missing:
         print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
               f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
-    return create_dataset(args.dataset, split=args.val_split, is_training=False, num_samples=args.val_num_samples,
-                          **{**kw, "class_map": class_to_idx})
+    return ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.val_split, is_training=False,
+                                             num_samples=args.val_num_samples, **{**kw, "class_map": class_to_idx}))
 
 
 def _check_class_folders(ds: Dataset, split: str) -> None:
