@@ -1,6 +1,6 @@
 """CPU benchmarks against the anchors, in one run (each section in its own process): timm's
-dm_nfnet_f0 (eager and folded PyTorch), timm's AGC, and timm's own ONNX export of dm_nfnet_f0 under
-ONNX Runtime.
+dm_nfnet_f0 (eager and folded PyTorch), timm's AGC, timm's own ONNX export of dm_nfnet_f0 under
+ONNX Runtime, and timm's image-folder dataset.
 
     python benchmarks/cpu.py [--repeat 3]     # writes benchmarks/results/cpu.json
 """
@@ -154,15 +154,46 @@ def bench_onnx(ref: torch.nn.Module, peak: float) -> dict:
     return res
 
 
+def bench_loader() -> dict:
+    """Reading an image folder for training, per image, timm's train transform at 224 px included: timm's
+    ImageDataset, and the same dataset reading images as the runtime does (ReadAsRuntime: one more header parse
+    per image, to find 16-bit ones). Real JPEG photos from scikit-image."""
+    from PIL import Image
+    from skimage import data
+    from timm.data import create_dataset, create_transform
+
+    from nfnet_hub.train.data import ReadAsRuntime
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("astronaut", "chelsea", "coffee"):
+            (Path(tmp) / "train" / name).mkdir(parents=True)
+            for i in range(8):
+                Image.fromarray(getattr(data, name)()).save(Path(tmp) / "train" / name / f"{i}.jpg", quality=90)
+        datasets = {}
+        for key in ("timm", "ours"):
+            ds = create_dataset("", root=tmp, split="train", is_training=True, input_img_mode="RGB")
+            ds.transform = create_transform(224, is_training=True)
+            datasets[key] = ReadAsRuntime.wrap(ds) if key == "ours" else ds
+        ms = {}
+        for _ in range(5):  # interleaved rounds
+            for key, ds in datasets.items():
+                ms.setdefault(key, []).append(median_s(lambda ds=ds: [ds[i] for i in range(len(ds))], runs=5)
+                                              / len(ds) * 1e3)
+    res = {f"{k}_ms": float(np.median(v)) for k, v in ms.items()}
+    return {**res, "ours_vs_timm": res["ours_ms"] / res["timm_ms"]}
+
+
 SECTIONS = {
     "fold": lambda peak: bench_fold(trained_like(timm.create_model("dm_nfnet_f0"))),
     "agc": lambda peak: bench_agc(trained_like(timm.create_model("nfnet_hub_f0")), copy_gbps()),
     "onnx": lambda peak: bench_onnx(trained_like(timm.create_model("dm_nfnet_f0")), peak),
+    "loader": lambda peak: bench_loader(),
 }
 
 
 SPREAD = (("fold", "prepacked_speedup"), ("fold", "eager_speedup"), ("agc", "speedup"), ("onnx", "b1", "ours_vs_timm"),
-          ("onnx", "b8", "ours_vs_timm"), ("onnx", "b1", "int8_speedup"), ("onnx", "b8", "int8_speedup"))
+          ("onnx", "b8", "ours_vs_timm"), ("onnx", "b1", "int8_speedup"), ("onnx", "b8", "int8_speedup"),
+          ("loader", "ours_vs_timm"))
 
 
 def _median(runs: list) -> Any:

@@ -144,3 +144,15 @@ def test_serving_reports_render_the_recorded_runs():
     assert set(libraries["servers"]) == {"kserve (nfnet-hub serve)", "mlserver"}
     assert all(x["errors"] == 0 for levels in libraries["servers"].values() for x in levels.values())
     assert "MLServer answers" in text
+
+
+def test_cpu_loader_section_runs_and_the_report_renders_the_recorded_run():
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "cpu.py"), "--section", "loader", "--peak", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loader = json.loads(run.stdout.strip().splitlines()[-1])
+    assert loader["timm_ms"] > 0 and loader["ours_ms"] > 0
+    recorded = json.loads((BENCHMARKS / "results" / "cpu.json").read_text())
+    text = "\n".join(_report().cpu_section(recorded))
+    assert f"| {recorded['loader']['timm_ms']:.2f} ms | {recorded['loader']['ours_ms']:.2f} ms |" in text
+    assert "### AGC vs" in text and "### ONNX Runtime" in text

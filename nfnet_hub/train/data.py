@@ -268,17 +268,18 @@ def _check_class_folders(ds: Dataset, split: str) -> None:
     if not isinstance(getattr(reader, "samples", None), list) or not getattr(reader, "root", None):
         return  # not a folder of images
     folders = {Path(os.path.relpath(d, reader.root)) for d in {os.path.dirname(f) for f, _ in reader.samples}}
+    top = Path(reader.root).name  # the split's folder, which may be a synonym of its name (val for validation)
     by_name: dict[str, list[Path]] = {}
     for folder in sorted(folders):
         inside = next((p for p in folder.parents if p in folders), None)
         if inside is not None:
-            raise UsageError(f"{split}/{folder} holds images inside {split}/{inside}, which holds images too: timm "
+            raise UsageError(f"{top}/{folder} holds images inside {top}/{inside}, which holds images too: timm "
                              f"makes separate classes of them ({inside.name!r} and {folder.name!r}): keep each class's "
                              "images in one folder")
         by_name.setdefault(folder.name, []).append(folder)
     shared = next((f for f in by_name.values() if len(f) > 1), None)
     if shared:
-        raise UsageError(f"{split}/{shared[0]} and {split}/{shared[1]} would be one class, {shared[0].name!r}: timm "
+        raise UsageError(f"{top}/{shared[0]} and {top}/{shared[1]} would be one class, {shared[0].name!r}: timm "
                          "names a class by the last folder of its path only: give each class a folder of its own "
                          "name")
 
