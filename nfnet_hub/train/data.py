@@ -130,7 +130,8 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
 
     # timm's train.py gives the model --in-chans but the data the config's channels; here both take the model's,
     # with the mean and std adapted as timm's loader adapts them
-    data_cfg = data_config(resolve_data_config(vars(args), pretrained_cfg=model_cfg), channels=input_channels(args))
+    channels = input_channels(args)
+    data_cfg = data_config(resolve_data_config(vars(args), pretrained_cfg=model_cfg), channels=channels)
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
         _split_folder(args.data_dir, args.train_split, _TRAIN_NAMES)
         _split_folder(args.data_dir, args.val_split, _EVAL_NAMES)
@@ -138,7 +139,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
     input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
     kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
-              input_img_mode=args.input_img_mode or ("RGB" if data_cfg["input_size"][0] == 3 else "L"),
+              input_img_mode=_image_mode(args, channels),
               input_key=input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
     train_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.train_split, is_training=True,
                                                  seed=args.seed, num_samples=args.train_num_samples, **kw))
@@ -183,6 +184,24 @@ def input_channels(args: argparse.Namespace) -> int:
         raise UsageError(f"--in-chans {args.in_chans} and --input-size {' '.join(map(str, args.input_size))} disagree: "
                          "the first value of --input-size is the channel count; give one of them, or make them agree")
     return args.in_chans or (args.input_size[0] if args.input_size else 3)
+
+
+def _image_mode(args: argparse.Namespace, channels: int) -> str:
+    """The PIL mode timm reads images in: --input-img-mode, else RGB for 3 channels and L otherwise (train.py's
+    choice), refused where its images would not have the model's channels (a conv traceback in the first step)."""
+    mode = args.input_img_mode or ("RGB" if channels == 3 else "L")
+    try:
+        bands = Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        raise UsageError(f"--input-img-mode {mode!r} is not an image mode: choose RGB (3 channels), L (1), RGBA or "
+                         "CMYK (4), LA (2)") from None
+    if bands != channels and args.input_img_mode:
+        raise UsageError(f"--input-img-mode {mode} reads {bands}-channel images, but the model takes {channels} "
+                         "(--in-chans, --input-size): give a mode of as many channels, or leave it out")
+    if bands != channels:
+        raise UsageError(f"the model takes {channels}-channel input, which images are not read as by default (RGB: "
+                         "3, L: 1): pass --input-img-mode (RGBA or CMYK: 4, LA: 2)")
+    return mode
 
 
 class ReadAsRuntime:
