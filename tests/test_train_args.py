@@ -131,6 +131,24 @@ def test_a_validation_split_lacking_a_class_is_scored_with_the_training_splits_l
     assert "the validation split lacks 1 of the 3 training classes (5)" in capsys.readouterr().out
 
 
+def test_a_class_folder_of_files_that_are_not_read_is_named(tmp_path, digits_folders, capsys):
+    """timm leaves out a folder of .heic photos silently: the class is missing from the model."""
+    root = tmp_path / "data"
+    for split in ("train", "validation"):
+        for label in ("3", "7"):
+            shutil.copytree(digits_folders / split / label, root / split / label)
+    (root / "train" / "cat").mkdir()
+    for name in ("a.heic", "b.HEIC", ".DS_Store"):
+        (root / "train" / "cat" / name).write_bytes(b"not read")
+    (root / "train" / "empty").mkdir()
+    run = build(parse_args(["--data-dir", str(root), "--model", "nfnet_hub_nano", "--workers", "0", "--batch-size", "8",
+                            "--output", str(tmp_path / "out")]))
+    assert run.loaders.num_classes == 2
+    out = capsys.readouterr().out
+    assert "note: 1 folder(s) of the 'train' split hold no image read here (.jpg" in out
+    assert "so they are no class: cat (.heic)" in out and "empty" not in out
+
+
 def test_more_classes_than_the_data_have_train_with_mixup(tmp_path):
     """--num-classes above the data's count is allowed (as in train.py): MixUp's targets are as wide as the logits."""
     result = train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--num-classes", "12", "--mixup", "0.2",

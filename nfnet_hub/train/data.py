@@ -147,8 +147,8 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                                                num_samples=args.val_num_samples, **kw))
     class_to_idx = _class_to_idx(train_ds)
     if not args.class_map:  # folder names are the classes; a class map numbers both splits alike
-        _check_class_folders(train_ds, args.train_split)
-        _check_class_folders(val_ds, args.val_split)
+        _check_class_folders(train_ds, args.train_split, rank)
+        _check_class_folders(val_ds, args.val_split, rank)
         val_ds = _labelled_as_training(val_ds, class_to_idx, args, kw, rank)
     num_classes = _num_classes(args, class_to_idx)
     if not num_classes:
@@ -271,10 +271,11 @@ def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Na
                                              num_samples=args.val_num_samples, **{**kw, "class_map": class_to_idx}))
 
 
-def _check_class_folders(ds: Dataset, split: str) -> None:
+def _check_class_folders(ds: Dataset, split: str, rank: int) -> None:
     """timm makes a class of every folder that holds images, named by its last part: of the split folder itself
     (the class ''), of hidden ones (.ipynb_checkpoints), of a class's subfolders, and one class of folders that
-    share a name (cat/2019, dog/2019); none of which a user means."""
+    share a name (cat/2019, dog/2019); none of which a user means. A folder of files it does not read (.heic
+    photos) is no class at all: that is noted."""
     class_to_idx = _class_to_idx(ds)
     if "" in class_to_idx:
         raise UsageError(f"images lie loose in the {split!r} split's folder: put each one in a folder named after "
@@ -301,6 +302,22 @@ def _check_class_folders(ds: Dataset, split: str) -> None:
         raise UsageError(f"{top}/{shared[0]} and {top}/{shared[1]} would be one class, {shared[0].name!r}: timm "
                          "names a class by the last folder of its path only: give each class a folder of its own "
                          "name")
+    unread = _unread_folders(Path(reader.root), {f.parts[0] for f in folders if f.parts})
+    if rank == 0 and unread:
+        print(f"note: {len(unread)} folder(s) of the {top!r} split hold no image read here "
+              f"({', '.join(IMAGE_SUFFIXES)}), so they are no class: {_some(unread)}", flush=True)
+
+
+def _unread_folders(root: Path, classes: set[str]) -> list[str]:
+    """The split's folders (with the suffixes of their files) that hold files but no image read, so no class."""
+    unread = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in classes:
+            suffixes = sorted({Path(f).suffix.lower() or "no suffix" for _, _, files in os.walk(entry.path)
+                               for f in files if not f.startswith(".")})
+            if suffixes:
+                unread.append(f"{entry.name} ({', '.join(suffixes[:3])})")
+    return unread
 
 
 def _class_to_idx(ds: Dataset) -> dict:
