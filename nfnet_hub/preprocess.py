@@ -13,15 +13,15 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "WIDE_MODES", "Preprocess", "apply_data_config", "check_channels", "data_config",
-           "eval_size", "export_size", "list_images", "load_image", "read_labels"]
+__all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "Preprocess", "apply_data_config", "check_channels",
+           "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image", "read_labels"]
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -31,6 +31,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 STRIDE = 32  # an NFNet's total stride: sizes are multiples of it
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit and 32-bit integer images, which PIL's convert clips
 CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (input_img_mode RGB or L)
+# how Pillow says a file does not decode: truncated or foreign files (several types), and images so large they
+# are taken for decompression bombs (above Pillow's MAX_IMAGE_PIXELS twice over)
+UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def eval_size(cfg: Mapping[str, Any], img_size: int | None = None) -> tuple[int, int]:
@@ -78,17 +81,24 @@ def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any], *,
     return out
 
 
+def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None,
+               formats: Sequence[str] | None = None) -> Image.Image:
+    """A decoded image, or one ``UsageError`` that names it (``name``, else ``source``) whatever Pillow raised."""
+    try:
+        img = Image.open(source, formats=formats)
+        img.load()
+    except FileNotFoundError:
+        raise UsageError(f"{name or source} does not exist") from None
+    except UNDECODABLE as e:
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise UsageError(f"{name or source} is not a readable image: {why}") from None
+    return img
+
+
 def load_image(source: str | os.PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
     """An RGB image, or a greyscale one (``mode="L"``), converted as timm's loader converts (alpha dropped,
     palettes expanded), 16-bit and 32-bit integer images rescaled to 8 bits rather than clipped."""
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        try:
-            img = Image.open(source)
-            img.load()
-        except (UnidentifiedImageError, OSError) as e:
-            raise UsageError(f"{source} is not a readable image: {e}") from None
+    img = source if isinstance(source, Image.Image) else open_image(source)
     if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

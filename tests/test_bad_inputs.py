@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from nfnet_hub.cli import main
 from nfnet_hub.errors import UsageError
@@ -40,6 +41,7 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     (root / "garbage.npz").write_bytes(b"\x00\x01 not an archive" * 10)
     (root / "garbage.bin").write_bytes(b"\x00\x01 not a checkpoint" * 10)
     (root / "noimages").mkdir()
+    Image.new("1", (20_000, 20_000)).save(root / "bomb.png")  # 400 Mpixels in 50 kB: Pillow refuses to decode it
     (root / "labels3.txt").write_text("a\nb\nc\n")
     (root / "bad.yaml").write_text("learning_rate: 3\n")
     (root / "bad.toml").write_text("this is = = not toml\n")
@@ -261,7 +263,9 @@ CASES = [
     ("predict-mistyped-nested-bundle", ["predict", "images/3/0000.png", "--model", "images/bundel"],
      "no bundle folder at images/bundel"),
     ("predict-not-an-image", ["predict", "notes.txt", "--model", "bundle"], "notes.txt is not a readable image"),
-    ("predict-missing-image", ["predict", "nope.png", "--model", "bundle"], "nope.png is not a readable image"),
+    ("predict-decompression-bomb", ["predict", "bomb.png", "--model", "bundle"],
+     "bomb.png is not a readable image: Image size \\(400000000 pixels\\) exceeds limit"),
+    ("predict-missing-image", ["predict", "nope.png", "--model", "bundle"], "nope.png does not exist"),
     ("predict-empty-folder", ["predict", "noimages", "--model", "bundle"], "no images .* under noimages"),
     ("predict-top-k-0", ["predict", "images/3/0000.png", "--model", "bundle", "--top-k", "0"],
      "--top-k: must be a positive integer"),

@@ -6,6 +6,7 @@ module; the drain test starts its own. Expected answers come from ``OnnxClassifi
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import io
 import json
@@ -203,7 +204,10 @@ def _bad_requests():
         "no inputs field": ("nano", b'{"outputs": []}', {}, "inputs"),
         "data shorter than shape": ("nano", _request(data=[0.0] * 10), {}, "shape"),
         "non-image bytes": ("nano", _request(name="image", shape=(1,), datatype="BYTES",
-                                              data=[base64.b64encode(b"not an image").decode()]), {}, "not a"),
+                                              data=[base64.b64encode(b"not an image").decode()]), {},
+                            "input 'image' element 0 is not a readable image"),
+        "decompression bomb": ("nano", _request(name="image", shape=(1,), datatype="BYTES",
+                                                data=[base64.b64encode(_bomb()).decode()]), {}, "decompression bomb"),
         "BYTES not base64": ("nano", _request(name="image", shape=(1,), datatype="BYTES", data=["%%%"]), {},
                              "image"),
         "truncated binary data": ("nano", *_binary({"inputs": [{**spec, "parameters": {"binary_data_size": len(x)}}]},
@@ -221,6 +225,14 @@ def _bad_requests():
         "unknown output": ("nano", _request(outputs=[{"name": "probs"}]), {}, "probs"),
         "oversized body": ("nano", b" " * (2 << 20) + _request(), {}, "--max-request-mb"),
     }
+
+
+@functools.cache
+def _bomb() -> bytes:
+    """A 50 kB PNG of 400 Mpixels, which Pillow refuses to decode."""
+    png = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(png, "PNG")
+    return png.getvalue()
 
 
 @pytest.mark.parametrize("case", list(_bad_requests()))

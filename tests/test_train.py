@@ -273,3 +273,29 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
     out, _ = agent.communicate(timeout=600)
     assert agent.returncode == 0 and "resumed from" in out, out
     _assert_same_final_state(reference, tmp_path / "ref/run/last.pth.tar", ckpt)
+
+
+def test_images_that_do_not_decode_are_skipped_by_name(digits_folders, tmp_path, caplog):
+    """timm's dataset skips a sample whose reading raises OSError, and stopped the run on any other error of Pillow's
+    (a decompression bomb: an image of more pixels than Pillow decodes). Every one is skipped; those that do not
+    open are named (a truncated file is found while timm decodes it, and its warning gives the index only)."""
+    for split, labels in (("train", ("1", "7")), ("validation", ("1",))):
+        for label in labels:
+            (tmp_path / split / label).mkdir(parents=True)
+            for f in sorted((digits_folders / split / label).iterdir())[:16]:
+                (tmp_path / split / label / f.name).write_bytes(f.read_bytes())
+    bomb = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(bomb, "PNG")  # 400 Mpixels: Pillow refuses it before decoding
+    named = {"train/1/bomb.png": bomb.getvalue(), "train/7/notes.png": b"the user's notes\n",
+             "validation/1/bomb.png": bomb.getvalue()}
+    for name, data in named.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "train/7/cut.png").write_bytes((tmp_path / "train/7/0000.png").read_bytes()[:60])
+    with caplog.at_level("WARNING"):
+        result = train(parse_args([*BASE, "--dataset", "", "--data-dir", str(tmp_path), "--img-size", "32",
+                                   "--epochs", "1", "--batch-size", "5", "--output", str(tmp_path / "out")]))
+    assert result["global_step"] == 35 // 5
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped sample")]
+    assert any(m.endswith("image file is truncated") for m in skipped), skipped  # (a skip reads the next sample,
+    for name in named:  # which may be skipped in its turn: a file can be named twice)
+        assert any(f"{tmp_path / name} is not a readable image" in m for m in skipped), (name, skipped)

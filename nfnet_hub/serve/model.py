@@ -16,8 +16,9 @@ import sys
 import uuid
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from ..errors import UsageError
+from ..preprocess import open_image
 from ..runtime import OnnxClassifier
 from .batching import Batcher
 from .metrics import observer
@@ -136,12 +137,9 @@ class BundleModel(Model):
         images = []
         for i, data in enumerate(files):
             try:
-                img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-                img.load()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                raise InvalidInput(f"input 'image' element {i} is not a {'/'.join(IMAGE_FORMATS)} image "
-                                   f"({type(e).__name__}: {str(e)[:120]})") from None
-            images.append(img)
+                images.append(open_image(io.BytesIO(data), name=f"input 'image' element {i}", formats=IMAGE_FORMATS))
+            except UsageError as e:
+                raise InvalidInput(f"{e} (formats taken: {', '.join(IMAGE_FORMATS)})") from None
         return self.classifier.preprocess.batch(images)
 
     def stop(self) -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from ..errors import TrainingError, UsageError
-from ..preprocess import IMAGE_SUFFIXES, WIDE_MODES, Preprocess, check_channels, data_config, load_image
+from ..preprocess import IMAGE_SUFFIXES, UNDECODABLE, WIDE_MODES, Preprocess, check_channels, data_config, load_image
 
 DIGITS_MEAN, DIGITS_STD = 0.27, 0.38  # of digits scaled to [0, 1]
 
@@ -207,8 +207,9 @@ def _image_mode(args: argparse.Namespace, channels: int) -> str:
 class ReadAsRuntime:
     """A folder reader of timm's that hands over 16-bit and 32-bit images as the runtime reads them, rescaled to
     8 bits: timm converts them with PIL, which clips (most pixels turn white), so a model would train on other
-    pixels than it is served. Other images pass through untouched; one that does not decode is left to timm's
-    dataset, which skips it."""
+    pixels than it is served. Other images pass through untouched. One that does not decode is skipped by timm's
+    dataset, with a warning that names it, whatever Pillow raised (timm skips OSError only: a decompression bomb
+    stopped its training)."""
 
     def __init__(self, reader: Any):
         self.reader = reader
@@ -239,8 +240,9 @@ class ReadAsRuntime:
                 file.close()
                 out.seek(0)
                 return (out, *rest)
-        except OSError:
-            pass
+        except UNDECODABLE as e:  # timm's dataset skips a sample whose reading raises OSError, and only such
+            file.close()
+            raise OSError(f"{self.reader.filename(index, absolute=True)} is not a readable image: {e}") from None
         file.seek(0)
         return (file, *rest)
 
