@@ -96,7 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(model, out / args.filename, img_size=size, precision=args.precision,
                          opset=args.opset, label_names=_labels(args), calibration=calibration,
                          min_agreement=args.min_agreement, force=args.force)
-    print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {report.img_size[0]}px, "
+    h, w = report.img_size
+    print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {h}x{w} px, "
           f"{report.nodes} nodes, {report.file_bytes / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs error "
           f"{report.max_abs_error:.3g} (relative {report.max_rel_error:.3g}) at batches {report.verify_batches}")
     _say_int8(report)

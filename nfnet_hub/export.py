@@ -180,30 +180,32 @@ def _check_target(out: Path) -> None:
             raise UsageError(f"{out} exists and was not written by nfnet-hub: move it away or choose another name")
 
 
-def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | None = None, precision: str = "fp32",
+def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tuple[int, int] | None = None,
+                precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, label_names: Sequence[str] | None = None,
                 calibration: np.ndarray | None = None, min_agreement: float = MIN_AGREEMENT,
                 force: bool = False) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``precision``, verify it, then write ``out`` (a file path).
 
-    ``img_size``: the square input size (default: the model's test size). ``label_names`` default to the
-    class names in the model's ``pretrained_cfg`` (a training checkpoint records them). ``calibration``: preprocessed
-    NCHW float32 images for int8 static quantisation (required for int8); every fifth is held out to
-    measure top-1 agreement with fp32, and an export below ``min_agreement`` is refused unless ``force``.
+    ``img_size``: the input size, one side or (height, width) (default: the model's test size). ``label_names``
+    default to the class names in the model's ``pretrained_cfg`` (a training checkpoint records them).
+    ``calibration``: preprocessed NCHW float32 images for int8 static quantisation (required for int8); every fifth
+    is held out to measure top-1 agreement with fp32, and an export below ``min_agreement`` is refused unless
+    ``force``.
     """
     start = time.perf_counter()
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     channels = check_channels(getattr(model, "in_chans", 3))
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = export_size(cfg, img_size)
+    hw = export_size(cfg, img_size)
     held_out = None
     if precision == "int8":
         if calibration is None or len(calibration) == 0:
             raise UsageError("int8 export needs calibration images (preprocessed NCHW float32)")
         calibration = np.asarray(calibration, np.float32)
-        if calibration.ndim != 4 or calibration.shape[1:] != (channels, size, size):
-            raise UsageError(f"calibration images of shape {calibration.shape[1:]} for an export at {size}x{size}: "
+        if calibration.ndim != 4 or calibration.shape[1:] != (channels, *hw):
+            raise UsageError(f"calibration images of shape {calibration.shape[1:]} for an export at {hw[0]}x{hw[1]}: "
                              f"preprocess them at the export size and channels ({channels}, H, W)")
         calibrate_on, held_out = split_calibration(calibration)
     max_opset = onnx.defs.onnx_opset_version()
@@ -217,7 +219,6 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         raise UsageError(f"{len(label_names)} label names for a model with {num_classes} classes")
     out = Path(out)
     _check_target(out)
-    hw = (size, size)
     model = model.eval()
     folded = fold(model, img_size=hw)
     proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
@@ -225,7 +226,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | Non
         proto = quantize_int8(proto, calibrate_on)
         check_no_saturation(proto)
     meta = {
-        "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, size, channels=channels), "label_names": None}),
+        "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, hw, channels=channels), "label_names": None}),
         "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
         "nfnet_hub.precision": precision,
         "nfnet_hub.opset": str(opset),

@@ -76,7 +76,7 @@ def check_replaceable(out: Path) -> None:
                           f"which its {CHECKSUMS} does not list exactly); choose a new folder for the bundle")
 
 
-def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | None = None,
+def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tuple[int, int] | None = None,
                  label_names: Sequence[str] | None = None, precisions: Sequence[str] = ("fp32",),
                  calibration: np.ndarray | None = None, metrics: dict[str, float] | None = None,
                  dataset: str | None = None, repo_id: str = "ORG/NAME", license: str = "apache-2.0",
@@ -84,8 +84,8 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
                  progress: bool = True) -> Path:
     """Write a verified Hub bundle for ``model`` to the folder ``out`` (built aside, then moved in place).
 
-    ``img_size`` (default: the model's test size) is the size of the ONNX files and of the preprocessing
-    recorded in ``config.json``; ``calibration`` must be preprocessed at that size (int8 only).
+    ``img_size`` (one side, or (height, width); default: the model's test size) is the size of the ONNX files and
+    of the preprocessing recorded in ``config.json``; ``calibration`` must be preprocessed at that size (int8 only).
     ``overwrite`` replaces ``out`` only if it is a bundle (see ``check_replaceable``).
     """
     from timm.models import save_for_hf
@@ -123,7 +123,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
             r = export_onnx(model, tmp / ONNX_FILES[precision], img_size=size, precision=precision, label_names=labels,
                             calibration=calibration, min_agreement=min_agreement, force=force)
             exports.append({**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
-                            "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], (channels, size, size))})
+                            "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], (channels, *size))})
         (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset,
                                                      "data_config": record}, indent=2))
         stats = model_stats(cfg["architecture"], size, num_classes=model.num_classes, in_chans=channels,
@@ -133,7 +133,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | No
             title=repo_id.split("/")[-1], repo_id=repo_id, architecture=cfg["architecture"],
             summary=f"An NFNet image classifier ({model.num_classes} classes"
                     + (f", trained on {dataset})." if dataset else ")."),
-            params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size=size,
+            params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size="x".join(map(str, size)),
             crop_pct=record["crop_pct"], crop_mode=record["crop_mode"], interpolation=record["interpolation"],
             colour="greyscale (1 channel)" if channels == 1 else "RGB", mean=record["mean"], std=record["std"],
             num_classes=model.num_classes,

@@ -36,25 +36,27 @@ CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (inp
 UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def eval_size(cfg: Mapping[str, Any], img_size: int | None = None) -> tuple[int, int]:
-    """The (height, width) a model is evaluated at: ``img_size`` if given, else its test size, else its
-    train size (timm's ``use_test_size``)."""
+def eval_size(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
+    """The (height, width) a model is evaluated at: ``img_size`` if given (one side for a square, or two), else
+    its test size, else its train size (timm's ``use_test_size``)."""
     if img_size is not None:
-        return img_size, img_size
+        return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[-2]), int(img_size[-1]))
     size = cfg.get("test_input_size") or cfg.get("input_size") or (3, 224, 224)
     return int(size[-2]), int(size[-1])
 
 
-def export_size(cfg: Mapping[str, Any], img_size: int | None = None) -> int:
-    """The square size to fold and export at; refuses sizes the network cannot take."""
+def export_size(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
+    """The (height, width) to fold and export at; refuses sizes the network cannot take."""
+    if isinstance(img_size, bool) or (isinstance(img_size, int) and img_size < STRIDE):
+        raise UsageError(f"image size must be a positive multiple of {STRIDE} (the network's stride), got {img_size}")
     h, w = eval_size(cfg, img_size)
-    if isinstance(img_size, bool) or h != w or h < STRIDE or h % STRIDE:
+    if min(h, w) < STRIDE or h % STRIDE or w % STRIDE:
         got = img_size if img_size is not None else f"{h}x{w} (from the model's config)"
         raise UsageError(f"image size must be a positive multiple of {STRIDE} (the network's stride), got {got}")
-    return h
+    return h, w
 
 
-def data_config(cfg: Mapping[str, Any], img_size: int | None = None,
+def data_config(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = None,
                 label_names: Sequence[str] | None = None, *, channels: int | None = None) -> dict[str, Any]:
     """The record of an eval transform that training writes and exports carry (JSON-ready); ``channels``:
     the model's input channels, where they may differ from the config's (see ``Preprocess.from_pretrained_cfg``)."""
@@ -123,12 +125,14 @@ class Preprocess:
         for name in ("mean", "std"):  # one value stands for every channel, as in timm's data config
             values = tuple(getattr(self, name))
             object.__setattr__(self, name, values * self.channels if len(values) == 1 else values)
+        if self.crop_mode not in ("center", "squash"):
+            raise UsageError(f"crop_mode {self.crop_mode!r} is not supported: choose center or squash")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UsageError(f"mean {self.mean} and std {self.std} must have a value per input channel "
                              f"({self.channels}), or one for all")
 
     @classmethod
-    def from_pretrained_cfg(cls, cfg: Mapping[str, Any], *, img_size: int | None = None,
+    def from_pretrained_cfg(cls, cfg: Mapping[str, Any], *, img_size: int | Sequence[int] | None = None,
                             channels: int | None = None) -> Preprocess:
         """The eval transform at ``img_size``, or at the config's test size (timm's ``use_test_size``).
 
@@ -149,7 +153,7 @@ class Preprocess:
                    channels)
 
     @classmethod
-    def for_model(cls, model: Any, *, img_size: int | None = None) -> Preprocess:
+    def for_model(cls, model: Any, *, img_size: int | Sequence[int] | None = None) -> Preprocess:
         """The eval transform of a timm model: its pretrained_cfg, for its ``in_chans``."""
         return cls.from_pretrained_cfg(model.pretrained_cfg, img_size=img_size,
                                        channels=getattr(model, "in_chans", None))
@@ -168,13 +172,15 @@ class Preprocess:
         scale_h, scale_w = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
         if self.crop_mode == "squash":
             img = img.resize((scale_w, scale_h), resample)
-        elif self.crop_mode == "center" and scale_h == scale_w:
+        elif self.crop_mode == "center" and scale_h == scale_w:  # torchvision's Resize of the shorter side
             iw, ih = img.size
             short, long = (iw, ih) if iw <= ih else (ih, iw)
             new_short, new_long = scale_h, int(scale_h * long / short)
             img = img.resize((new_short, new_long) if iw <= ih else (new_long, new_short), resample)
-        else:
-            raise UsageError(f"crop_mode {self.crop_mode!r} with a non-square size is not supported")
+        else:  # timm's ResizeKeepRatio for a non-square size: the side nearer its target fits it
+            iw, ih = img.size
+            ratio = min(ih / scale_h, iw / scale_w)
+            img = img.resize((round(iw / ratio), round(ih / ratio)), resample)
         iw, ih = img.size
         top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
         return img.crop((left, top, left + w, top + h))

@@ -163,7 +163,7 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     out = tmp_path / "onnx"
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--img-size", "64",
                  "--out", str(out)]) == 0
-    assert "64px" in capsys.readouterr().out
+    assert "64x64 px" in capsys.readouterr().out
     report = validate_onnx(out / "model.onnx", nano, sorted(sample_images.iterdir()))
     assert report.inputs == 6 and report.source == "images"
     assert report.top1_agreement == 1.0 and report.max_abs_error < 1e-4

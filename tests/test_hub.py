@@ -85,6 +85,36 @@ def test_local_dir_loads_in_timm_and_the_runtime(bundle, model):
     np.testing.assert_allclose(clf.logits(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_non_square_model_is_bundled_at_its_size(sample_images, tmp_path):
+    """timm trains and evaluates at a non-square --input-size (its eval transform then keeps the aspect ratio and
+    fits the nearer side): the bundle, timm's local-dir model and the runtime keep that size and transform."""
+    from timm.data import create_transform, resolve_data_config
+
+    from nfnet_hub.preprocess import load_image
+    from nfnet_hub.runtime import OnnxClassifier
+
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=3)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 64), "test_input_size": (3, 32, 64),
+                            "crop_pct": 0.9, "crop_mode": "center"}
+    calib = np.random.default_rng(0).standard_normal((10, 3, 32, 64)).astype(np.float32)
+    out = build_bundle(model, tmp_path / "wide", label_names=LABELS, precisions=("fp32", "int8"), calibration=calib,
+                       progress=False, force=True)
+    assert "| Input size | 32x64 RGB, center crop_pct 0.9" in (out / "README.md").read_text()
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    transform = create_transform(**resolve_data_config(model=loaded), is_training=False)
+    paths = sorted(sample_images.iterdir())
+    x = torch.stack([transform(load_image(p)) for p in paths])
+    assert x.shape[-2:] == (32, 64)
+    with torch.no_grad():
+        expected = model(x)
+    for filename in ("model.onnx", "model_int8.onnx"):
+        clf = OnnxClassifier.from_pretrained(out, filename=filename)
+        got = clf.logits(clf.preprocess.batch(paths))
+        if filename == "model.onnx":
+            np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+        assert got.shape == (len(paths), 10)
+
+
 @pytest.mark.parametrize("damage,message", [
     (lambda d: (d / "model.onnx").unlink(), "missing files: model.onnx"),
     (lambda d: (d / "notes.txt").write_text("x"), "unexpected files: notes.txt"),

@@ -29,7 +29,10 @@ def test_importing_the_runtime_does_not_import_torch():
     dict(input_size=(3, 256, 256), crop_pct=0.9, crop_mode="squash", interpolation="bicubic"),
     dict(input_size=(3, 224, 224), crop_pct=0.875, crop_mode="center", interpolation="bilinear"),
     dict(input_size=(3, 64, 64), crop_pct=1.0, crop_mode="center", interpolation="bicubic"),
-], ids=["squash-bicubic", "center-bilinear", "center-full"])
+    dict(input_size=(3, 64, 96), crop_pct=0.875, crop_mode="center", interpolation="bicubic"),
+    dict(input_size=(3, 96, 64), crop_pct=0.95, crop_mode="center", interpolation="bilinear"),
+    dict(input_size=(3, 64, 128), crop_pct=0.9, crop_mode="squash", interpolation="bicubic"),
+], ids=["squash-bicubic", "center-bilinear", "center-full", "center-wide", "center-tall", "squash-wide"])
 def test_preprocessing_matches_timm_on_real_photos(cfg, sample_images):
     full = {**cfg, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     transform = create_transform(**resolve_data_config(pretrained_cfg=full), is_training=False)
@@ -69,9 +72,11 @@ def test_image_folders_are_read_recursively_without_hidden_files(sample_images, 
         list_images(tmp_path / "hidden")
 
 
-def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_path):
+@pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=["square", "wide"])
+def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_path, size):
     model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=7)
-    model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, 64, 64), "crop_pct": 0.9}
+    model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, *size), "crop_pct": 0.9,
+                            "crop_mode": "center"}
     export_onnx(model, tmp_path / "model.onnx", label_names=[f"c{i}" for i in range(10)])
     clf = OnnxClassifier(tmp_path / "model.onnx")  # preprocessing and labels from the ONNX metadata alone
     assert clf.providers == ["CPUExecutionProvider"] and clf.device == "cpu"

@@ -14,10 +14,11 @@ class ModelStats:
     gmacs: float  # multiply-adds at the given size, in billions (the paper's "FLOPs")
 
 
-def model_stats(name: str, img_size: int, **kwargs) -> ModelStats:
+def model_stats(name: str, img_size: int | tuple[int, int], **kwargs) -> ModelStats:
     with torch.device("meta"):
         model = timm.create_model(name, **kwargs).eval()
-        x = torch.empty(1, kwargs.get("in_chans", 3), img_size, img_size)
+        hw = (img_size, img_size) if isinstance(img_size, int) else img_size
+        x = torch.empty(1, kwargs.get("in_chans", 3), *hw)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             model(x)
