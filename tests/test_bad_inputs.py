@@ -56,6 +56,9 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     shutil.copytree(tiny / "validation" / "1", root / "strayclass" / "validation" / "9")
     shutil.copytree(tiny, root / "loose")
     shutil.copy(next((tiny / "train" / "1").iterdir()), root / "loose" / "train" / "stray.png")
+    shutil.copytree(tiny / "validation", root / "heiconly" / "validation")
+    (root / "heiconly" / "train" / "1").mkdir(parents=True)
+    (root / "heiconly" / "train" / "1" / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     shutil.copytree(tiny, root / "hiddenclass")
     shutil.copytree(tiny / "train" / "1", root / "hiddenclass" / "train" / ".ipynb_checkpoints")
     shutil.copytree(tiny, root / "subfolder")
@@ -178,6 +181,11 @@ CASES = [
      r"too: timm makes separate classes of them \('1' and 'more'\): keep each class's images in one folder"),
     ("train-class-folders-of-one-name", ["train", "--data-dir", "samename", "--output", "runs", "--workers", "0"],
      r"train/1/2019 and train/7/2019 would be one class, '2019': timm names a class by the last folder"),
+    ("train-split-without-images", ["train", "--data-dir", "heiconly", "--output", "runs", "--workers", "0"],
+     r"no images \(.jpg, .*\) in the class folders of heiconly/train; its folders hold 1 \(.heic\)"),
+    ("train-class-map-naming-no-folder", ["train", "--data-dir", "tiny", "--class-map", "labels3.txt", "--output",
+                                          "runs", "--workers", "0"],
+     r"no images .* in the class folders of tiny/train that --class-map labels3.txt names; its folders hold 1 \(.png"),
     ("train-hidden-class-folder", ["train", "--data-dir", "hiddenclass", "--output", "runs", "--workers", "0"],
      r"hidden folders of the 'train' split hold images and would be classes \(.ipynb_checkpoints\)"),
     ("export-four-channel-model", ["export", "nfnet_hub_nano", "--checkpoint", "rgba.safetensors", "--out", "o"],

@@ -299,3 +299,23 @@ def test_images_that_do_not_decode_are_skipped_by_name(digits_folders, tmp_path,
     assert any(m.endswith("image file is truncated") for m in skipped), skipped  # (a skip reads the next sample,
     for name in named:  # which may be skipped in its turn: a file can be named twice)
         assert any(f"{tmp_path / name} is not a readable image" in m for m in skipped), (name, skipped)
+
+
+def test_a_class_map_that_leaves_folders_out_says_so(digits_folders, tmp_path, capsys):
+    """timm reads only the folders a --class-map names (a subset of classes, or a misspelt name): the folders left
+    out and the classes without images are noted, and the model has the map's classes."""
+    for split in ("train", "validation"):
+        for label in ("1", "7", "9"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for f in sorted((digits_folders / split / label).iterdir())[:8]:
+                (tmp_path / split / label / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "map.txt").write_text("1\n7\nnine\n")
+    result = train(parse_args([*BASE, "--dataset", "", "--data-dir", str(tmp_path), "--class-map",
+                               str(tmp_path / "map.txt"), "--img-size", "32", "--epochs", "1", "--batch-size", "4",
+                               "--output", str(tmp_path / "out")]))
+    out = capsys.readouterr().out
+    assert result["model"].num_classes == 3 and result["global_step"] == 16 // 4
+    for split in ("train", "validation"):
+        assert (f"note: --class-map {tmp_path / 'map.txt'} names no class of 1 folder(s) of {split}/, whose 8 images "
+                f"are left out: {split}/9 (8)") in out
+        assert f"note: --class-map {tmp_path / 'map.txt'} names 1 class(es) with no images in {split}/: nine" in out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 from dataclasses import dataclass
@@ -132,21 +133,27 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     # with the mean and std adapted as timm's loader adapts them
     channels = input_channels(args)
     data_cfg = data_config(resolve_data_config(vars(args), pretrained_cfg=model_cfg), channels=channels)
+    folders = None
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
-        _split_folder(args.data_dir, args.train_split, _TRAIN_NAMES)
-        _split_folder(args.data_dir, args.val_split, _EVAL_NAMES)
+        folders = (_split_folder(args.data_dir, args.train_split, _TRAIN_NAMES),
+                   _split_folder(args.data_dir, args.val_split, _EVAL_NAMES))
     # image folders are read as the runtime reads them: every suffix it takes (timm's: .png, .jpg, .jpeg) for a
     # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
     input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
     kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
               input_img_mode=_image_mode(args, channels),
               input_key=input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
-    train_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.train_split, is_training=True,
-                                                 seed=args.seed, num_samples=args.train_num_samples, **kw))
-    val_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.val_split, is_training=False,
-                                               num_samples=args.val_num_samples, **kw))
+    with _images_needed(folders and folders[0], args.class_map):
+        train_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.train_split, is_training=True,
+                                                     seed=args.seed, num_samples=args.train_num_samples, **kw))
+    with _images_needed(folders and folders[1], args.class_map):
+        val_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.val_split, is_training=False,
+                                                   num_samples=args.val_num_samples, **kw))
     class_to_idx = _class_to_idx(train_ds)
-    if not args.class_map:  # folder names are the classes; a class map numbers both splits alike
+    if args.class_map:
+        for ds in (train_ds, val_ds):
+            _note_left_out(ds, args.class_map, rank)
+    else:  # folder names are the classes; a class map numbers both splits alike
         _check_class_folders(train_ds, args.train_split, rank)
         _check_class_folders(val_ds, args.val_split, rank)
         val_ds = _labelled_as_training(val_ds, class_to_idx, args, kw, rank)
@@ -308,6 +315,43 @@ def _check_class_folders(ds: Dataset, split: str, rank: int) -> None:
     if rank == 0 and unread:
         print(f"note: {len(unread)} folder(s) of the {top!r} split hold no image read here "
               f"({', '.join(IMAGE_SUFFIXES)}), so they are no class: {_some(unread)}", flush=True)
+
+
+@contextlib.contextmanager
+def _images_needed(folder: Path | None, class_map: str):
+    """timm's folder reader raises a RuntimeError, naming the wrong suffixes, for a split without images: said here
+    in one line, with what the folder holds instead."""
+    try:
+        yield
+    except RuntimeError as e:
+        if folder is None or not str(e).startswith("Found 0 images"):
+            raise
+        unread = _unread_folders(folder, set())
+        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {folder}"
+                         + (f" that --class-map {class_map} names" if class_map else "")
+                         + (f"; its folders hold {_some(unread)}" if unread else "")) from None
+
+
+def _note_left_out(ds: Dataset, class_map: str, rank: int) -> None:
+    """timm reads only the folders that a --class-map names, and leaves out the others without a word (a class
+    map may choose a subset of the classes, or hold a misspelt name): those left out are noted."""
+    reader = getattr(ds, "reader", None)
+    if rank or not isinstance(getattr(reader, "samples", None), list) or not getattr(reader, "root", None):
+        return
+    classes, left_out = _class_to_idx(ds), {}
+    for folder, _, files in os.walk(reader.root, followlinks=True):
+        images = sum(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files)
+        if images and os.path.basename(os.path.relpath(folder, reader.root)) not in classes:
+            left_out[os.path.relpath(folder, reader.root)] = images
+    top = Path(reader.root).name
+    if left_out:
+        print(f"note: --class-map {class_map} names no class of {len(left_out)} folder(s) of {top}/, whose "
+              f"{sum(left_out.values())} images are left out: " + _some([f"{top}/{f} ({n})" for f, n in
+                                                                           sorted(left_out.items())]), flush=True)
+    found = {target for _, target in reader.samples}
+    if empty := [name for name, index in classes.items() if index not in found]:
+        print(f"note: --class-map {class_map} names {len(empty)} class(es) with no images in {top}/: {_some(empty)}",
+              flush=True)
 
 
 def _unread_folders(root: Path, classes: set[str]) -> list[str]:
