@@ -47,10 +47,8 @@ def eval_size(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = Non
 
 def export_size(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
     """The (height, width) to fold and export at; refuses sizes the network cannot take."""
-    if isinstance(img_size, bool) or (isinstance(img_size, int) and img_size < STRIDE):
-        raise UsageError(f"image size must be a positive multiple of {STRIDE} (the network's stride), got {img_size}")
     h, w = eval_size(cfg, img_size)
-    if min(h, w) < STRIDE or h % STRIDE or w % STRIDE:
+    if isinstance(img_size, bool) or min(h, w) < STRIDE or h % STRIDE or w % STRIDE:
         got = img_size if img_size is not None else f"{h}x{w} (from the model's config)"
         raise UsageError(f"image size must be a positive multiple of {STRIDE} (the network's stride), got {got}")
     return h, w

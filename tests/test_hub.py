@@ -107,12 +107,10 @@ def test_a_non_square_model_is_bundled_at_its_size(sample_images, tmp_path):
     assert x.shape[-2:] == (32, 64)
     with torch.no_grad():
         expected = model(x)
-    for filename in ("model.onnx", "model_int8.onnx"):
-        clf = OnnxClassifier.from_pretrained(out, filename=filename)
-        got = clf.logits(clf.preprocess.batch(paths))
-        if filename == "model.onnx":
-            np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
-        assert got.shape == (len(paths), 10)
+    clf = OnnxClassifier.from_pretrained(out)
+    np.testing.assert_allclose(clf.logits(clf.preprocess.batch(paths)), expected.numpy(), rtol=1e-4, atol=1e-5)
+    int8 = OnnxClassifier.from_pretrained(out, filename="model_int8.onnx")  # noise-calibrated: its shape only
+    assert int8.logits(int8.preprocess.batch(paths)).shape == (len(paths), 10)
 
 
 @pytest.mark.parametrize("damage,message", [

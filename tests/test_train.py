@@ -296,8 +296,9 @@ def test_images_that_do_not_decode_are_skipped_by_name(digits_folders, tmp_path,
                                    "--epochs", "1", "--batch-size", "5", "--output", str(tmp_path / "out")]))
     assert result["global_step"] == 35 // 5
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped sample")]
-    assert any(m.endswith("image file is truncated") for m in skipped), skipped  # (a skip reads the next sample,
-    for name in named:  # which may be skipped in its turn: a file can be named twice)
+    # a skip reads the next sample, which may be skipped in its turn: a file can be named more than once
+    assert any(m.endswith("image file is truncated") for m in skipped), skipped
+    for name in named:
         assert any(f"{tmp_path / name} is not a readable image" in m for m in skipped), (name, skipped)
 
 
