@@ -204,27 +204,44 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .preprocess import list_images
+    from .results import check_results_file, write_results
     from .runtime import OnnxClassifier
 
+    out = check_results_file(args.results_file, overwrite=args.overwrite) if args.results_file else None
     images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
     clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
-    skipped = 0
+    rows, skipped = [], 0
     for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
         batch = images[start:start + args.batch_size]
         chunk, names = _readable(batch, alone=len(images) == 1)
         skipped += len(batch) - len(chunk)
         results = clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size) if chunk else []
+        if out:
+            rows += zip(names, results)
+            _progress(start, start + len(batch), len(images))
+            continue
         for image, preds in zip(names, results):
             print(image)
             for p in preds:
                 print(f"  {p.probability:7.2%}  {p.label}")
         sys.stdout.flush()
     if skipped == len(images):
-        raise UsageError(f"none of the {len(images)} images is readable")
+        raise UsageError(f"none of the {len(images)} images is readable" + (f"; {out} not written" if out else ""))
+    if out:
+        write_results(out, rows)
+        print(f"wrote {len(rows)} predictions to {out}", flush=True)
     if skipped:
         print(f"nfnet-hub predict: {skipped} of {len(images)} images skipped (unreadable)", file=sys.stderr)
         return 1
     return 0
+
+
+def _progress(before: int, done: int, total: int) -> None:
+    """Images predicted so far, on stderr: one updated line on a terminal, a line per tenth in a log."""
+    if sys.stderr.isatty():
+        print(f"\rpredicted {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    elif done * 10 // total != before * 10 // total:
+        print(f"predicted {done}/{total} images", file=sys.stderr, flush=True)
 
 
 def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:
@@ -353,9 +370,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s = command("predict", _cmd_predict, "classify images with the torch-free ONNX runtime")
     s.add_argument("images", nargs="+", help="image files, or folders (their images, recursively)")
     s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
-    s.add_argument("--top-k", type=positive, default=5, help="labels per image")
+    s.add_argument("--top-k", "--topk", type=positive, default=5, help="labels per image")
     s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")
     s.add_argument("--filename", default="model.onnx", help="ONNX file of the bundle (model_int8.onnx, ...)")
+    s.add_argument("--results-file", help="write the predictions to this file instead of the screen, in the format "
+                   "its suffix names: .csv (timm inference.py's columns), .json or .jsonl (records)")
+    s.add_argument("--overwrite", action="store_true", help="replace --results-file if it exists")
 
     from .serve.cli import add_serve_arguments, add_triton_arguments, cmd_serve, cmd_triton
 
@@ -404,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"\nnfnet-hub {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as Unix tools do (128 + SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the flush at exit cannot fail
+        return 141
     except OSError as e:  # the machine's, not the user's: a full disk, a lost mount
         if debug:
             raise

@@ -127,6 +127,8 @@ CASES = [
      r"nano.pth.tar does not fit NFNet: missing \(\d+\)"),
     ("export-unknown-model", ["export", "nfnet_hub_f9", "--out", "o"],
      "unknown model 'nfnet_hub_f9'; nfnet-hub registers"),
+    ("export-folder-as-model", ["export", "bundle", "--out", "o"], "name it local-dir:bundle"),
+    ("export-hub-name-without-prefix", ["export", "me/nano", "--out", "o"], "a model on the Hub is hf-hub:me/nano"),
     ("export-unknown-tag", ["export", "nfnet_hub_f0.bogus", "--out", "o"],
      "has no pretrained tag 'bogus'; it has: dm_in1k, deepmind_in1k"),
     ("export-pretrained-without-weights", ["export", "nfnet_hub_nano", "--pretrained", "--out", "o"],
@@ -276,12 +278,16 @@ CASES = [
     ("predict-missing-image", ["predict", "nope.png", "--model", "bundle"], "nope.png does not exist"),
     ("predict-empty-folder", ["predict", "noimages", "--model", "bundle"], "no images .* under noimages"),
     ("predict-top-k-0", ["predict", "images/3/0000.png", "--model", "bundle", "--top-k", "0"],
-     "--top-k: must be a positive integer"),
+     "--top-k/--topk: must be a positive integer"),
     ("predict-missing-precision", ["predict", "images/3/0000.png", "--model", "bundle", "--filename",
                                    "model_fp16.onnx"],
      "holds no model_fp16.onnx"),
     ("predict-bad-repo-id", ["predict", "images/3/0000.png", "--model", "me/a..b"],
      "neither a bundle folder nor a Hub"),
+    ("predict-results-file-suffix", ["predict", "images/3/0000.png", "--model", "bundle", "--results-file",
+                                     "notes.txt"], "the suffix chooses the format, one of .csv, .json, .jsonl"),
+    ("predict-results-file-is-a-folder", ["predict", "images/3/0000.png", "--model", "bundle", "--results-file",
+                                          "noimages"], "noimages is a folder"),
     # convert
     ("convert-safetensors", ["convert", "deepmind", "nano.safetensors", "--model", "nfnet_hub_nano", "--out",
                              "x.safetensors"], "nano.safetensors is a safetensors checkpoint, not the authors'"),
@@ -397,6 +403,18 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
     assert p.returncode == 2, err
     assert err.strip().splitlines() == [err.strip()] and "cannot reach the Hub at http://127.0.0.1:9" in err
     assert "hf_VerySecretTokenValue" not in out + err
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(ws):
+    """`nfnet-hub predict folder | head`: a closed pipe stops the command as it stops Unix tools (status 141, no
+    message), not with an error about the pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    p = subprocess.Popen([sys.executable, "-m", "nfnet_hub.cli", "predict", "images", "--model", "bundle"], cwd=ws,
+                         stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    _, err = p.communicate(timeout=120)
+    assert (p.returncode, err) == (141, "")
 
 
 def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing_partial(ws):

@@ -3,7 +3,9 @@ uploads to tests/hub_stub.py (a stand-in for the upload endpoints) and downloads
 (a real self-hosted Hub mirror, offline, serving a git repository the test creates)."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ from tritonclient.http import InferenceServerClient, InferInput
 from nfnet_hub.cli import main
 from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
 from nfnet_hub.release import read_manifest, release
+from nfnet_hub.runtime import OnnxClassifier
 
 LABELS = [f"class {i}" for i in range(10)]
 
@@ -180,6 +183,41 @@ def test_predict_skips_unreadable_images_names_them_and_exits_1(bundle, sample_i
     assert summary == "nfnet-hub predict: 1 of 4 images skipped (unreadable)"
     assert main(["predict", str(tmp_path / "b_broken.png"), str(bundle / "config.json"), "--model", str(bundle)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "nfnet-hub predict: error: none of the 2 images is readable"
+
+
+def test_predict_results_file_holds_what_the_runtime_predicts_in_each_format(bundle, sample_images, tmp_path, capsys):
+    """timm inference.py's columns in CSV, records in JSON and JSON lines, each row the runtime's own prediction for
+    its image; an unreadable image is left out (and named), an existing file kept unless --overwrite."""
+    photos = sorted(sample_images.iterdir())[:3]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in photos:
+        shutil.copy(p, folder / p.name)
+    (folder / "b_broken.png").write_bytes(photos[0].read_bytes()[:200])
+    names = [str(folder / p.name) for p in photos]
+    expected = OnnxClassifier.from_pretrained(bundle).predict(names, top_k=3)
+    records = [{"filename": n, "index": [p.index for p in ps], "label": [p.label for p in ps],
+                "prob": [p.probability for p in ps]} for n, ps in zip(names, expected)]
+    for suffix in (".csv", ".json", ".jsonl"):
+        out = tmp_path / f"results{suffix}"
+        assert main(["predict", str(folder), "--model", str(bundle), "--topk", "3", "--results-file", str(out)]) == 1
+        stdout, err = capsys.readouterr()
+        assert stdout == f"wrote 3 predictions to {out}\n" and "skipped" in err and "b_broken.png" in err
+        text = out.read_text()
+        if suffix == ".csv":
+            rows = list(csv.DictReader(io.StringIO(text)))
+            assert list(rows[0]) == ["filename", *(f"{c}_{i}" for c in ("index", "label", "prob") for i in range(3))]
+            got = [{"filename": r["filename"], "index": [int(r[f"index_{i}"]) for i in range(3)],
+                    "label": [r[f"label_{i}"] for i in range(3)], "prob": [float(r[f"prob_{i}"]) for i in range(3)]}
+                   for r in rows]
+        else:
+            got = json.loads(text) if suffix == ".json" else [json.loads(line) for line in text.splitlines()]
+        assert got == records, suffix
+    before = out.read_bytes()
+    assert main(["predict", names[0], "--model", str(bundle), "--results-file", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["predict", names[0], "--model", str(bundle), "--results-file", str(out), "--overwrite"]) == 0
+    assert [json.loads(line)["filename"] for line in out.read_text().splitlines()] == names[:1]
 
 
 def test_publish_cli_dry_run_and_bad_repo_ids(bundle, capsys):

@@ -147,8 +147,12 @@ def _check_name(name: str) -> None:
     if not timm.is_model(base):
         from .variants import VARIANTS, model_name
 
+        if Path(name).expanduser().is_dir():  # timm's names for a saved model, which a plain path is not
+            raise UsageError(f"unknown model {name!r}: for the model saved in that folder (timm's config.json and "
+                             f"weights, as in a bundle) name it local-dir:{name}")
         ours = ", ".join(model_name(v) for v in VARIANTS)
-        raise UsageError(f"unknown model {name!r}; nfnet-hub registers: {ours} (timm's NF models work too)")
+        raise UsageError(f"unknown model {name!r}; nfnet-hub registers: {ours} (timm's NF models work too)"
+                         + (f"; a model on the Hub is hf-hub:{name}" if name.count("/") == 1 else ""))
     tags = [n.partition(".")[2] for n in get_arch_pretrained_cfgs(base) if "." in n]  # with weights or not
     if tag and tag not in tags:
         raise UsageError(f"{base} has no pretrained tag {tag!r}" + (f"; it has: {', '.join(tags)}" if tags else ""))
