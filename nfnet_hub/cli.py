@@ -19,11 +19,12 @@ from .errors import NfnetHubError, UsageError
 
 def _say_model(model_name: str, args: argparse.Namespace, size: int | None = None, warn_random: bool = True):
     """Load the model the options name, and say where its weights and preprocessing come from."""
-    from .models.checkpoint import load_model
+    from .models.checkpoint import load_model, names_saved_model
     from .preprocess import Preprocess
 
     print(f"loading {model_name} ...", flush=True)
-    model, source = load_model(model_name, args.checkpoint, pretrained=getattr(args, "pretrained", False))
+    pretrained = getattr(args, "pretrained", False) or args.checkpoint is None and names_saved_model(model_name)
+    model, source = load_model(model_name, args.checkpoint, pretrained=pretrained)  # a saved model: its weights
     pre = Preprocess.for_model(model, img_size=size)
     print(f"weights: {source.weights}\npreprocessing: {pre.describe()}, from {source.preprocessing}", flush=True)
     if source.random and warn_random:
@@ -109,11 +110,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .export import validate_onnx
+    from .models.checkpoint import names_saved_model
     from .preprocess import list_images
 
-    if args.checkpoint is None and not args.pretrained and not args.random_weights:
+    if args.checkpoint is None and not (args.pretrained or args.random_weights or names_saved_model(args.model)):
         raise UsageError("no --checkpoint: comparing the export with a freshly initialised model says nothing; "
-                         "pass --checkpoint FILE (or --pretrained), or --random-weights if you mean it")
+                         "pass --checkpoint FILE, --pretrained, a saved model (local-dir:PATH, hf-hub:ORG/NAME), or "
+                         "--random-weights if you mean it")
     model, _ = _say_model(args.model, args, warn_random=False)
     r = validate_onnx(args.onnx, model, list_images(args.images) if args.images else None)
     print(f"preprocessing (from {Path(args.onnx).name}'s metadata): {r.preprocessing}")

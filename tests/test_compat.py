@@ -3,6 +3,8 @@ torch.export, and the results compute what the eager model computes, forward and
 fold()'s output. Every gain is randomised (at initialisation skip gains are zero and hide the branches)."""
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import timm
 import torch
@@ -123,3 +125,9 @@ def test_commands_take_model_names_as_timm_create_model_does(tmp_path, nano_bund
     out = capsys.readouterr().out
     assert f"weights: pretrained weights of local-dir:{nano_bundle}" in out
     assert "preprocessing: 32x32 px, squash crop 1, bicubic, mean (0.27, 0.27, 0.27)" in out
+    x = {"pixel_values": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    exported, bundled = (ort.InferenceSession(f).run(None, x)[0] for f in (tmp_path / "nano" / "model.onnx",
+                                                                          nano_bundle / "model.onnx"))
+    np.testing.assert_allclose(exported, bundled, rtol=1e-4, atol=1e-5)  # the bundle's weights, not random ones
+    assert main(["validate", str(nano_bundle / "model.onnx"), "--model", f"local-dir:{nano_bundle}"]) == 0
+    assert '"top1_agreement": 1.0' in capsys.readouterr().out

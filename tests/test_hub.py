@@ -353,7 +353,8 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
                             capture_output=True, text=True, timeout=300)
     assert export.returncode == 0, export.stderr
     assert "weights: pretrained weights of hf-hub:me/nano" in export.stdout
-    assert (tmp_path / "from-hub" / "model.onnx").is_file()
+    np.testing.assert_allclose(OnnxClassifier(tmp_path / "from-hub" / "model.onnx").logits(x.numpy()), expected,
+                               rtol=1e-4, atol=1e-5)  # the repository's weights
     # nfnet-hub serve takes a repo id, through huggingface_hub's cache
     with Server("me/nano", env={**env, "HF_HOME": str(tmp_path / "hf-serve")}) as url:
         client = InferenceServerClient(url.removeprefix("http://"))

@@ -284,6 +284,31 @@ def test_fine_tuning_with_a_new_class_count_reinitialises_only_the_classifier(tm
     torch.testing.assert_close(same.model.get_classifier().weight, trained["head.fc.weight"])  # kept where it fits
 
 
+def test_a_saved_model_trains_with_its_own_preprocessing_as_in_train_py(tmp_path, nano_bundle, digits_folders, capsys):
+    """train.py resolves the data config from the model, and a local-dir: or hf-hub: model's is its config.json (32
+    px and the digits' mean and std here), not its architecture's default (224 px, ImageNet's): fine-tuned at those,
+    the bundle's 99% model started at chance."""
+    from safetensors.torch import load_file
+    from timm.data import resolve_data_config
+
+    name = f"local-dir:{nano_bundle}"
+    expected = resolve_data_config({}, model=timm.create_model(name, pretrained=True))
+    assert expected["input_size"] == (3, 32, 32) and expected["mean"] != timm.data.IMAGENET_DEFAULT_MEAN
+    run = build(parse_args(["--data-dir", str(digits_folders), "--model", name, "--pretrained", "--workers", "0",
+                            "--batch-size", "8", "--output", str(tmp_path / "out")]))
+    got = run.loaders.data_config
+    assert [tuple(got[k]) for k in ("input_size", "mean", "std")] == [tuple(expected[k]) for k in
+                                                                      ("input_size", "mean", "std")]
+    assert (got["crop_pct"], got["interpolation"]) == (expected["crop_pct"], expected["interpolation"])
+    for k, v in load_file(nano_bundle / "model.safetensors").items():
+        torch.testing.assert_close(run.model.state_dict()[k], v, msg=k)
+    assert "without --pretrained" not in capsys.readouterr().out
+    build(parse_args(["--data-dir", str(digits_folders), "--model", name, "--workers", "0", "--batch-size", "8",
+                      "--output", str(tmp_path / "scratch")]))
+    assert f"note: --model {name} without --pretrained: its architecture and preprocessing, not its weights" in \
+        capsys.readouterr().out
+
+
 def test_the_optimiser_step_unscales_then_clips_then_steps_then_averages(tmp_path):
     """The project's core ordering, alone: AGC sees the true (unscaled) gradient."""
     torch.manual_seed(0)

@@ -141,7 +141,7 @@ def _check_name(name: str) -> None:
     import timm
     from timm.models import get_arch_pretrained_cfgs
 
-    if name.startswith(("hf-hub:", "local-dir:")):
+    if names_saved_model(name):
         return
     base, _, tag = name.partition(".")
     if not timm.is_model(base):
@@ -165,7 +165,7 @@ def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 
     if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
         raise UsageError(f"{name}: no such folder")
-    if pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+    if pretrained and not names_saved_model(name):
         _check_downloadable(name, kwargs)
     with hub_errors(f"loading {name}"):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -199,6 +199,18 @@ class Provenance:
     random: bool
 
 
+def names_saved_model(name: str) -> bool:
+    """Whether ``name`` is timm's name for a saved model (``hf-hub:``, ``local-dir:``), which brings its weights."""
+    return name.startswith(("hf-hub:", "local-dir:"))
+
+
+def pretrained_cfg_of(name: str) -> dict[str, Any]:
+    """The pretrained config timm gives ``name`` (a tag's, a saved model's config.json), from a model built on the
+    meta device: its preprocessing before the class count is known, without allocating weights."""
+    _check_name(name)
+    return dict(_timm_create(name, False, device="meta").pretrained_cfg)
+
+
 def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: bool = False,
                **kwargs: Any) -> tuple[nn.Module, Provenance]:
     """``timm.create_model(name)`` with the weights, class count and data config of ``checkpoint`` if
@@ -210,9 +222,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     _check_name(name)
     if checkpoint is None:
         model = _timm_create(name, pretrained, **kwargs)
-        loaded = pretrained or name.startswith(("hf-hub:", "local-dir:"))
-        weights = f"pretrained weights of {name}" if loaded else "random weights (no checkpoint given)"
-        return model, Provenance(weights, f"{name}'s pretrained config", not loaded)
+        weights = f"pretrained weights of {name}" if pretrained else "random weights (no checkpoint given)"
+        return model, Provenance(weights, f"{name}'s pretrained config", not pretrained)
     ckpt = read_checkpoint(checkpoint)
     sd = ckpt.state_dict
     if ckpt.form == "deepmind":

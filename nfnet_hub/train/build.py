@@ -22,7 +22,7 @@ from torch import nn
 
 from ..agc import agc_parameters
 from ..errors import UsageError
-from ..models.checkpoint import create_model, load_checkpoint, read_checkpoint
+from ..models.checkpoint import create_model, load_checkpoint, names_saved_model, pretrained_cfg_of, read_checkpoint
 from ..preprocess import apply_data_config
 from .args import DIGITS, noted_options
 from .checkpoints import ModelState
@@ -163,11 +163,11 @@ def build(args: argparse.Namespace) -> Run:
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     random.seed(args.seed)
     np.random.seed(args.seed + rank)
-    model_cfg = {}
-    if args.dataset != DIGITS:  # the model's preprocessing, without building the model twice
-        from timm.models import get_pretrained_cfg
-        cfg = get_pretrained_cfg(args.model.partition(".")[0])
-        model_cfg = cfg.to_dict() if cfg is not None else {}
+    if rank == 0 and names_saved_model(args.model) and not (args.pretrained or args.pretrained_path
+                                                             or args.initial_checkpoint or args.resume):
+        print(f"note: --model {args.model} without --pretrained: its architecture and preprocessing, not its weights "
+              "(as in train.py); add --pretrained to start from them", flush=True)
+    model_cfg = {} if args.dataset == DIGITS else pretrained_cfg_of(args.model)  # as timm resolves the data config
     loaders = create_loaders(args, model_cfg, world, rank, device)
     check_sizes(loaders, args.batch_size, world, args.grad_accum_steps)
     model = build_model(args, loaders).to(device)
