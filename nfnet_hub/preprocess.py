@@ -8,6 +8,7 @@ this module, so weights never meet a preprocessing they were not trained with. I
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,9 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import UsageError
 
-__all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "Preprocess", "apply_data_config", "check_channels",
-           "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image", "read_labels"]
+__all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "ImageSource", "Preprocess", "apply_data_config",
+           "check_channels", "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image",
+           "read_labels"]
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -90,15 +92,42 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
     except FileNotFoundError:
         raise UsageError(f"{name or source} does not exist") from None
     except UNDECODABLE as e:
-        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        why = str(e).splitlines()[0][:200].replace(f" {source!r}", "") if str(e) else type(e).__name__  # no <BytesIO>
         raise UsageError(f"{name or source} is not a readable image: {why}") from None
     return img
 
 
-def load_image(source: str | os.PathLike | Image.Image, mode: str = "RGB") -> Image.Image:
+ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
+"""An image as the runtime takes it: a file path, an encoded file's bytes, a PIL image, or a uint8 array of RGB
+(HxWx3), RGBA (HxWx4) or grey (HxW) pixels; OpenCV's arrays are BGR and must be converted first."""
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.dtype != np.uint8 or not (arr.ndim == 2 or arr.ndim == 3 and arr.shape[2] in (3, 4)):
+        raise UsageError(f"an image array must be uint8 pixels, HxW (grey), HxWx3 (RGB) or HxWx4 (RGBA); got "
+                         f"{arr.dtype} of shape {list(arr.shape)} (a preprocessed NCHW batch goes to logits())")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _image(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return open_image(io.BytesIO(source), name=f"an image of {len(source)} bytes")
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    if isinstance(source, (str, os.PathLike)):
+        return open_image(source)
+    raise UsageError(f"an image is a file path, an encoded file's bytes, a PIL image or a uint8 pixel array, not "
+                     f"{type(source).__name__}")
+
+
+def load_image(source: ImageSource, mode: str = "RGB") -> Image.Image:
     """An RGB image, or a greyscale one (``mode="L"``), converted as timm's loader converts (alpha dropped,
     palettes expanded), 16-bit and 32-bit integer images rescaled to 8 bits rather than clipped."""
-    img = source if isinstance(source, Image.Image) else open_image(source)
+    img = _image(source)
     if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
@@ -183,13 +212,13 @@ class Preprocess:
         top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
         return img.crop((left, top, left + w, top + h))
 
-    def __call__(self, image: str | os.PathLike | Image.Image) -> np.ndarray:
+    def __call__(self, image: ImageSource) -> np.ndarray:
         img = load_image(image, "RGB" if check_channels(self.channels) == 3 else "L")
         arr = np.asarray(self.resize_crop(img), dtype=np.float32).reshape(*self.input_size, -1) / np.float32(255.0)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
-    def batch(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
+    def batch(self, images: Sequence[ImageSource]) -> np.ndarray:
         """An NCHW float32 batch of preprocessed images."""
         return np.stack([self(image) for image in images])
 

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 
 from .errors import UsageError
-from .preprocess import Preprocess, list_images, load_image
+from .preprocess import ImageSource, Preprocess, list_images, load_image
 
-__all__ = ["OnnxClassifier", "Preprocess", "Prediction", "list_images", "load_image"]
+__all__ = ["ImageSource", "OnnxClassifier", "Preprocess", "Prediction", "list_images", "load_image"]
 
 
 @dataclass(frozen=True)
@@ -145,10 +145,14 @@ class OnnxClassifier:
         """Raw logits of a preprocessed NCHW float32 batch."""
         return self.session.run(None, {self.input_name: np.asarray(batch, np.float32)})[0]
 
-    def predict(self, images: Iterable[str | os.PathLike | Image.Image], *, top_k: int = 5,
+    def predict(self, images: ImageSource | Iterable[ImageSource], *, top_k: int = 5,
                 batch_size: int = 16) -> list[list[Prediction]]:
-        """Top-k labels and probabilities for each image, in order."""
-        images = list(images)
+        """Top-k labels and probabilities for each image, in order (a list of one for a single image). An image is
+        a file path, an encoded file's bytes, a PIL image or a uint8 RGB array (``ImageSource``)."""
+        if isinstance(images, np.ndarray):
+            raise UsageError("predict takes images, and a bare array could be one image or several: pass [array] "
+                             "for one HxWx3 image, a list of them for several, or a preprocessed batch to logits()")
+        images = [images] if isinstance(images, (str, os.PathLike, bytes, Image.Image)) else list(images)
         if not images:
             raise UsageError("no images given")
         if top_k < 1:

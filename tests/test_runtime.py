@@ -92,6 +92,18 @@ def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_p
     assert all(p[0].label == f"c{p[0].index}" and p[0].probability >= p[1].probability for p in preds)
     probs = torch.softmax(expected.double(), -1).max(-1).values.tolist()
     assert [p[0].probability for p in preds] == pytest.approx(probs, rel=1e-4)
+    # the same images as encoded bytes, PIL images and RGB(A) arrays, and a lone path: the same predictions
+    arrays = [np.asarray(Image.open(p)) if Image.open(p).mode == "RGBA" else np.asarray(load_image(p)) for p in paths]
+    assert {a.shape[-1] for a in arrays} == {3, 4}
+    for images in ([p.read_bytes() for p in paths], [Image.open(p) for p in paths], arrays):
+        assert clf.predict(images, top_k=3, batch_size=4) == preds
+    assert clf.predict(paths[0], top_k=3) == preds[:1] == clf.predict(str(paths[0]), top_k=3)
+    for bad, words in ((arrays[0], "a bare array could be one image or several"),
+                       ([arrays[0].astype(np.float32)], r"uint8 pixels.*got float32 of shape"),
+                       ([arrays[0].transpose(2, 0, 1)], r"got uint8 of shape \[3, "), ([7], "not int"),
+                       ([b"not an image"], "12 bytes is not a readable image: cannot identify image file$")):
+        with pytest.raises(ValueError, match=words):
+            clf.predict(bad)
     with pytest.raises(ValueError, match="no images"):
         clf.predict([])
     with pytest.raises(ValueError, match="top_k"):
