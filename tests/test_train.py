@@ -1,15 +1,18 @@
 """The trainer on real data (scikit-learn's digits): accuracy, torchrun/DDP over gloo, resumption."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -232,10 +235,25 @@ def _as_webdataset(root: Path, splits) -> list[str]:
     return ["--dataset", "wds/digits", "--data-dir", str(root), "--num-classes", "10"]
 
 
-@pytest.mark.parametrize("source", [_as_folders, _as_hf_parquet, _as_webdataset], ids=["folders", "hfds", "wds"])
+def _as_torchvision_mnist(root: Path, splits) -> list[str]:
+    """MNIST's files (idx format, as torchvision unpacks them), read by torchvision's MNIST in greyscale: the model
+    takes RGB, as train.py's --dataset torch/mnist gives it by default."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, prefix in (("train", "train"), ("validation", "t10k")):
+        pixels = np.stack([np.asarray(image) for image, _ in splits[split]])
+        labels = np.array([label for _, label in splits[split]], np.uint8)
+        for name, arr, magic in (("images-idx3", pixels, 0x803), ("labels-idx1", labels, 0x801)):
+            (raw / f"{prefix}-{name}-ubyte").write_bytes(struct.pack(f">I{arr.ndim}I", magic, *arr.shape)
+                                                          + arr.tobytes())
+    return ["--dataset", "torch/mnist", "--data-dir", str(root)]
+
+
+@pytest.mark.parametrize("source", [_as_folders, _as_hf_parquet, _as_webdataset, _as_torchvision_mnist],
+                         ids=["folders", "hfds", "wds", "torchvision"])
 def test_timms_data_sources_feed_the_trainer(tmp_path, monkeypatch, source):
-    """Image folders, a Hugging Face dataset (offline, from its parquet files) and webdataset shards,
-    through timm's datasets, transforms and loaders."""
+    """Image folders, a Hugging Face dataset (offline, from its parquet files), webdataset shards and a torchvision
+    dataset, through timm's datasets, transforms and loaders."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     data = source(tmp_path / "data", _digit_images())
@@ -251,6 +269,13 @@ def test_a_source_that_names_no_classes_asks_for_num_classes(tmp_path):
     data = _as_webdataset(tmp_path / "data", _digit_images())[:-2]
     with pytest.raises(ValueError, match="pass --num-classes"):
         train(parse_args([*BASE, *data, "--img-size", "32", "--workers", "0", "--output", str(tmp_path / "out")]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is not None, reason="tensorflow is installed here")
+def test_a_source_whose_package_is_missing_says_what_to_install(tmp_path):
+    with pytest.raises(ValueError, match="tfds/mnist needs the Python package tensorflow, which is not installed: "
+                                         "pip install tensorflow tensorflow-datasets"):
+        train(parse_args([*BASE, "--dataset", "tfds/mnist", "--data-dir", str(tmp_path), "--output", str(tmp_path)]))
 
 
 def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):

@@ -378,7 +378,8 @@ def check_args(args: argparse.Namespace) -> None:
         if not args.data_dir:
             raise UsageError("no data: give --data-dir DIR (image folders DIR/train/CLASS/*.jpg and "
                              "DIR/validation/CLASS/*.jpg), or --dataset digits for the bundled digits")
-        if not args.dataset.startswith("hfds/") and not Path(args.data_dir).is_dir():
+        downloads_into = args.dataset_download and args.dataset.startswith(("torch/", "tfds/"))
+        if not (args.dataset.startswith("hfds/") or downloads_into or Path(args.data_dir).is_dir()):
             raise UsageError(f"--data-dir {args.data_dir} is not a folder")
     if args.resume and args.resume != "auto" and not Path(args.resume).is_file():
         raise UsageError(f"--resume {args.resume}: no such file (a run's last.pth.tar, or 'auto')")

@@ -127,7 +127,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     """Per-process loaders, built as timm's train.py builds them; the global batch is ``batch_size * world``."""
     if args.dataset == "digits":
         return _digits(args, world, rank)
-    from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+    from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 
     # timm's train.py gives the model --in-chans but the data the config's channels; here both take the model's,
     # with the mean and std adapted as timm's loader adapts them
@@ -143,12 +143,10 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
               input_img_mode=_image_mode(args, channels),
               input_key=input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
-    with _images_needed(folders and folders[0], args.class_map):
-        train_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.train_split, is_training=True,
-                                                     seed=args.seed, num_samples=args.train_num_samples, **kw))
-    with _images_needed(folders and folders[1], args.class_map):
-        val_ds = ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.val_split, is_training=False,
-                                                   num_samples=args.val_num_samples, **kw))
+    train_ds = _from_source(args, args.train_split, folders and folders[0], is_training=True, seed=args.seed,
+                            num_samples=args.train_num_samples, **kw)
+    val_ds = _from_source(args, args.val_split, folders and folders[1], is_training=False,
+                          num_samples=args.val_num_samples, **kw)
     class_to_idx = _class_to_idx(train_ds)
     if args.class_map:
         for ds in (train_ds, val_ds):
@@ -267,8 +265,6 @@ def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
 def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Namespace, kw: dict,
                           rank: int) -> Dataset:
     """The validation split with the training split's class indices, where folder names give the classes."""
-    from timm.data import create_dataset
-
     val_classes = _class_to_idx(val_ds)
     if not (class_to_idx and val_classes) or val_classes == class_to_idx:
         return val_ds
@@ -276,8 +272,8 @@ def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Na
     if rank == 0 and missing:
         print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
               f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
-    return ReadAsRuntime.wrap(create_dataset(args.dataset, split=args.val_split, is_training=False,
-                                             num_samples=args.val_num_samples, **{**kw, "class_map": class_to_idx}))
+    return _from_source(args, args.val_split, None, is_training=False, num_samples=args.val_num_samples,
+                        **{**kw, "class_map": class_to_idx})
 
 
 def _check_class_folders(ds: Dataset, split: str, rank: int) -> None:
@@ -318,18 +314,62 @@ def _check_class_folders(ds: Dataset, split: str, rank: int) -> None:
 
 
 @contextlib.contextmanager
-def _images_needed(folder: Path | None, class_map: str):
-    """timm's folder reader raises a RuntimeError, naming the wrong suffixes, for a split without images: said here
-    in one line, with what the folder holds instead."""
+def _dataset_errors(args: argparse.Namespace, split: str, folder: Path | None):
+    """timm's dataset factory answers a user's mistake with a traceback: a split of image folders without images
+    (naming the wrong suffixes), a torchvision dataset not downloaded or unknown, webdataset shards without the
+    split, a source whose package is missing. Each is said here in one line."""
     try:
         yield
-    except RuntimeError as e:
-        if folder is None or not str(e).startswith("Found 0 images"):
+    except ModuleNotFoundError as e:
+        how = "pip install tensorflow tensorflow-datasets" if args.dataset.startswith("tfds/") else \
+            'pip install "nfnet-hub[data]"'
+        raise UsageError(f"--dataset {args.dataset} needs the Python package {e.name}, which is not installed: "
+                         f"{how}") from None
+    except (AssertionError, RuntimeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if folder is not None and first.startswith("Found 0 images"):
+            unread = _unread_folders(folder, set())
+            raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {folder}"
+                             + (f" that --class-map {args.class_map} names" if args.class_map else "")
+                             + (f"; its folders hold {_some(unread)}" if unread else "")) from None
+        if not args.dataset.startswith(("torch/", "tfds/", "wds/")):
             raise
-        unread = _unread_folders(folder, set())
-        raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {folder}"
-                         + (f" that --class-map {class_map} names" if class_map else "")
-                         + (f"; its folders hold {_some(unread)}" if unread else "")) from None
+        download = "download=True" in first and not args.dataset_download
+        raise UsageError(f"--dataset {args.dataset}, split {split!r}, under --data-dir {args.data_dir}: {first}"
+                         + ("; --dataset-download lets torchvision download it there" if download else "")) from None
+
+
+class ConvertImages(Dataset):
+    """A torchvision dataset (timm's ``torch/NAME``) whose images reach the transform in the model's mode, as timm's
+    own readers convert them (``input_img_mode``): torchvision hands MNIST over in greyscale and CIFAR in RGB,
+    whatever the model takes (an RGB model's first batch of MNIST failed in timm's prefetcher)."""
+
+    def __init__(self, ds: Dataset, mode: str):
+        self.ds, self.mode, self.transform = ds, mode, None  # timm's create_loader sets the transform
+
+    def __getattr__(self, name: str) -> Any:  # class_to_idx, classes ...
+        if name == "ds":  # not set yet (while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> tuple:
+        img, target = self.ds[index]
+        img = img.convert(self.mode)
+        return (self.transform(img) if self.transform is not None else img), target
+
+
+def _from_source(args: argparse.Namespace, split: str, folder: Path | None, **kw: Any) -> Dataset:
+    """timm's dataset for a split, read as the runtime reads images."""
+    from timm.data import create_dataset
+
+    with _dataset_errors(args, split, folder):
+        ds = create_dataset(args.dataset, split=split, **kw)
+    if args.dataset.startswith("torch/"):
+        return ConvertImages(ds, kw["input_img_mode"])
+    return ReadAsRuntime.wrap(ds)
 
 
 def _note_left_out(ds: Dataset, class_map: str, rank: int) -> None:
