@@ -209,15 +209,28 @@ def _image_mode(args: argparse.Namespace, channels: int) -> str:
     return mode
 
 
-class ReadAsRuntime:
+class _Wrapper:
+    """Stands in for ``inner`` (a timm reader, a dataset): what it does not define is ``inner``'s (samples,
+    class_to_idx, filename ...), so timm and the checks here see the wrapped object's attributes."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (while unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class ReadAsRuntime(_Wrapper):
     """A folder reader of timm's that hands over 16-bit and 32-bit images as the runtime reads them, rescaled to
     8 bits: timm converts them with PIL, which clips (most pixels turn white), so a model would train on other
     pixels than it is served. Other images pass through untouched. One that does not decode is skipped by timm's
     dataset, with a warning that names it, whatever Pillow raised (timm skips OSError only: a decompression bomb
     stopped its training)."""
-
-    def __init__(self, reader: Any):
-        self.reader = reader
 
     @classmethod
     def wrap(cls, ds: Dataset) -> Dataset:
@@ -227,16 +240,8 @@ class ReadAsRuntime:
             ds.reader = cls(ds.reader)
         return ds
 
-    def __getattr__(self, name: str) -> Any:  # samples, class_to_idx, filename ...
-        if name == "reader":  # not set yet (while unpickling in a worker)
-            raise AttributeError(name)
-        return getattr(self.reader, name)
-
-    def __len__(self) -> int:
-        return len(self.reader)
-
     def __getitem__(self, index: int) -> tuple:
-        file, *rest = self.reader[index]
+        file, *rest = self.inner[index]
         try:
             img = Image.open(file)
             if img.mode in WIDE_MODES:
@@ -247,7 +252,7 @@ class ReadAsRuntime:
                 return (out, *rest)
         except UNDECODABLE as e:  # timm's dataset skips a sample whose reading raises OSError, and only such
             file.close()
-            raise OSError(f"{self.reader.filename(index, absolute=True)} is not a readable image: {e}") from None
+            raise OSError(f"{self.inner.filename(index, absolute=True)} is not a readable image: {e}") from None
         file.seek(0)
         return (file, *rest)
 
@@ -339,24 +344,17 @@ def _dataset_errors(args: argparse.Namespace, split: str, folder: Path | None):
                          + ("; --dataset-download lets torchvision download it there" if download else "")) from None
 
 
-class ConvertImages(Dataset):
+class ConvertImages(_Wrapper, Dataset):
     """A torchvision dataset (timm's ``torch/NAME``) whose images reach the transform in the model's mode, as timm's
     own readers convert them (``input_img_mode``): torchvision hands MNIST over in greyscale and CIFAR in RGB,
     whatever the model takes (an RGB model's first batch of MNIST failed in timm's prefetcher)."""
 
     def __init__(self, ds: Dataset, mode: str):
-        self.ds, self.mode, self.transform = ds, mode, None  # timm's create_loader sets the transform
-
-    def __getattr__(self, name: str) -> Any:  # class_to_idx, classes ...
-        if name == "ds":  # not set yet (while unpickling in a worker)
-            raise AttributeError(name)
-        return getattr(self.ds, name)
-
-    def __len__(self) -> int:
-        return len(self.ds)
+        super().__init__(ds)
+        self.mode, self.transform = mode, None  # timm's create_loader sets the transform
 
     def __getitem__(self, index: int) -> tuple:
-        img, target = self.ds[index]
+        img, target = self.inner[index]
         img = img.convert(self.mode)
         return (self.transform(img) if self.transform is not None else img), target
 
