@@ -152,7 +152,8 @@ class OnnxClassifier:
         if isinstance(images, np.ndarray):
             raise UsageError("predict takes images, and a bare array could be one image or several: pass [array] "
                              "for one HxWx3 image, a list of them for several, or a preprocessed batch to logits()")
-        images = [images] if isinstance(images, (str, os.PathLike, bytes, Image.Image)) else list(images)
+        one = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
+        images = [images] if one else list(images)
         if not images:
             raise UsageError("no images given")
         if top_k < 1:

@@ -200,7 +200,8 @@ class Provenance:
 
 
 def names_saved_model(name: str) -> bool:
-    """Whether ``name`` is timm's name for a saved model (``hf-hub:``, ``local-dir:``), which brings its weights."""
+    """Whether ``name`` is timm's name for a saved model (``hf-hub:``, ``local-dir:``): its config.json gives the
+    architecture and preprocessing, and timm loads its weights when asked (``pretrained=True``)."""
     return name.startswith(("hf-hub:", "local-dir:"))
 
 
