@@ -309,6 +309,18 @@ def test_a_saved_model_trains_with_its_own_preprocessing_as_in_train_py(tmp_path
         capsys.readouterr().out
 
 
+def test_the_default_run_folder_is_one_folder_named_as_train_py_names_models():
+    """MODEL-DATASET, with timm's safe_model_name: a local-dir: model or an hfds/ORG/NAME dataset made nested folders
+    named 'local-dir:runs' before."""
+    from nfnet_hub.train.loop import default_experiment
+
+    for model, dataset, expected in (("nfnet_hub_nano", "digits", "nfnet_hub_nano-digits"),
+                                     ("nfnet_hub_f0.dm_in1k", "", "nfnet_hub_f0_dm_in1k-folder"),
+                                     ("local-dir:runs/best", "hfds/org/name", "runs_best-hfds_org_name"),
+                                     ("hf-hub:me/nano", "wds/shards", "me_nano-wds_shards")):
+        assert default_experiment(parse_args(["--model", model, "--dataset", dataset])) == expected
+
+
 def test_the_optimiser_step_unscales_then_clips_then_steps_then_averages(tmp_path):
     """The project's core ordering, alone: AGC sees the true (unscaled) gradient."""
     torch.manual_seed(0)

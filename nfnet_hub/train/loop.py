@@ -210,10 +210,18 @@ def _wandb(args: argparse.Namespace):
                       id=args.wandb_resume_id or None, resume="must" if args.wandb_resume_id else None)
 
 
+def default_experiment(args: argparse.Namespace) -> str:
+    """MODEL-DATASET as one folder name, made safe as train.py makes the model's (``local-dir:runs/best`` and
+    ``hfds/org/name`` hold slashes and colons): without train.py's timestamp, so --resume auto finds it again."""
+    from timm.models import safe_model_name
+
+    return f"{safe_model_name(args.model)}-{safe_model_name(args.dataset, remove_source=False) or 'folder'}"
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the final evaluation and where the checkpoints are."""
     check_args(args)
-    out_dir = Path(args.output or "output/train") / (args.experiment or f"{args.model}-{args.dataset or 'folder'}")
+    out_dir = Path(args.output or "output/train") / (args.experiment or default_experiment(args))
     path = resume_path(args, out_dir)
     state = load_training_state(path) if path is not None else None  # read before any work: errors come first
     if state is None and args.resume != "auto":  # auto: the folder is this run's, whatever it holds
