@@ -241,13 +241,22 @@ def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files under ``folder`` (recursively), sorted; an error if there are none. Hidden files and folders
-    are left out: macOS's ``._NAME.jpg`` companions and notebook checkpoints are not the user's images."""
+    """Image files under ``folder`` (recursively, through linked folders as timm's folder reader goes, each folder
+    once), sorted; an error if there are none. Hidden files and folders are left out: macOS's ``._NAME.jpg``
+    companions and notebook checkpoints are not the user's images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UsageError(f"{folder} is not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    files, seen = [], set()
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # reached again through a link (a link back up the tree would never end)
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # in order: the first path to a folder names it
+        files += [Path(root, n) for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    files.sort()
     if not files:
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files

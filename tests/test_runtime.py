@@ -66,6 +66,14 @@ def test_image_folders_are_read_recursively_without_hidden_files(sample_images, 
     (tmp_path / "notes.txt").write_text("mine")
     assert list_images(tmp_path) == [tmp_path / "cats" / "B.PNG", tmp_path / "cats" / "a.png"]
     assert list_images(tmp_path / "cats" / ".ipynb_checkpoints")  # a hidden folder named itself is read
+    # linked folders are read, as timm's folder reader reads them, each folder once, a link back up without a loop
+    (tmp_path / "view").mkdir()
+    (tmp_path / "view" / "cats").symlink_to(tmp_path / "cats", target_is_directory=True)
+    (tmp_path / "view" / "again").symlink_to(tmp_path / "cats", target_is_directory=True)
+    (tmp_path / "cats" / "up").symlink_to(tmp_path, target_is_directory=True)
+    (tmp_path / "cats" / "folder.png").mkdir()
+    assert list_images(tmp_path / "view") == [tmp_path / "view" / "again" / n for n in ("B.PNG", "a.png")]
+    assert list_images(tmp_path) == [tmp_path / "cats" / "B.PNG", tmp_path / "cats" / "a.png"]
     (tmp_path / "hidden" / ".cache").mkdir(parents=True)
     shutil.copy(photos[0], tmp_path / "hidden" / ".cache" / "a.png")
     with pytest.raises(ValueError, match="no images .* under"):
