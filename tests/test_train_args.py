@@ -428,6 +428,28 @@ def test_a_training_checkpoint_gives_its_ema_weights_as_timms_load_checkpoint(tr
     assert source.weights == f"{path} (its EMA weights, state_dict_ema, as timm's load_checkpoint takes them)"
 
 
+def test_resuming_on_other_classes_or_another_input_size_is_said(trained_nano, digits_folders, tmp_path, capsys):
+    """timm resumes on whatever data it is given; a run resumed on other classes (of the same count) or at another
+    size trains on, but says how its data differ from its checkpoint's."""
+    from nfnet_hub.train.checkpoints import load_training_state
+    from nfnet_hub.train.loop import resume
+
+    path = Path(trained_nano["output"]) / "last.pth.tar"
+    same = build(parse_args([*QUICK, "--epochs", "20", "--output", str(tmp_path / "same")]))
+    resume(same, load_training_state(path), path)
+    assert "warning" not in capsys.readouterr().out
+    for split in ("train", "validation"):
+        for digit in range(10):
+            (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
+            (tmp_path / "data" / split / f"digit{digit}").symlink_to(digits_folders / split / str(digit))
+    other = build(parse_args([*QUICK, "--dataset", "", "--data-dir", str(tmp_path / "data"), "--img-size", "64",
+                              "--epochs", "20", "--output", str(tmp_path / "other")]))
+    resume(other, load_training_state(path), path)
+    out = capsys.readouterr().out
+    assert f"warning: {path} was trained on classes 0, 1, 2, 3, 4, 5 ...; the data now have digit0, digit1, " in out
+    assert f"warning: {path} was trained with input_size [3, 32, 32]; this run uses [3, 64, 64]" in out
+
+
 def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path):
     from nfnet_hub.train.checkpoints import load_training_state
     from nfnet_hub.train.loop import resume

@@ -183,6 +183,9 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     if epoch >= run.num_epochs:
         raise RunFinished(f"nothing to train: {path} has finished {epoch} of {run.num_epochs} epochs; pass "
                           f"--epochs N with N > {epoch} to train on (the schedule is stretched to N)")
+    if run.main:
+        for line in _data_changes(state.get("data_config"), run.loaders.data_config, path):
+            print(f"warning: {line}", flush=True)
     if args.sched_on_updates:
         run.scheduler.step_update(global_step)
     else:
@@ -196,6 +199,27 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
             print(f"the schedule now runs to epoch {args.epochs} (the checkpoint's run was for {before})", flush=True)
         print(f"resumed from {path}: epoch {epoch}, step {global_step}", flush=True)
     return epoch, step, global_step, state.get("best"), state.get("history")
+
+
+def _data_changes(before: dict[str, Any] | None, now: dict[str, Any], path: Path) -> list[str]:
+    """How the data a resumed run reads differ from those its checkpoint was trained on (timm resumes without a
+    word): other classes under the same count, another input size or normalisation."""
+    if not before:  # timm's checkpoints record none
+        return []
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    changed = [(k, plain(before[k]), plain(now.get(k))) for k in ("label_names", "input_size", "mean", "std",
+                                                                  "crop_pct", "crop_mode", "interpolation")
+               if k in before and before[k] is not None and plain(before[k]) != plain(now.get(k))]
+    return [f"{path} was trained on classes {_brief(old)}; the data now have {_brief(new)}: the resumed run "
+            "relabels what the model learnt" if k == "label_names" else
+            f"{path} was trained with {k} {old}; this run uses {new}" for k, old, new in changed]
+
+
+def _brief(names: list | None) -> str:
+    return "(none recorded)" if not names else ", ".join(map(str, names[:6])) + (" ..." if len(names) > 6 else "")
 
 
 def _wandb(args: argparse.Namespace):
