@@ -88,6 +88,9 @@ class OnnxClassifier:
         self.preprocess = Preprocess.from_pretrained_cfg(config["pretrained_cfg"])
         num_classes = self.session.get_outputs()[0].shape[-1]
         labels = config.get("label_names") or config["pretrained_cfg"].get("label_names")
+        if labels and isinstance(num_classes, int) and len(labels) != num_classes:
+            raise UsageError(f"{model_path.name} scores {num_classes} classes, but its config names {len(labels)}: "
+                             "the config is not the one exported with this model")
         self.labels = list(labels or [str(i) for i in range(num_classes)])
         self.input_name = self.session.get_inputs()[0].name
         shape = self.session.get_inputs()[0].shape
