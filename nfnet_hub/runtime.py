@@ -97,6 +97,11 @@ class OnnxClassifier:
         if len(shape) == 4 and shape[1] != self.preprocess.channels:
             raise UsageError(f"{model_path.name} takes {shape[1]}-channel input, but its config's preprocessing gives "
                              f"{self.preprocess.channels}: the config is not the one exported with this model")
+        if len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]) and \
+                tuple(shape[2:]) != self.preprocess.input_size:
+            raise UsageError(f"{model_path.name} takes {shape[2]}x{shape[3]} px, but its config's preprocessing gives "
+                             f"{self.preprocess.describe().split(',')[0]}: the config is not the one exported with "
+                             "this model")
 
     @property
     def providers(self) -> list[str]:

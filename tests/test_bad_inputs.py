@@ -34,10 +34,14 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     save_safetensors(trained_nano["model"], root / "nano.safetensors")
     save_safetensors(timm.create_model("nfnet_hub_nano", in_chans=4, num_classes=10), root / "rgba.safetensors")
     shutil.copytree(nano_bundle, root / "bundle")
-    shutil.copytree(nano_bundle, root / "edited")  # a bundle whose config.json was edited by hand: 3 of 10 labels
-    config = json.loads((root / "edited" / "config.json").read_text())
-    config["label_names"] = config["pretrained_cfg"]["label_names"] = ["a", "b", "c"]
-    (root / "edited" / "config.json").write_text(json.dumps(config))
+    config = json.loads((nano_bundle / "config.json").read_text())  # bundles whose config.json was edited by hand
+    labels = {**config, "label_names": ["a", "b", "c"], "pretrained_cfg": {**config["pretrained_cfg"],
+                                                                           "label_names": ["a", "b", "c"]}}
+    size = {**config, "pretrained_cfg": {**config["pretrained_cfg"], "input_size": [3, 64, 64],
+                                         "test_input_size": [3, 64, 64]}}
+    for name, edited in (("edited", labels), ("resized", size)):
+        shutil.copytree(nano_bundle, root / name)
+        (root / name / "config.json").write_text(json.dumps(edited))
     for label in ("3", "7"):
         shutil.copytree(digits_folders / "validation" / label, root / "images" / label)
     (root / "notes.txt").write_text("the user's own notes\n")
@@ -298,6 +302,8 @@ CASES = [
      "neither a bundle folder nor a Hub"),
     ("predict-labels-not-the-models", ["predict", "images/3/0000.png", "--model", "edited"],
      "model.onnx scores 10 classes, but its config names 3: the config is not the one exported with this model"),
+    ("predict-size-not-the-models", ["predict", "images/3/0000.png", "--model", "resized"],
+     "model.onnx takes 32x32 px, but its config's preprocessing gives 64x64 px: the config is not the one exported"),
     ("predict-results-file-suffix", ["predict", "images/3/0000.png", "--model", "bundle", "--results-file",
                                      "notes.txt"], "the suffix chooses the format, one of .csv, .json, .jsonl"),
     ("predict-results-file-is-a-folder", ["predict", "images/3/0000.png", "--model", "bundle", "--results-file",
