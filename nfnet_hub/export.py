@@ -13,11 +13,12 @@ fp32 on held-out calibration images; below ``min_agreement`` it is refused unles
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,22 @@ def _compare(proto: bytes, reference: nn.Module, shape: tuple[int, int, int], op
     return max_abs, max_rel
 
 
+@contextlib.contextmanager
+def reference_model(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` as an export computes and checks it: in eval mode, on the CPU, in float32. The caller's model is
+    left as it was: its mode is restored, and a bf16, fp16 or GPU model is copied (float32 holds its weights
+    exactly)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_floating_point() and (t.dtype != torch.float32 or t.device.type != "cpu") for t in tensors):
+        yield copy.deepcopy(model).to("cpu", torch.float32).eval()
+        return
+    was_training = model.training
+    try:
+        yield model.eval()
+    finally:
+        model.train(was_training)
+
+
 def _check_target(out: Path) -> None:
     """Refuse to replace what nfnet-hub did not write: a folder, or a file that is not our ONNX."""
     if out.is_dir():
@@ -219,44 +236,44 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
         raise UsageError(f"{len(label_names)} label names for a model with {num_classes} classes")
     out = Path(out)
     _check_target(out)
-    model = model.eval()
-    folded = fold(model, img_size=hw)
-    proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
-    if held_out is not None:
-        proto = quantize_int8(proto, calibrate_on)
-        check_no_saturation(proto)
-    meta = {
-        "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, hw, channels=channels), "label_names": None}),
-        "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
-        "nfnet_hub.precision": precision,
-        "nfnet_hub.opset": str(opset),
-        "nfnet_hub.architecture": cfg.get("architecture", type(model).__name__),
-    }
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        proto.metadata_props.add(key=k, value=v)
-    proto.producer_name = "nfnet-hub"
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"ONNX checker rejected the {precision} export: {e}") from None
-    _check_clean(proto, precision)
-    data = proto.SerializeToString()
-    max_abs, max_rel = _compare(data, model, (channels, *hw), opset)
-    limit = TOLERANCE.get(precision)
-    if limit is not None and max_rel > limit:
-        raise ExportError(f"{precision} export disagrees with PyTorch: max abs error {max_abs:.3g}, relative "
-                          f"{max_rel:.3g} > {limit:g} (batches {VERIFY_BATCHES})")
-    int8 = None
-    if held_out is not None:
-        agrees = agreement(data, model, held_out)
-        int8 = {"top1_agreement": agrees, "held_out_images": len(held_out),
-                "calibration_images": len(calibration) - len(held_out), "min_agreement": min_agreement,
-                "below_threshold": agrees < min_agreement}
-        if agrees < min_agreement and not force:
-            raise ExportError(f"int8 agrees with fp32 on {agrees:.1%} of {len(held_out)} held-out calibration "
-                              f"images, below the {min_agreement:.0%} required: calibrate on more images like the "
-                              "ones it will see, or pass --force to write it anyway")
+    with reference_model(model) as model:  # the caller's model is left as it was
+        folded = fold(model, img_size=hw)
+        proto = _to_onnx(_HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
+        if held_out is not None:
+            proto = quantize_int8(proto, calibrate_on)
+            check_no_saturation(proto)
+        meta = {
+            "nfnet_hub.preprocessing": json.dumps({**data_config(cfg, hw, channels=channels), "label_names": None}),
+            "nfnet_hub.labels": json.dumps(list(label_names) if label_names is not None else None),
+            "nfnet_hub.precision": precision,
+            "nfnet_hub.opset": str(opset),
+            "nfnet_hub.architecture": cfg.get("architecture", type(model).__name__),
+        }
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        proto.producer_name = "nfnet-hub"
+        try:
+            onnx.checker.check_model(proto, full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"ONNX checker rejected the {precision} export: {e}") from None
+        _check_clean(proto, precision)
+        data = proto.SerializeToString()
+        max_abs, max_rel = _compare(data, model, (channels, *hw), opset)
+        limit = TOLERANCE.get(precision)
+        if limit is not None and max_rel > limit:
+            raise ExportError(f"{precision} export disagrees with PyTorch: max abs error {max_abs:.3g}, relative "
+                              f"{max_rel:.3g} > {limit:g} (batches {VERIFY_BATCHES})")
+        int8 = None
+        if held_out is not None:
+            agrees = agreement(data, model, held_out)
+            int8 = {"top1_agreement": agrees, "held_out_images": len(held_out),
+                    "calibration_images": len(calibration) - len(held_out), "min_agreement": min_agreement,
+                    "below_threshold": agrees < min_agreement}
+            if agrees < min_agreement and not force:
+                raise ExportError(f"int8 agrees with fp32 on {agrees:.1%} of {len(held_out)} held-out calibration "
+                                  f"images, below the {min_agreement:.0%} required: calibrate on more images like the "
+                                  "ones it will see, or pass --force to write it anyway")
     write_atomically(data, out)
     ops: dict[str, int] = {}
     for n in proto.graph.node:
@@ -325,15 +342,14 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     targets, note = None, _unlabelled(images, labels) if images else None
     if images and not note:
         targets = np.array([labels.index(Path(p).parent.name) for p in images])
-    model = model.eval()
     errors, onnx_pred, torch_pred = [], [], []
-    for x in batches:
-        with torch.no_grad():
+    with reference_model(model) as model, torch.no_grad():
+        for x in batches:
             ref = model(torch.from_numpy(x)).float().numpy()
-        out = onnx_logits(session, x)
-        errors.append(np.abs(out - ref).reshape(-1))
-        onnx_pred.append(out.argmax(-1))
-        torch_pred.append(ref.argmax(-1))
+            out = onnx_logits(session, x)
+            errors.append(np.abs(out - ref).reshape(-1))
+            onnx_pred.append(out.argmax(-1))
+            torch_pred.append(ref.argmax(-1))
     err, onnx_pred, torch_pred = np.concatenate(errors), np.concatenate(onnx_pred), np.concatenate(torch_pred)
     report = ValidationReport(len(onnx_pred), "images" if images else "random", float(err.max()), float(err.mean()),
                               float((onnx_pred == torch_pred).mean()), pre.describe(), accuracy_note=note)

@@ -91,7 +91,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     from timm.models import save_for_hf
 
     from .cards import card_data, render_card
-    from .export import VERIFY_BATCHES, export_onnx
+    from .export import VERIFY_BATCHES, export_onnx, reference_model
     from .models.checkpoint import save_safetensors
     from .models.stats import model_stats
 
@@ -105,7 +105,6 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     check_replaceable(out)
     check_writable_folder(out.parent)
     channels = check_channels(getattr(model, "in_chans", 3))
-    model = model.eval()
     cfg = dict(model.pretrained_cfg)
     size = export_size(cfg, img_size)
     labels = list(label_names) if label_names is not None else cfg.get("label_names")
@@ -113,7 +112,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
         raise UsageError(f"{len(labels)} label names for a model with {model.num_classes} classes")
     say = print if progress else (lambda *a, **k: None)
     record = data_config(cfg, size, labels, channels=channels)
-    with atomic_folder(out, replace=overwrite) as tmp:
+    with reference_model(model) as model, atomic_folder(out, replace=overwrite) as tmp:  # fp32, as the ONNX files
         save_for_hf(model, str(tmp), model_config={"label_names": labels} if labels is not None else None,
                     model_args=_model_args(model), safe_serialization=True, data_config=record)
         save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the WS form and data config

@@ -51,6 +51,23 @@ def test_fp32_export_is_clean_dynamic_and_self_describing(nano, tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary files left
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_export_leaves_the_callers_model_as_it_was(tmp_path, dtype):
+    """Exporting in the middle of training must not switch dropout off for the rest of it; a bf16 or fp16 model
+    (as trained under AMP, or loaded so) exports its weights, which float32 holds exactly."""
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10, drop_rate=0.5), seed=3).to(dtype).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = export_onnx(model, tmp_path / "model.onnx")
+    assert model.training and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model.float().eval()(x)  # the same weights, in float32
+    _, got = _run(tmp_path / "model.onnx", x.numpy())
+    assert report.max_rel_error < 1e-4 and rel_error(torch.from_numpy(got), expected) < 1e-4
+    model.train()
+    assert validate_onnx(tmp_path / "model.onnx", model).top1_agreement == 1.0 and model.training
+
+
 def test_f0_graph_is_small(tmp_path):
     model = randomise(timm.create_model("nfnet_hub_f0"))
     report = export_onnx(model, tmp_path / "f0.onnx")
