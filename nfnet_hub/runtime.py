@@ -43,10 +43,16 @@ def _choose_providers(requested: Sequence[str] | None) -> list[str]:
         else ["CPUExecutionProvider"]
 
 
-def looks_local(name: str) -> bool:
+def parse_source(name: str) -> tuple[str, bool]:
+    """A bundle's name without timm's ``hf-hub:`` or ``local-dir:`` prefix, and whether it is a local folder: with
+    no prefix, whether it looks like a path (it exists, starts with ``.``, ``/`` or ``~``, has other than one ``/``,
+    or its parent folder exists here) rather than a Hub repo id ORG/NAME."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        scheme, _, rest = name.partition(":")
+        return rest, scheme == "local-dir"
     path = Path(name).expanduser()
-    return (path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
-            or os.sep != "/" and os.sep in name or (path.parent != Path(".") and path.parent.is_dir()))
+    return name, (path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
+                  or os.sep != "/" and os.sep in name or (path.parent != Path(".") and path.parent.is_dir()))
 
 
 def read_bundle_config(path: Path) -> dict[str, Any]:
@@ -117,13 +123,15 @@ class OnnxClassifier:
                         filename: str = "model.onnx", providers: Sequence[str] | None = None,
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         threads: int | None = None) -> OnnxClassifier:
-        """Load from a local bundle folder or a Hub repository id (``ORG/NAME``).
+        """Load from a local bundle folder or a Hub repository id (``ORG/NAME``), named as timm names them or not
+        (``local-dir:PATH``, ``hf-hub:ORG/NAME``).
 
         A name that looks like a path (it exists, starts with ``.``, ``/`` or ``~``, has more than one
         ``/``, or its parent folder exists here) is a local folder, and a missing one is a local error:
         it never turns into a Hub download."""
+        repo_or_dir, local = parse_source(str(repo_or_dir))
         path = Path(repo_or_dir).expanduser()
-        if looks_local(str(repo_or_dir)):
+        if local:
             if not path.is_dir():
                 raise UsageError(f"no bundle folder at {repo_or_dir}" + (
                     f" ({path} is a file: give the folder that holds it)" if path.is_file() else ""))

@@ -83,9 +83,10 @@ def test_local_dir_loads_in_timm_and_the_runtime(bundle, model):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
-    clf = OnnxClassifier.from_pretrained(bundle)
-    assert clf.labels == LABELS
-    np.testing.assert_allclose(clf.logits(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    for name in (bundle, f"local-dir:{bundle}"):  # as timm names it too
+        clf = OnnxClassifier.from_pretrained(name)
+        assert clf.labels == LABELS
+        np.testing.assert_allclose(clf.logits(x.numpy()), model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_a_non_square_model_is_bundled_at_its_size(sample_images, tmp_path):
@@ -328,11 +329,12 @@ local = Path(snapshot_download("me/nano", cache_dir=sys.argv[1]))
 sums = {p.name: sha256(p) for p in local.iterdir() if p.is_file()}
 model = timm.create_model("hf-hub:me/nano", pretrained=True).eval()
 clf = OnnxClassifier.from_pretrained("me/nano", cache_dir=sys.argv[1])
+prefixed = OnnxClassifier.from_pretrained("hf-hub:me/nano", cache_dir=sys.argv[1])  # as timm names it
 x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
 with torch.no_grad():
     torch_logits = model(x).numpy()
 print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logits(x.numpy()).tolist(),
-                  "labels": clf.labels}))
+                  "prefixed": prefixed.logits(x.numpy()).tolist(), "labels": clf.labels}))
 """
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "30"}
     env.pop("HF_HUB_OFFLINE", None)
@@ -346,6 +348,7 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
         expected = model(x).numpy()
     np.testing.assert_array_equal(np.array(got["timm"], np.float32), expected)
     np.testing.assert_allclose(np.array(got["onnx"]), expected, rtol=1e-4, atol=1e-5)
+    assert got["prefixed"] == got["onnx"]
     assert got["labels"] == LABELS
     # the CLI takes hf-hub: names as timm.create_model does
     export = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "export", "hf-hub:me/nano", "--out",
@@ -356,7 +359,7 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "from-hub" / "model.onnx").logits(x.numpy()), expected,
                                rtol=1e-4, atol=1e-5)  # the repository's weights
     # nfnet-hub serve takes a repo id, through huggingface_hub's cache
-    with Server("me/nano", env={**env, "HF_HOME": str(tmp_path / "hf-serve")}) as url:
+    with Server("hf-hub:me/nano", env={**env, "HF_HOME": str(tmp_path / "hf-serve")}) as url:  # as timm names it
         client = InferenceServerClient(url.removeprefix("http://"))
         pixels = InferInput("pixel_values", [2, 3, 32, 32], "FP32")
         pixels.set_data_from_numpy(x.numpy())

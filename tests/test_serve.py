@@ -298,6 +298,13 @@ def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):
     assert "stopped" in server.output
 
 
+def test_bundles_are_found_by_timms_names_too(nano_bundle):
+    from nfnet_hub.serve.server import find_bundles
+
+    assert find_bundles(f"local-dir:{nano_bundle}") == find_bundles(str(nano_bundle)) == {"bundle": str(nano_bundle)}
+    assert find_bundles("hf-hub:me/nano") == find_bundles("me/nano") == {"nano": "me/nano"}
+
+
 def test_a_folder_of_bundles_serves_each_under_its_folder_name(nano_bundle, tmp_path, clf):
     import shutil
 

@@ -48,7 +48,7 @@ def test_repository_matches_the_onnx_file_and_parses_as_triton_config(nano_bundl
 
 def test_gpu_tensorrt_and_a_second_model_beside_the_first(nano_bundle, tmp_path):
     repo = tmp_path / "repo"
-    main(["triton", str(nano_bundle), "--out", str(repo), "--name", "a"])
+    main(["triton", f"local-dir:{nano_bundle}", "--out", str(repo), "--name", "a"])  # as timm names a folder
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "b", "--gpu", "--accelerator", "tensorrt"])
     assert _config(repo / "a").instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     b = _config(repo / "b")
@@ -77,6 +77,8 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     assert "is not an ONNX model" in capsys.readouterr().err and not (repo / "broken").exists()
     assert (repo / "mine" / "notes.txt").read_text() == "keep me"
     assert main(["triton", str(tmp_path / "missing"), "--out", str(repo)]) == 2
+    assert main(["triton", "hf-hub:me/nano", "--out", str(repo)]) == 2
+    assert "download the Hub repository first (hf download me/nano --local-dir DIR)" in capsys.readouterr().err
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again"])
     assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again", "--overwrite",
                  "--instances", "2"]) == 0

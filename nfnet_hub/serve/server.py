@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, looks_local
+from ..runtime import OnnxClassifier, parse_source
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -43,8 +43,9 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
     """Model names and where their bundles are: one bundle folder, a folder of bundle folders (each served
     under its folder's name; other visible folders are named in the log), or a Hub repo id (served under its
     name part)."""
+    source, local = parse_source(source)
     path = Path(source).expanduser()
-    if not looks_local(source):
+    if not local:
         found = {name or source.split("/")[1]: source}
     elif not path.is_dir():
         raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files)"

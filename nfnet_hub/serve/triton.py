@@ -13,7 +13,7 @@ from pathlib import Path
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..files import atomic_folder, check_writable_folder
-from ..runtime import read_bundle_config
+from ..runtime import parse_source, read_bundle_config
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -74,7 +74,11 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None =
                      max_batch_size: int = 32, max_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
                      accelerator: str = "onnxruntime", overwrite: bool = False) -> Path:
     """Add ``bundle`` to the Triton model repository ``repo`` as ``name``; the model's folder."""
-    bundle, repo = Path(bundle), Path(repo)
+    source, local = parse_source(str(bundle))
+    if not local:
+        raise UsageError(f"{bundle}: a Triton model repository is written from a bundle folder; download the Hub "
+                         f"repository first (hf download {source} --local-dir DIR)")
+    bundle, repo = Path(source).expanduser(), Path(repo)
     if accelerator not in ACCELERATORS:
         raise UsageError(f"unknown accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
     if accelerator == "tensorrt" and not gpu:
