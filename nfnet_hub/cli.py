@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,12 @@ def _say_model(model_name: str, args: argparse.Namespace, size: int | None = Non
 
 
 def _calibration(args: argparse.Namespace, pre) -> Any:
-    from .preprocess import list_images
+    from .int8 import load_calibration
 
     if not args.calibration:
         raise UsageError("int8 needs --calibration DIR (images like the ones the model will see; a fifth of them "
                          "are held out to measure int8's agreement with fp32)")
-    return pre.batch(list_images(args.calibration))
+    return load_calibration(args.calibration, pre, say=lambda line: print(line, flush=True))
 
 
 def _labels(args: argparse.Namespace) -> list[str] | None:
@@ -118,7 +119,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                          "pass --checkpoint FILE, --pretrained, a saved model (local-dir:PATH, hf-hub:ORG/NAME), or "
                          "--random-weights if you mean it")
     model, _ = _say_model(args.model, args, warn_random=False)
-    r = validate_onnx(args.onnx, model, list_images(args.images) if args.images else None)
+    r = validate_onnx(args.onnx, model, list_images(args.images) if args.images else None,
+                      progress=_progress("compared"))
     print(f"preprocessing (from {Path(args.onnx).name}'s metadata): {r.preprocessing}")
     print(json.dumps(r.__dict__, indent=2))
     return 0
@@ -213,7 +215,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     out = check_results_file(args.results_file, overwrite=args.overwrite) if args.results_file else None
     images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
     clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
-    rows, skipped = [], 0
+    rows, skipped, progress = [], 0, _progress("predicted")
     for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
         batch = images[start:start + args.batch_size]
         chunk, names = _readable(batch, alone=len(images) == 1)
@@ -221,7 +223,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         results = clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size) if chunk else []
         if out:
             rows += zip(names, results)
-            _progress(start, start + len(batch), len(images))
+            progress(start + len(batch), len(images))
             continue
         for image, preds in zip(names, results):
             print(image)
@@ -239,12 +241,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(before: int, done: int, total: int) -> None:
-    """Images predicted so far, on stderr: one updated line on a terminal, a line per tenth in a log."""
-    if sys.stderr.isatty():
-        print(f"\rpredicted {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
-    elif done * 10 // total != before * 10 // total:
-        print(f"predicted {done}/{total} images", file=sys.stderr, flush=True)
+def _progress(verb: str) -> Callable[[int, int], None]:
+    """A report of the images done so far, on stderr: one updated line on a terminal, a line per tenth in a log."""
+    before = 0
+
+    def report(done: int, total: int) -> None:
+        nonlocal before
+        if sys.stderr.isatty():
+            print(f"\r{verb} {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done * 10 // total != before * 10 // total:
+            print(f"{verb} {done}/{total} images", file=sys.stderr, flush=True)
+        before = done
+    return report
 
 
 def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:

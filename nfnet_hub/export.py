@@ -18,7 +18,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,8 +303,10 @@ class ValidationReport:
 
 
 def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[str | os.PathLike] | None = None,
-                  *, random_inputs: int = 4, batch_size: int = 8) -> ValidationReport:
-    """Compare an exported model with ``model`` on images (preprocessed as the ONNX metadata says) or noise.
+                  *, random_inputs: int = 4, batch_size: int = 8,
+                  progress: Callable[[int, int], Any] | None = None) -> ValidationReport:
+    """Compare an exported model with ``model`` on images (preprocessed as the ONNX metadata says, a batch at a
+    time) or noise; ``progress(done, total)`` is called after each batch of images.
 
     Images inside folders named after the model's labels count as labelled: then the accuracy of both
     models, and the change the export makes (e.g. int8 against PyTorch), are reported too.
@@ -333,8 +335,8 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     if channels != pre.channels:
         raise UsageError(f"{path.name} takes {pre.channels}-channel input, the model to compare with takes {channels}: "
                          "give the --model and --checkpoint it was exported from")
-    if images:
-        batches = [pre.batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    if images:  # read as they are compared: a whole validation set at once would not fit in memory
+        batches = (pre.batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
     else:
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((random_inputs, pre.channels, *pre.input_size)).astype(np.float32)]
@@ -350,6 +352,8 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
             errors.append(np.abs(out - ref).reshape(-1))
             onnx_pred.append(out.argmax(-1))
             torch_pred.append(ref.argmax(-1))
+            if images and progress is not None:
+                progress(sum(map(len, onnx_pred)), len(images))
     err, onnx_pred, torch_pred = np.concatenate(errors), np.concatenate(onnx_pred), np.concatenate(torch_pred)
     report = ValidationReport(len(onnx_pred), "images" if images else "random", float(err.max()), float(err.mean()),
                               float((onnx_pred == torch_pred).mean()), pre.describe(), accuracy_note=note)

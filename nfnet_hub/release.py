@@ -76,7 +76,8 @@ def _load(entry: dict[str, Any]):
 def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/release", dry_run: bool = False,
             endpoint: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
     """Build and publish each entry; entries already published (see ``OUT/release-state.json``) are skipped."""
-    from .preprocess import Preprocess, list_images, read_labels
+    from .int8 import load_calibration
+    from .preprocess import Preprocess, read_labels
 
     entries = read_manifest(manifest)
     out = Path(out)
@@ -101,7 +102,8 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
             calibration = None
             if "calibration" in entry:
                 pre = Preprocess.for_model(model, img_size=size)
-                calibration = pre.batch(list_images(entry["calibration"]))
+                calibration = load_calibration(entry["calibration"], pre,
+                                               say=lambda line, tag=tag: print(f"{tag}: {line}", flush=True))
             labels = read_labels(entry["labels"]) if "labels" in entry else None
             build_bundle(model, folder, img_size=size, label_names=labels, precisions=entry["precisions"],
                          calibration=calibration, dataset=entry.get("dataset"), repo_id=repo_id,

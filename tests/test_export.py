@@ -175,7 +175,7 @@ def test_bad_arguments(nano, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, capsys):
+def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, capsys, monkeypatch):
     save_safetensors(nano, tmp_path / "nano.safetensors")
     out = tmp_path / "onnx"
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--img-size", "64",
@@ -185,11 +185,29 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     assert report.inputs == 6 and report.source == "images"
     assert report.top1_agreement == 1.0 and report.max_abs_error < 1e-4
     assert report.onnx_accuracy is None and report.accuracy_note.startswith("no accuracy: the export records no label")
+    monkeypatch.setattr(int8_mod, "MAX_CALIBRATION", 4)  # a large folder: a sample of it, said
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--precision", "int8",
-                 "--calibration", str(sample_images), "--filename", "model_int8.onnx", "--out", str(out)]) == 0
+                 "--calibration", str(sample_images), "--filename", "model_int8.onnx", "--out", str(out),
+                 "--force"]) == 0
+    said = capsys.readouterr().out
+    assert f"calibration: 4 of the 6 images in {sample_images}, evenly spaced" in said and "of 1 held-out" in said
     assert main(["validate", str(out / "model_int8.onnx"), "--model", "nfnet_hub_nano", "--checkpoint",
                  str(tmp_path / "nano.safetensors"), "--images", str(sample_images)]) == 0
-    assert '"top1_agreement"' in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert '"top1_agreement"' in out and err.splitlines()[-1] == "compared 6/6 images"
+
+
+def test_a_large_calibration_folder_is_sampled_evenly_across_its_classes(digits_folders, monkeypatch):
+    from nfnet_hub.preprocess import Preprocess, list_images
+
+    pre = Preprocess((32, 32), crop_pct=1.0, crop_mode="squash")
+    monkeypatch.setattr(int8_mod, "MAX_CALIBRATION", 20)
+    said = []
+    chosen = int8_mod.load_calibration(digits_folders / "validation", pre, say=said.append)
+    files = list_images(digits_folders / "validation")
+    assert said == [f"calibration: 20 of the {len(files)} images in {digits_folders / 'validation'}, evenly spaced"]
+    classes = [next(f.parent.name for f in files if np.array_equal(pre(f), row)) for row in chosen]
+    assert set(classes) == {str(d) for d in range(10)} and max(map(classes.count, classes)) <= 3  # about 2 each
 
 
 def test_int8_accuracy_change_on_labelled_real_images(trained_nano, digits_folders, tmp_path):
