@@ -35,3 +35,14 @@ def template_path(name: str = TEMPLATE) -> Path:
 def render_card(fields: dict[str, Any], data: ModelCardData) -> str:
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
     return str(ModelCard.from_template(data, template_path=str(template_path()), machine=machine, **fields))
+
+
+def card_for_repo(text: str, repo_id: str) -> tuple[str, str | None]:
+    """A bundle's card as it must read in ``repo_id``, and the repository it was built for where that differs: the
+    card names its repository (front matter, title, the code that loads it), so a bundle published elsewhere (the
+    quickstart's, built for YOUR-ORG/...) would tell readers to load a repository that is not there."""
+    built_for = ModelCard(text).data.model_name
+    if not built_for or built_for == repo_id:
+        return text, None
+    text = text.replace(f"\n# {built_for.split('/')[-1]}\n", f"\n# {repo_id.split('/')[-1]}\n", 1)
+    return text.replace(built_for, repo_id), built_for

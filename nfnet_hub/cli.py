@@ -192,6 +192,9 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     r = publish(args.bundle, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
                 dry_run=args.dry_run)
+    if r["card_built_for"]:
+        print(f"the model card is uploaded for {r['repo_id']} (the bundle was built for {r['card_built_for']}); "
+              "the bundle folder is left as it is")
     if r.get("dry_run"):
         print(f"dry run: would upload {len(r['files'])} files ({r['bytes'] / 1e6:.1f} MB) to {r['repo_id']} "
               f"in one commit: {', '.join(r['files'])}")

@@ -152,9 +152,13 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     return out
 
 
+def _checksum_text(digests: dict[str, str]) -> str:
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(digests.items()))
+
+
 def _write_checksums(folder: Path) -> None:
-    lines = [f"{sha256(p)}  {p.name}" for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS]
-    (folder / CHECKSUMS).write_text("\n".join(lines) + "\n")
+    digests = {p.name: sha256(p) for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS}
+    (folder / CHECKSUMS).write_text(_checksum_text(digests))
 
 
 def read_checksums(folder: Path) -> dict[str, str]:
@@ -262,12 +266,21 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
     """
     from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
 
+    from .cards import card_for_repo
+
     check_repo_id(repo_id)
     folder = Path(folder)
     info = verify_bundle(folder)
     sums = read_checksums(folder)
+    uploads: dict[str, str | bytes] = {name: str(folder / name) for name in info["files"]}
+    card, built_for = card_for_repo((folder / "README.md").read_text(), repo_id)
+    if built_for:  # the card as it reads in repo_id; the bundle folder stays as it is
+        uploads["README.md"] = card.encode()
+        sums["README.md"] = hashlib.sha256(uploads["README.md"]).hexdigest()
+        uploads[CHECKSUMS] = _checksum_text(sums).encode()
     plan = {"repo_id": repo_id, "files": info["files"], "private": private, "revision": revision,
-            "create_pr": create_pr, "bytes": sum((folder / f).stat().st_size for f in info["files"])}
+            "create_pr": create_pr, "bytes": sum((folder / f).stat().st_size for f in info["files"]),
+            "card_built_for": built_for}
     if dry_run:
         return {**plan, "dry_run": True}
     api = HfApi(endpoint=endpoint, token=token)
@@ -275,8 +288,7 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
         api.create_repo(repo_id, private=private, exist_ok=True)
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
-                      for name in info["files"]]
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in uploads.items()]
         commit = api.create_commit(repo_id, operations, revision=revision, create_pr=create_pr,  # one commit, always
                                    commit_message=f"Upload {info['config'].get('architecture', 'model')} bundle "
                                                   "(nfnet-hub)")

@@ -22,6 +22,7 @@ import timm
 import torch
 from conftest import randomise
 from hub_stub import HubStub
+from huggingface_hub import ModelCard
 from serving import Server
 from tritonclient.http import InferenceServerClient, InferInput
 
@@ -153,6 +154,25 @@ def test_publish_uploads_one_commit_and_verifies(bundle, capsys):
         dev = publish(bundle, "me/nano", endpoint=hub.url, token=token, revision="dev")
         assert hub.repos["me/nano"]["refs"]["dev"] == dev["commit"]
     assert token not in capsys.readouterr().out
+
+
+def test_a_bundle_published_to_another_repository_gets_a_card_that_names_it(bundle, tmp_path):
+    """The card names the repository a bundle was built for (the quickstart's: YOUR-ORG/...); published elsewhere,
+    the uploaded card names where it is, its checksums still hold, and the bundle folder is left as it is."""
+    before = {p.name: sha256(p) for p in bundle.iterdir()}
+    with HubStub() as hub:
+        r = publish(bundle, "team/digits-v2", endpoint=hub.url, token="hf_x")
+        stored = hub.files("team/digits-v2")
+    assert r["verified"] and r["card_built_for"] == "me/nano"
+    card = stored["README.md"].decode()
+    assert "me/nano" not in card and "\n# digits-v2\n" in card
+    assert 'timm.create_model("hf-hub:team/digits-v2"' in card and ModelCard(card).data.model_name == "team/digits-v2"
+    assert card.replace("team/digits-v2", "me/nano").replace("# digits-v2", "# nano") == \
+        (bundle / "README.md").read_text()  # nothing else changed
+    for name, data in stored.items():
+        (tmp_path / name).write_bytes(data)
+    verify_bundle(tmp_path)  # its checksums hold
+    assert {p.name: sha256(p) for p in bundle.iterdir()} == before
 
 
 def test_predict_cli(bundle, sample_images, capsys):
