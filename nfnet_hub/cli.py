@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .argtypes import fraction, positive
 from .errors import NfnetHubError, UsageError
 
@@ -313,6 +314,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of an error (or NFNET_HUB_DEBUG=1)")
     p = _Parser(prog="nfnet-hub", description="Train, export and ship NFNets.")
+    p.add_argument("--version", action="version", version=f"nfnet-hub {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     parsers: dict[str, argparse.ArgumentParser] = {}
 

@@ -530,6 +530,13 @@ def test_validate_says_which_preprocessing_it_used(ws, capsys):
                                               "after a label (misc)")
 
 
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "--version"], capture_output=True, text=True)
+    assert (out.returncode, out.stdout) == (0, f"nfnet-hub {version('nfnet-hub')}\n")
+
+
 def test_every_option_has_help_that_shows_its_default():
     import argparse
 
