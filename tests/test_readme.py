@@ -41,7 +41,8 @@ def test_the_readme_tour_runs_as_written(tmp_path, digits_folders):
     assert top1 >= 95.0
     assert "preprocessing: 32x32 px, squash crop 1, bicubic, mean (0.27, 0.27, 0.27)" in export
     assert "from the data config recorded in model_best.pth.tar" in export
-    assert re.search(r"int8 agrees with fp32 on (9[5-9]|100)\.\d% of 287 held-out calibration images", export)
+    assert "calibration: 500 of the 1437 images in artifacts/quickstart/digits/train, evenly spaced" in export
+    assert re.search(r"int8 agrees with fp32 on (9[5-9]|100)\.\d% of 100 held-out calibration images", export)
     report = json.loads(export[export.index("{"):export.rindex("}") + 1])
     assert report["inputs"] == 360 and report["torch_accuracy"] >= 95.0 and report["top1_agreement"] >= 0.98
     assert abs(report["accuracy_change"]) <= 1.0
