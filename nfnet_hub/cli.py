@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +112,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .export import validate_onnx
     from .models.checkpoint import names_saved_model
+    from .predict import image_progress
     from .preprocess import list_images
 
     if args.checkpoint is None and not (args.pretrained or args.random_weights or names_saved_model(args.model)):
@@ -121,7 +121,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                          "--random-weights if you mean it")
     model, _ = _say_model(args.model, args, warn_random=False)
     r = validate_onnx(args.onnx, model, list_images(args.images) if args.images else None,
-                      progress=_progress("compared"))
+                      progress=image_progress("compared"))
     print(f"preprocessing (from {Path(args.onnx).name}'s metadata): {r.preprocessing}")
     print(json.dumps(r.__dict__, indent=2))
     return 0
@@ -209,71 +209,6 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
     release(args.manifest, out=args.out, dry_run=args.dry_run)
     return 0
-
-
-def _cmd_predict(args: argparse.Namespace) -> int:
-    from .preprocess import list_images
-    from .results import check_results_file, write_results
-    from .runtime import OnnxClassifier
-
-    out = check_results_file(args.results_file, overwrite=args.overwrite) if args.results_file else None
-    images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
-    clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
-    rows, skipped, progress = [], 0, _progress("predicted")
-    for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
-        batch = images[start:start + args.batch_size]
-        chunk, names = _readable(batch, alone=len(images) == 1)
-        skipped += len(batch) - len(chunk)
-        results = clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size) if chunk else []
-        if out:
-            rows += zip(names, results)
-            progress(start + len(batch), len(images))
-            continue
-        for image, preds in zip(names, results):
-            print(image)
-            for p in preds:
-                print(f"  {p.probability:7.2%}  {p.label}")
-        sys.stdout.flush()
-    if skipped == len(images):
-        raise UsageError(f"none of the {len(images)} images is readable" + (f"; {out} not written" if out else ""))
-    if out:
-        write_results(out, rows)
-        print(f"wrote {len(rows)} predictions to {out}", flush=True)
-    if skipped:
-        print(f"nfnet-hub predict: {skipped} of {len(images)} images skipped (unreadable)", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _progress(verb: str) -> Callable[[int, int], None]:
-    """A report of the images done so far, on stderr: one updated line on a terminal, a line per tenth in a log."""
-    before = 0
-
-    def report(done: int, total: int) -> None:
-        nonlocal before
-        if sys.stderr.isatty():
-            print(f"\r{verb} {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
-        elif done * 10 // total != before * 10 // total:
-            print(f"{verb} {done}/{total} images", file=sys.stderr, flush=True)
-        before = done
-    return report
-
-
-def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:
-    """The images of ``paths`` that decode, and their names; each one that does not is named on stderr and skipped
-    (a lone image's failure is the command's error)."""
-    from .preprocess import load_image
-
-    images, names = [], []
-    for path in paths:
-        try:
-            images.append(load_image(path))
-            names.append(path)
-        except UsageError as e:
-            if alone:
-                raise
-            print(f"nfnet-hub predict: skipped {e}", file=sys.stderr, flush=True)
-    return images, names
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -383,15 +318,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("--out", default="artifacts/release", help="folder for bundles and the release state")
     s.add_argument("--dry-run", action="store_true", help="build and verify, upload nothing")
 
-    s = command("predict", _cmd_predict, "classify images with the torch-free ONNX runtime")
-    s.add_argument("images", nargs="+", help="image files, or folders (their images, recursively)")
-    s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
-    s.add_argument("--top-k", "--topk", type=positive, default=5, help="labels per image")
-    s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")
-    s.add_argument("--filename", default="model.onnx", help="ONNX file of the bundle (model_int8.onnx, ...)")
-    s.add_argument("--results-file", help="write the predictions to this file instead of the screen, in the format "
-                   "its suffix names: .csv (timm inference.py's columns), .json or .jsonl (records)")
-    s.add_argument("--overwrite", action="store_true", help="replace --results-file if it exists")
+    from .predict import add_predict_arguments, cmd_predict
+
+    add_predict_arguments(command("predict", cmd_predict, "classify images with the torch-free ONNX runtime"))
 
     from .serve.cli import add_serve_arguments, add_triton_arguments, cmd_serve, cmd_triton
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,17 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 
 from ..errors import TrainingError, UsageError
 from ..preprocess import IMAGE_SUFFIXES, UNDECODABLE, WIDE_MODES, Preprocess, check_channels, data_config, load_image
+from .folders import (
+    EVAL_NAMES,
+    TRAIN_NAMES,
+    check_class_folders,
+    class_to_idx_of,
+    missing_classes,
+    note_left_out,
+    some,
+    split_folder,
+    unread_folders,
+)
 
 DIGITS_MEAN, DIGITS_STD = 0.27, 0.38  # of digits scaled to [0, 1]
 
@@ -135,8 +145,8 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     data_cfg = data_config(resolve_data_config(vars(args), pretrained_cfg=model_cfg), channels=channels)
     folders = None
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
-        folders = (_split_folder(args.data_dir, args.train_split, _TRAIN_NAMES),
-                   _split_folder(args.data_dir, args.val_split, _EVAL_NAMES))
+        folders = (split_folder(args.data_dir, args.train_split, TRAIN_NAMES),
+                   split_folder(args.data_dir, args.val_split, EVAL_NAMES))
     # image folders are read as the runtime reads them: every suffix it takes (timm's: .png, .jpg, .jpeg) for a
     # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
     input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
@@ -147,13 +157,13 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
                             num_samples=args.train_num_samples, **kw)
     val_ds = _from_source(args, args.val_split, folders and folders[1], is_training=False,
                           num_samples=args.val_num_samples, **kw)
-    class_to_idx = _class_to_idx(train_ds)
+    class_to_idx = class_to_idx_of(train_ds)
     if args.class_map:
         for ds in (train_ds, val_ds):
-            _note_left_out(ds, args.class_map, rank)
+            note_left_out(ds, args.class_map, rank)
     else:  # folder names are the classes; a class map numbers both splits alike
-        _check_class_folders(train_ds, args.train_split, rank)
-        _check_class_folders(val_ds, args.val_split, rank)
+        check_class_folders(train_ds, args.train_split, rank)
+        check_class_folders(val_ds, args.val_split, rank)
         val_ds = _labelled_as_training(val_ds, class_to_idx, args, kw, rank)
     num_classes = _num_classes(args, class_to_idx)
     if not num_classes:
@@ -262,7 +272,7 @@ def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
     needed = max(class_to_idx.values(), default=-1) + 1
     if args.num_classes and args.num_classes < needed:
         raise UsageError(f"--num-classes {args.num_classes}, but the training data have {needed} classes "
-                         f"({_some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
+                         f"({some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
                          "--num-classes out to take the data's count")
     return args.num_classes or needed
 
@@ -270,52 +280,15 @@ def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
 def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Namespace, kw: dict,
                           rank: int) -> Dataset:
     """The validation split with the training split's class indices, where folder names give the classes."""
-    val_classes = _class_to_idx(val_ds)
+    val_classes = class_to_idx_of(val_ds)
     if not (class_to_idx and val_classes) or val_classes == class_to_idx:
         return val_ds
-    missing = _missing_classes(class_to_idx, val_classes)
+    missing = missing_classes(class_to_idx, val_classes)
     if rank == 0 and missing:
         print(f"note: the validation split lacks {len(missing)} of the {len(class_to_idx)} training classes "
-              f"({_some(missing)}); it is labelled with the training split's class indices", flush=True)
+              f"({some(missing)}); it is labelled with the training split's class indices", flush=True)
     return _from_source(args, args.val_split, None, is_training=False, num_samples=args.val_num_samples,
                         **{**kw, "class_map": class_to_idx})
-
-
-def _check_class_folders(ds: Dataset, split: str, rank: int) -> None:
-    """timm makes a class of every folder that holds images, named by its last part: of the split folder itself
-    (the class ''), of hidden ones (.ipynb_checkpoints), of a class's subfolders, and one class of folders that
-    share a name (cat/2019, dog/2019); none of which a user means. A folder of files it does not read (.heic
-    photos) is no class at all: that is noted."""
-    class_to_idx = _class_to_idx(ds)
-    if "" in class_to_idx:
-        raise UsageError(f"images lie loose in the {split!r} split's folder: put each one in a folder named after "
-                         f"its class ({split}/CLASS/image.jpg), or they train as a class named ''")
-    hidden = sorted(c for c in class_to_idx if str(c).startswith("."))
-    if hidden:
-        raise UsageError(f"hidden folders of the {split!r} split hold images and would be classes ({_some(hidden)}): "
-                         "remove them, or name the classes with --class-map")
-    reader = getattr(ds, "reader", None)
-    if not isinstance(getattr(reader, "samples", None), list) or not getattr(reader, "root", None):
-        return  # not a folder of images
-    folders = {Path(os.path.relpath(d, reader.root)) for d in {os.path.dirname(f) for f, _ in reader.samples}}
-    top = Path(reader.root).name  # the split's folder, which may be a synonym of its name (val for validation)
-    by_name: dict[str, list[Path]] = {}
-    for folder in sorted(folders):
-        inside = next((p for p in folder.parents if p in folders), None)
-        if inside is not None:
-            raise UsageError(f"{top}/{folder} holds images inside {top}/{inside}, which holds images too: timm "
-                             f"makes separate classes of them ({inside.name!r} and {folder.name!r}): keep each class's "
-                             "images in one folder")
-        by_name.setdefault(folder.name, []).append(folder)
-    shared = next((f for f in by_name.values() if len(f) > 1), None)
-    if shared:
-        raise UsageError(f"{top}/{shared[0]} and {top}/{shared[1]} would be one class, {shared[0].name!r}: timm "
-                         "names a class by the last folder of its path only: give each class a folder of its own "
-                         "name")
-    unread = _unread_folders(Path(reader.root), {f.parts[0] for f in folders if f.parts})
-    if rank == 0 and unread:
-        print(f"note: {len(unread)} folder(s) of the {top!r} split hold no image read here "
-              f"({', '.join(IMAGE_SUFFIXES)}), so they are no class: {_some(unread)}", flush=True)
 
 
 @contextlib.contextmanager
@@ -333,10 +306,10 @@ def _dataset_errors(args: argparse.Namespace, split: str, folder: Path | None):
     except (AssertionError, RuntimeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if folder is not None and first.startswith("Found 0 images"):
-            unread = _unread_folders(folder, set())
+            unread = unread_folders(folder, set())
             raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {folder}"
                              + (f" that --class-map {args.class_map} names" if args.class_map else "")
-                             + (f"; its folders hold {_some(unread)}" if unread else "")) from None
+                             + (f"; its folders hold {some(unread)}" if unread else "")) from None
         if not args.dataset.startswith(("torch/", "tfds/", "wds/")):
             raise
         download = "download=True" in first and not args.dataset_download
@@ -368,75 +341,6 @@ def _from_source(args: argparse.Namespace, split: str, folder: Path | None, **kw
     if args.dataset.startswith("torch/"):
         return ConvertImages(ds, kw["input_img_mode"])
     return ReadAsRuntime.wrap(ds)
-
-
-def _note_left_out(ds: Dataset, class_map: str, rank: int) -> None:
-    """timm reads only the folders that a --class-map names, and leaves out the others without a word (a class
-    map may choose a subset of the classes, or hold a misspelt name): those left out are noted."""
-    reader = getattr(ds, "reader", None)
-    if rank or not isinstance(getattr(reader, "samples", None), list) or not getattr(reader, "root", None):
-        return
-    classes, left_out = _class_to_idx(ds), {}
-    for folder, _, files in os.walk(reader.root, followlinks=True):
-        images = sum(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES for f in files)
-        if images and os.path.basename(os.path.relpath(folder, reader.root)) not in classes:
-            left_out[os.path.relpath(folder, reader.root)] = images
-    top = Path(reader.root).name
-    if left_out:
-        print(f"note: --class-map {class_map} names no class of {len(left_out)} folder(s) of {top}/, whose "
-              f"{sum(left_out.values())} images are left out: " + _some([f"{top}/{f} ({n})" for f, n in
-                                                                           sorted(left_out.items())]), flush=True)
-    found = {target for _, target in reader.samples}
-    if empty := [name for name, index in classes.items() if index not in found]:
-        print(f"note: --class-map {class_map} names {len(empty)} class(es) with no images in {top}/: {_some(empty)}",
-              flush=True)
-
-
-def _unread_folders(root: Path, classes: set[str]) -> list[str]:
-    """The split's folders (with the suffixes of their files) that hold files but no image read, so no class."""
-    unread = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if entry.is_dir() and not entry.name.startswith(".") and entry.name not in classes:
-            suffixes = sorted({Path(f).suffix.lower() or "no suffix" for _, _, files in os.walk(entry.path)
-                               for f in files if not f.startswith(".")})
-            if suffixes:
-                unread.append(f"{entry.name} ({', '.join(suffixes[:3])})")
-    return unread
-
-
-def _class_to_idx(ds: Dataset) -> dict:
-    return getattr(getattr(ds, "reader", ds), "class_to_idx", None) or {}
-
-
-def _missing_classes(train_classes: dict, val_classes: dict) -> list:
-    """The training classes the validation split lacks. Each split of a folder dataset numbers its own classes
-    (sorted folder names), so a split lacking one is scored against shifted labels (as timm's train.py does,
-    silently), and a split with a class the training split lacks cannot be scored at all."""
-    extra = sorted(set(val_classes) - set(train_classes))
-    if extra:
-        raise UsageError(f"the validation split has {len(extra)} class(es) that the training split lacks "
-                         f"({_some(extra)}): a model trained on it cannot predict them; remove them from the "
-                         "validation split or add images of them to the training split")
-    return sorted(set(train_classes) - set(val_classes))
-
-
-def _some(names: list) -> str:
-    return ", ".join(map(str, names[:10])) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-
-
-_TRAIN_NAMES = ("train", "training")
-_EVAL_NAMES = ("validation", "val", "valid", "eval", "evaluation")
-
-
-def _split_folder(root: str, split: str, synonyms: tuple[str, ...]) -> Path:
-    """The folder of a split, found as timm finds it (the split's name, or a synonym of it)."""
-    names = (split, *synonyms) if split in synonyms else (split,)
-    for name in names:
-        if (Path(root) / name).is_dir():
-            return Path(root) / name
-    raise UsageError(f"no {split!r} split under {root}: expected {Path(root) / split}/CLASS/... "
-                     f"(one folder per class; set --{'train' if synonyms is _TRAIN_NAMES else 'val'}-split "
-                     "to the folder's name)")
 
 
 def check_sizes(loaders: Loaders, batch_size: int, world: int, grad_accum_steps: int) -> None:

@@ -1,0 +1,137 @@
+"""The ``predict`` command: image files and folders classified by the torch-free runtime, printed for people or
+written for scripts (``--results-file``) in the columns timm's ``inference.py`` writes.
+
+A results file's format follows its suffix: ``.csv`` has one row per image and one column per rank (``filename``,
+``index_0`` ..., ``label_0`` ..., ``prob_0`` ..., as inference.py's ``--results-separate-col --include-index``);
+``.json`` is a list of records and ``.jsonl`` one record per line (``filename``, ``index``, ``label``, ``prob``:
+lists, best first). Filenames are the paths as given or found, so images of one name in two folders stay apart.
+An image that does not decode is named on stderr and skipped (the exit status is then 1).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .argtypes import positive
+from .errors import UsageError
+from .files import check_writable_folder, write_atomically
+from .preprocess import list_images, load_image
+from .runtime import OnnxClassifier, Prediction
+
+FORMATS = (".csv", ".json", ".jsonl")
+
+
+def check_results_file(path: str, *, overwrite: bool) -> Path:
+    """The results file to write, refused before any work if it cannot be written or would replace a file."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UsageError(f"--results-file {path} is a folder; name a file in it")
+    if target.suffix.lower() not in FORMATS:
+        raise UsageError(f"--results-file {path}: the suffix chooses the format, one of {', '.join(FORMATS)}")
+    if target.exists() and not overwrite:
+        raise UsageError(f"--results-file {path} exists; pass --overwrite to replace it")
+    check_writable_folder(target.parent)
+    return target
+
+
+def _record(filename: str, preds: Sequence[Prediction]) -> dict:
+    return {"filename": filename, "index": [p.index for p in preds], "label": [p.label for p in preds],
+            "prob": [p.probability for p in preds]}
+
+
+def _csv(rows: Sequence[tuple[str, Sequence[Prediction]]]) -> str:
+    k = max(len(preds) for _, preds in rows)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["filename", *(f"{col}_{i}" for col in ("index", "label", "prob") for i in range(k))])
+    for filename, preds in rows:
+        writer.writerow([filename, *(p.index for p in preds), *(p.label for p in preds),
+                         *(repr(p.probability) for p in preds)])
+    return out.getvalue()
+
+
+def write_results(path: Path, rows: Sequence[tuple[str, Sequence[Prediction]]]) -> None:
+    """Write ``(filename, predictions)`` rows whole or not at all, in the format of ``path``'s suffix."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        text = _csv(rows)
+    elif suffix == ".json":
+        text = json.dumps([_record(f, p) for f, p in rows], indent=2) + "\n"
+    else:
+        text = "".join(json.dumps(_record(f, p)) + "\n" for f, p in rows)
+    write_atomically(text.encode(), path)
+
+
+def image_progress(verb: str) -> Callable[[int, int], None]:
+    """A report of the images done so far, on stderr: one updated line on a terminal, a line per tenth in a log."""
+    before = 0
+
+    def report(done: int, total: int) -> None:
+        nonlocal before
+        if sys.stderr.isatty():
+            print(f"\r{verb} {done}/{total} images", end="\n" if done == total else "", file=sys.stderr, flush=True)
+        elif done * 10 // total != before * 10 // total:
+            print(f"{verb} {done}/{total} images", file=sys.stderr, flush=True)
+        before = done
+    return report
+
+
+def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:
+    """The images of ``paths`` that decode, and their names; each one that does not is named on stderr and skipped
+    (a lone image's failure is the command's error)."""
+    images, names = [], []
+    for path in paths:
+        try:
+            images.append(load_image(path))
+            names.append(path)
+        except UsageError as e:
+            if alone:
+                raise
+            print(f"nfnet-hub predict: skipped {e}", file=sys.stderr, flush=True)
+    return images, names
+
+
+def add_predict_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("images", nargs="+", help="image files, or folders (their images, recursively)")
+    s.add_argument("--model", required=True, help="a bundle folder or a Hub repo id ORG/NAME")
+    s.add_argument("--top-k", "--topk", type=positive, default=5, help="labels per image")
+    s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")
+    s.add_argument("--filename", default="model.onnx", help="ONNX file of the bundle (model_int8.onnx, ...)")
+    s.add_argument("--results-file", help="write the predictions to this file instead of the screen, in the format "
+                   "its suffix names: .csv (timm inference.py's columns), .json or .jsonl (records)")
+    s.add_argument("--overwrite", action="store_true", help="replace --results-file if it exists")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    out = check_results_file(args.results_file, overwrite=args.overwrite) if args.results_file else None
+    images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
+    clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
+    rows, skipped, progress = [], 0, image_progress("predicted")
+    for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
+        batch = images[start:start + args.batch_size]
+        chunk, names = _readable(batch, alone=len(images) == 1)
+        skipped += len(batch) - len(chunk)
+        results = clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size) if chunk else []
+        if out:
+            rows += zip(names, results)
+            progress(start + len(batch), len(images))
+            continue
+        for image, preds in zip(names, results):
+            print(image)
+            for p in preds:
+                print(f"  {p.probability:7.2%}  {p.label}")
+        sys.stdout.flush()
+    if skipped == len(images):
+        raise UsageError(f"none of the {len(images)} images is readable" + (f"; {out} not written" if out else ""))
+    if out:
+        write_results(out, rows)
+        print(f"wrote {len(rows)} predictions to {out}", flush=True)
+    if skipped:
+        print(f"nfnet-hub predict: {skipped} of {len(images)} images skipped (unreadable)", file=sys.stderr)
+        return 1
+    return 0
