@@ -302,8 +302,8 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
 
 def test_images_that_do_not_decode_are_skipped_by_name(digits_folders, tmp_path, caplog):
     """timm's dataset skips a sample whose reading raises OSError, and stopped the run on any other error of Pillow's
-    (a decompression bomb: an image of more pixels than Pillow decodes). Every one is skipped; those that do not
-    open are named (a truncated file is found while timm decodes it, and its warning gives the index only)."""
+    (a decompression bomb: an image of more pixels than Pillow decodes). Every one is skipped and named, a truncated
+    file too (it fails while timm decodes it, and timm's warning gives its index only)."""
     for split, labels in (("train", ("1", "7")), ("validation", ("1",))):
         for label in labels:
             (tmp_path / split / label).mkdir(parents=True)
@@ -322,7 +322,7 @@ def test_images_that_do_not_decode_are_skipped_by_name(digits_folders, tmp_path,
     assert result["global_step"] == 35 // 5
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped sample")]
     # a skip reads the next sample, which may be skipped in its turn: a file can be named more than once
-    assert any(m.endswith("image file is truncated") for m in skipped), skipped
+    assert any(m.endswith(f"image file is truncated ({tmp_path / 'train/7/cut.png'})") for m in skipped), skipped
     for name in named:
         assert any(f"{tmp_path / name} is not a readable image" in m for m in skipped), (name, skipped)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,12 +236,30 @@ class _Wrapper:
         return len(self.inner)
 
 
+_last_read: list = [None, None]  # (index, file) of the sample this process's reader handed over last
+
+
+class _NameTheFile(logging.Filter):
+    """timm's warning for a sample it skips gives its index only; the file is added. A truncated image fails while
+    timm decodes it, after the reader handed it over, in the same process (a loader worker, or the main one)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        index, file = _last_read
+        message = record.getMessage()
+        if file is not None and message.startswith(f"Skipped sample (index {index})") and file not in message:
+            record.msg, record.args = f"{message} ({file})", ()
+        return True
+
+
+logging.getLogger("timm.data.dataset").addFilter(_NameTheFile())  # here: a spawned worker imports this module too
+
+
 class ReadAsRuntime(_Wrapper):
     """A folder reader of timm's that hands over 16-bit and 32-bit images as the runtime reads them, rescaled to
     8 bits: timm converts them with PIL, which clips (most pixels turn white), so a model would train on other
     pixels than it is served. Other images pass through untouched. One that does not decode is skipped by timm's
-    dataset, with a warning that names it, whatever Pillow raised (timm skips OSError only: a decompression bomb
-    stopped its training)."""
+    dataset, with a warning that names it (see ``_NameTheFile``), whatever Pillow raised (timm skips OSError only:
+    a decompression bomb stopped its training)."""
 
     @classmethod
     def wrap(cls, ds: Dataset) -> Dataset:
@@ -252,6 +271,7 @@ class ReadAsRuntime(_Wrapper):
 
     def __getitem__(self, index: int) -> tuple:
         file, *rest = self.inner[index]
+        _last_read[:] = index, self.inner.filename(index, absolute=True)
         try:
             img = Image.open(file)
             if img.mode in WIDE_MODES:
@@ -262,7 +282,7 @@ class ReadAsRuntime(_Wrapper):
                 return (out, *rest)
         except UNDECODABLE as e:  # timm's dataset skips a sample whose reading raises OSError, and only such
             file.close()
-            raise OSError(f"{self.inner.filename(index, absolute=True)} is not a readable image: {e}") from None
+            raise OSError(f"{_last_read[1]} is not a readable image: {e}") from None
         file.seek(0)
         return (file, *rest)
 
