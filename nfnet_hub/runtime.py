@@ -67,7 +67,8 @@ def read_bundle_config(path: Path) -> dict[str, Any]:
 
 
 class OnnxClassifier:
-    """Image classifier over an exported ``model.onnx`` and its ``config.json``."""
+    """Image classifier over an exported ``model.onnx`` and its ``config.json`` (by default the preprocessing and
+    labels nfnet-hub writes into the ONNX file, else the ``config.json`` beside it)."""
 
     def __init__(self, model_path: str | os.PathLike, config: dict[str, Any] | None = None, *,
                  providers: Sequence[str] | None = None, threads: int | None = None):
@@ -84,12 +85,15 @@ class OnnxClassifier:
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
             raise UsageError(f"{model_path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
         meta = self.session.get_modelmeta().custom_metadata_map
-        if config is None:
-            if "nfnet_hub.preprocessing" not in meta:
-                raise UsageError(f"{model_path} carries no preprocessing metadata (not exported by nfnet-hub): "
-                                 "load it from its bundle folder, whose config.json says how to preprocess")
+        if config is None and "nfnet_hub.preprocessing" in meta:
             config = {"pretrained_cfg": json.loads(meta["nfnet_hub.preprocessing"]),
                       "label_names": json.loads(meta.get("nfnet_hub.labels", "null"))}
+        elif config is None and (model_path.parent / "config.json").is_file():
+            config = read_bundle_config(model_path.parent / "config.json")
+        elif config is None:
+            raise UsageError(f"{model_path} carries no preprocessing metadata (not exported by nfnet-hub) and has no "
+                             "config.json beside it: load it from its bundle folder, whose config.json says how "
+                             "to preprocess")
         self.config = config
         self.preprocess = Preprocess.from_pretrained_cfg(config["pretrained_cfg"])
         num_classes = self.session.get_outputs()[0].shape[-1]
@@ -124,17 +128,19 @@ class OnnxClassifier:
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         threads: int | None = None) -> OnnxClassifier:
         """Load from a local bundle folder or a Hub repository id (``ORG/NAME``), named as timm names them or not
-        (``local-dir:PATH``, ``hf-hub:ORG/NAME``).
+        (``local-dir:PATH``, ``hf-hub:ORG/NAME``), or from an ONNX file that nfnet-hub exported (it carries its
+        preprocessing and labels), such as ``export``'s ``out/model.onnx``.
 
         A name that looks like a path (it exists, starts with ``.``, ``/`` or ``~``, has more than one
         ``/``, or its parent folder exists here) is a local folder, and a missing one is a local error:
         it never turns into a Hub download."""
         repo_or_dir, local = parse_source(str(repo_or_dir))
         path = Path(repo_or_dir).expanduser()
+        if local and path.is_file():
+            return cls._from_file(path, filename=filename, providers=providers, threads=threads)
         if local:
             if not path.is_dir():
-                raise UsageError(f"no bundle folder at {repo_or_dir}" + (
-                    f" ({path} is a file: give the folder that holds it)" if path.is_file() else ""))
+                raise UsageError(f"no bundle folder or ONNX file at {repo_or_dir}")
             model_file, config_file = path / filename, path / "config.json"
             if not model_file.is_file():
                 raise UsageError(f"{path} holds no {filename}: is it a bundle folder? "
@@ -156,6 +162,16 @@ class OnnxClassifier:
                 model_file = Path(hf_hub_download(repo_id, filename, **kw))
         return cls(model_file, read_bundle_config(config_file) if config_file.is_file() else None, providers=providers,
                    threads=threads)
+
+    @classmethod
+    def _from_file(cls, path: Path, *, filename: str, providers: Sequence[str] | None,
+                   threads: int | None) -> OnnxClassifier:
+        if path.suffix.lower() != ".onnx":
+            raise UsageError(f"{path} is a file but not an ONNX model: give a bundle folder or a .onnx file")
+        if filename not in ("model.onnx", path.name):
+            raise UsageError(f"{path} is one ONNX file, so it cannot also be {filename}: give the bundle folder "
+                             f"to choose its {filename}, or that file itself")
+        return cls(path, providers=providers, threads=threads)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits of a preprocessed NCHW float32 batch."""

@@ -180,12 +180,15 @@ def test_predict_cli(bundle, sample_images, capsys):
     assert main(["predict", *photos, "--model", str(bundle), "--top-k", "3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == photos[0] and len(out) == 8
+    out_one = out[:4]
     assert all(line.strip().split("%")[1].strip() in LABELS for line in out[1:4])
     assert main(["predict", str(sample_images), "--model", str(bundle), "--top-k", "1", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out.splitlines()  # a folder: its images, in order, in batches of 2
     assert out[::2] == [str(p) for p in sorted(sample_images.iterdir())] and len(out) > 4
     assert main(["predict", str(bundle / "config.json"), "--model", str(bundle)]) == 2
     assert "not a readable image" in capsys.readouterr().err
+    assert main(["predict", photos[0], "--model", str(bundle / "model.onnx"), "--top-k", "3"]) == 0  # the file alone
+    assert capsys.readouterr().out.splitlines() == out_one
 
 
 def test_predict_skips_unreadable_images_names_them_and_exits_1(bundle, sample_images, tmp_path, capsys):

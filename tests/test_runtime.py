@@ -124,7 +124,7 @@ def test_bad_models_and_repo_ids(tmp_path):
         OnnxClassifier(tmp_path / "model.onnx")
     with pytest.raises(ValueError, match="no ONNX model at"):
         OnnxClassifier(tmp_path / "missing.onnx")
-    with pytest.raises(ValueError, match="no bundle folder at not-a-folder-nor-repo"):
+    with pytest.raises(ValueError, match="no bundle folder or ONNX file at not-a-folder-nor-repo"):
         OnnxClassifier.from_pretrained("not-a-folder-nor-repo")
     with pytest.raises(ValueError, match="neither a bundle folder nor a Hub repo id"):
         OnnxClassifier.from_pretrained("me/a..b")
@@ -133,3 +133,34 @@ def test_bad_models_and_repo_ids(tmp_path):
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(ValueError, match=words):
             OnnxClassifier.from_pretrained(tmp_path)
+
+
+def test_an_onnx_file_is_a_model_of_its_own(trained_nano, nano_bundle, digits_folders, tmp_path):
+    """What ``export`` writes (out/model.onnx, no bundle around it) predicts, from its own metadata, what the bundle
+    of the same weights predicts; a bundle's file given itself is that bundle's model."""
+    import onnx
+
+    export_onnx(trained_nano["model"], tmp_path / "out" / "model.onnx")
+    images = list_images(digits_folders / "validation")[:16]
+    bundled = OnnxClassifier.from_pretrained(nano_bundle)
+    alone = OnnxClassifier.from_pretrained(tmp_path / "out" / "model.onnx")
+    assert alone.labels == bundled.labels and alone.preprocess == bundled.preprocess
+    x = bundled.preprocess.batch(images)
+    np.testing.assert_allclose(alone.logits(x), bundled.logits(x), rtol=1e-5, atol=1e-5)
+    int8 = OnnxClassifier.from_pretrained(f"local-dir:{nano_bundle / 'model_int8.onnx'}")
+    np.testing.assert_array_equal(int8.logits(x), OnnxClassifier.from_pretrained(
+        nano_bundle, filename="model_int8.onnx").logits(x))
+    # an ONNX file without nfnet-hub's metadata (timm's export, say) takes the config.json beside it, if any
+    plain = onnx.load(nano_bundle / "model.onnx")
+    del plain.metadata_props[:]
+    shutil.copy(nano_bundle / "config.json", tmp_path / "config.json")
+    onnx.save(plain, tmp_path / "plain.onnx")
+    np.testing.assert_array_equal(OnnxClassifier(tmp_path / "plain.onnx").logits(x), bundled.logits(x))
+    (tmp_path / "config.json").unlink()
+    for source, kw, words in ((tmp_path / "plain.onnx", {}, "no preprocessing metadata .* no config.json beside it"),
+                              (nano_bundle / "config.json", {}, "is a file but not an ONNX model"),
+                              (nano_bundle / "model.onnx", dict(filename="model_int8.onnx"),
+                               "is one ONNX file, so it cannot also be model_int8.onnx"),
+                              (tmp_path / "missing.onnx", {}, "no bundle folder or ONNX file at")):
+        with pytest.raises(ValueError, match=words):
+            OnnxClassifier.from_pretrained(source, **kw)

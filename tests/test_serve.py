@@ -303,6 +303,8 @@ def test_bundles_are_found_by_timms_names_too(nano_bundle):
 
     assert find_bundles(f"local-dir:{nano_bundle}") == find_bundles(str(nano_bundle)) == {"bundle": str(nano_bundle)}
     assert find_bundles("hf-hub:me/nano") == find_bundles("me/nano") == {"nano": "me/nano"}
+    int8 = nano_bundle / "model_int8.onnx"  # a file nfnet-hub exported: served under its name
+    assert find_bundles(str(int8)) == {"model_int8": str(int8)}
 
 
 def test_a_folder_of_bundles_serves_each_under_its_folder_name(nano_bundle, tmp_path, clf):
@@ -351,7 +353,8 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
             ([str(tmp_path / "odd")], "'not ok' cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
                                       "rename its folder"),
             ([str(nano_bundle), "--grpc-port", "8080", "--port", "8080"], "is the HTTP port"),
-            ([str(nano_bundle / "model.onnx")], "give the folder"),
+            ([str(nano_bundle / "config.json")], "give the folder that holds the bundle's files, or an .onnx file"),
+            ([str(nano_bundle / "model.onnx"), "--precision", "int8"], "is one file: serve it without --precision"),
             ([str(nano_bundle), "--workers", "0"], "--workers: must be a positive integer"),
             ([str(nano_bundle), "--max-delay-ms", "-1"], "--max-delay-ms: must be a finite number of at least 0"),
             ([str(nano_bundle), "--device", "cuda"], "has no CUDA provider"),

@@ -18,8 +18,10 @@ def _batching(s: argparse.ArgumentParser, instances: str) -> None:
 
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("source", help="a bundle folder, a folder of bundle folders (one model each, named after its "
-                   "folder) or a Hub repo id ORG/NAME (through huggingface_hub's cache)")
-    s.add_argument("--name", help="model name in URLs (default: the bundle folder's or the repo's name)")
+                   "folder), a Hub repo id ORG/NAME (through huggingface_hub's cache) or an ONNX file that "
+                   "nfnet-hub exported")
+    s.add_argument("--name", help="model name in URLs (default: the bundle folder's, the repo's or the ONNX "
+                   "file's name)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=positive, default=8080, help="HTTP port")
     s.add_argument("--grpc-port", type=positive, help="also serve the protocol's gRPC API on this port (default: off)")

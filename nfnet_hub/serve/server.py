@@ -41,15 +41,17 @@ def _is_bundle(folder: Path) -> bool:
 
 def find_bundles(source: str, *, name: str | None = None, log: Callable = print) -> dict[str, str]:
     """Model names and where their bundles are: one bundle folder, a folder of bundle folders (each served
-    under its folder's name; other visible folders are named in the log), or a Hub repo id (served under its
-    name part)."""
+    under its folder's name; other visible folders are named in the log), a Hub repo id (served under its
+    name part), or an ONNX file nfnet-hub exported (served under its name less ``.onnx``)."""
     source, local = parse_source(source)
     path = Path(source).expanduser()
     if not local:
         found = {name or source.split("/")[1]: source}
+    elif path.is_file() and path.suffix.lower() == ".onnx":
+        found = {name or path.stem: str(path)}
     elif not path.is_dir():
-        raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files)"
-                                                            if path.is_file() else ""))
+        raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files, or an "
+                                                            ".onnx file)" if path.is_file() else ""))
     elif _is_bundle(path):
         found = {name or path.resolve().name: str(path)}
     else:
@@ -82,13 +84,17 @@ def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, provider
     classifiers = {}
     for model_name, where in bundles.items():
         local = Path(where)
+        if local.is_file() and options.precision != "fp32":
+            raise UsageError(f"--precision chooses among a bundle's files, but {where} is one file: serve it "
+                             "without --precision, or give its bundle folder")
         if local.is_dir() and not (local / filename).is_file():
             have = sorted(p for p, f in ONNX_FILES.items() if (local / f).is_file())
             raise UsageError(f"bundle {where} has no {options.precision} model ({filename}); it has: {', '.join(have)}")
         clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=options.threads)
         clf.logits(clf.preprocess.batch([_blank(clf.preprocess.input_size)]))
         h, w = clf.preprocess.input_size
-        log(f"model {model_name}: {where} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
+        file = local.name if local.is_file() else filename
+        log(f"model {model_name}: {where} ({file}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
             f"{len(clf.labels)} classes, {clf.preprocess.describe()}")
         classifiers[model_name] = clf
     return classifiers
