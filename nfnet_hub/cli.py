@@ -233,7 +233,7 @@ def _model_options(s: argparse.ArgumentParser) -> None:
 
 
 def _export_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--img-size", type=positive, help="square input size, a multiple of 32 (default: the size the "
+    s.add_argument("--img-size", type=positive, help="square input size (default: the size the "
                    "weights were evaluated at, else the model's test size)")
     s.add_argument("--calibration", help="folder of images for int8 calibration")
     s.add_argument("--labels", help="text file with one label per line (default: the class names the checkpoint "

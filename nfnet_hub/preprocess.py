@@ -30,7 +30,6 @@ _INTERPOLATION = {
     "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-STRIDE = 32  # an NFNet's total stride: sizes are multiples of it
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit and 32-bit integer images, which PIL's convert clips
 CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (input_img_mode RGB or L)
 # how Pillow says a file does not decode: truncated or foreign files (several types), and images so large they
@@ -48,11 +47,12 @@ def eval_size(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = Non
 
 
 def export_size(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = None) -> tuple[int, int]:
-    """The (height, width) to fold and export at; refuses sizes the network cannot take."""
+    """The (height, width) to fold and export at: any size the network takes, as timm's models take any (folding
+    makes SAME padding static for it)."""
     h, w = eval_size(cfg, img_size)
-    if isinstance(img_size, bool) or min(h, w) < STRIDE or h % STRIDE or w % STRIDE:
+    if isinstance(img_size, bool) or min(h, w) < 1:
         got = img_size if img_size is not None else f"{h}x{w} (from the model's config)"
-        raise UsageError(f"image size must be a positive multiple of {STRIDE} (the network's stride), got {got}")
+        raise UsageError(f"image size must be positive, got {got}")
     return h, w
 
 

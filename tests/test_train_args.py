@@ -462,3 +462,42 @@ def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path
     later = build(parse_args([*QUICK, "--epochs", "20", "--start-epoch", "15", "--output", str(tmp_path)]))
     start, step, global_step, _, _ = resume(later, state, path)
     assert (start, step, global_step) == (15, 0, 15 * later.updates_per_epoch)
+
+
+def test_a_checkpoint_of_timms_train_py_exports_with_the_preprocessing_train_py_resolved(tmp_path, capsys):
+    """train.py saves its options as an argparse Namespace and no data config: export, bundle, validate and
+    --initial-checkpoint read that checkpoint (refused before, as holding Python objects) and preprocess as train.py
+    resolved its options (here 48 px, which is not a multiple of the network's stride)."""
+    import argparse
+    import json
+
+    import onnxruntime as ort
+    from timm.data import resolve_data_config
+    from timm.utils import ModelEmaV3
+
+    options = {**yaml.safe_load(FIXTURE.read_text()), "img_size": 48, "mean": [0.5, 0.4, 0.3],
+               "std": [0.2, 0.25, 0.3], "crop_pct": 0.8, "interpolation": "bilinear", "num_classes": 10}
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10))
+    ema = ModelEmaV3(model)
+    randomise(model, seed=1)  # the EMA's weights differ from the model's
+    (tmp_path / "timm").mkdir()
+    saver = CheckpointSaver(model, _nano_optimizer(model), args=argparse.Namespace(**options), model_ema=ema,
+                            checkpoint_dir=str(tmp_path / "timm"))
+    saver.save_checkpoint(epoch=0, metric=50.0)
+    ckpt = tmp_path / "timm" / "model_best.pth.tar"
+    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert "from the options of timm's train.py recorded in model_best.pth.tar" in capsys.readouterr().out
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    recorded = json.loads(session.get_modelmeta().custom_metadata_map["nfnet_hub.preprocessing"])
+    resolved = resolve_data_config(options, model=timm.create_model("nfnet_hub_nano"))  # as train.py resolves them
+    assert recorded["input_size"] == list(resolved["input_size"]) == [3, 48, 48]
+    assert {k: recorded[k] for k in ("crop_pct", "crop_mode", "interpolation")} == \
+        {k: resolved[k] for k in ("crop_pct", "crop_mode", "interpolation")}
+    assert recorded["mean"] == pytest.approx(resolved["mean"]) and recorded["std"] == pytest.approx(resolved["std"])
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = ema.module.eval()(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"pixel_values": x.numpy()})[0], expected, rtol=1e-4, atol=1e-5)
+    run = build(parse_args([*QUICK, "--initial-checkpoint", str(ckpt), "--output", str(tmp_path / "run")]))
+    for k, v in ema.module.state_dict().items():
+        torch.testing.assert_close(run.model.state_dict()[k], v, rtol=0, atol=0, msg=k)

@@ -2,11 +2,13 @@
 
 Read: safetensors, PyTorch checkpoints (ours, timm's; pickles only with ``torch.load(weights_only=True)``)
 and the authors' Haiku files (``deepmind.py``), told apart by their content rather than their names.
-A training checkpoint of ours also carries the data config it was trained with; ``create_model`` puts
-it into the model's ``pretrained_cfg``, so export, bundle and validate preprocess as training did.
+A training checkpoint of ours also carries the data config it was trained with, one of timm's train.py the
+options it resolved its data config from; ``create_model`` puts that into the model's ``pretrained_cfg``, so
+export, bundle and validate preprocess as training did.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import pickle
 import re
@@ -40,6 +42,7 @@ class Checkpoint:
     data_config: dict[str, Any] | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     entry: str = ""  # which weights of a training checkpoint: "state_dict_ema", "state_dict", ...
+    train_args: dict[str, Any] | None = None  # the options of timm's train.py run that wrote it, if it did
 
 
 def checkpoint_form(path: Path) -> str:
@@ -63,9 +66,11 @@ def checkpoint_form(path: Path) -> str:
 
 
 def read_pytorch(path: Path) -> Any:
-    """``torch.load`` of weights only, with errors that say what the file is."""
+    """``torch.load`` of weights only, with errors that say what the file is. timm's train.py stores its options
+    as an ``argparse.Namespace`` (a bag of attributes), which is admitted too."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():
             raise CheckpointError(f"{path} holds Python objects other than tensors, numbers and containers; "
@@ -95,6 +100,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path, form, sd, record, metadata)
     raw = read_pytorch(path)
     record = raw.get("data_config") if isinstance(raw, dict) else None
+    train_args = raw.get("args") if isinstance(raw, dict) and record is None else None
+    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else None
     sd, entry = raw, ""
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # the EMA first, as timm's load_checkpoint
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -102,7 +109,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
-    return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record, entry=entry)
+    return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record, entry=entry,
+                      train_args=train_args)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -246,11 +254,17 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
         sd = convert_deepmind(sd, model)
     check_fit(sd, model, str(checkpoint))
     model.load_state_dict(sd)
-    if ckpt.data_config:
-        model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, ckpt.data_config,
+    record, source = ckpt.data_config, f"the data config recorded in {Path(checkpoint).name}"
+    if not record and ckpt.train_args:  # as timm's train.py resolved it from its options
+        from timm.data import resolve_data_config
+
+        record = resolve_data_config(ckpt.train_args, pretrained_cfg=model.pretrained_cfg)
+        source = (f"the options of timm's train.py recorded in {Path(checkpoint).name}, resolved as train.py "
+                  "resolves them (it records no class names)")
+    if record:
+        model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, record,
                                                     channels=getattr(model, "in_chans", None)),
                                 "num_classes": model.num_classes}
-        source = f"the data config recorded in {Path(checkpoint).name}"
     else:
         source = f"{name}'s pretrained config ({Path(checkpoint).name} records none)"
     ema = f" (its EMA weights, {ckpt.entry}, as timm's load_checkpoint takes them)" if "ema" in ckpt.entry else ""

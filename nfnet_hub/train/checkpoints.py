@@ -86,8 +86,7 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if checkpoint_form(path) != "pytorch":
         raise CheckpointError(f"{path} holds weights only, not a training checkpoint: resume from a run's "
                               "last.pth.tar, or start from weights with --initial-checkpoint")
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        state = read_pytorch(path)
+    state = read_pytorch(path)
     missing = [k for k in ("state_dict", "optimizer", "epoch") if k not in state] if isinstance(state, dict) else None
     if missing is None or missing:
         raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
