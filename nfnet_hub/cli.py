@@ -28,6 +28,15 @@ def _say_model(model_name: str, args: argparse.Namespace, size: int | None = Non
     model, source = load_model(model_name, args.checkpoint, pretrained=pretrained)  # a saved model: its weights
     pre = Preprocess.for_model(model, img_size=size)
     print(f"weights: {source.weights}\npreprocessing: {pre.describe()}, from {source.preprocessing}", flush=True)
+    if hasattr(args, "labels"):  # export and bundle
+        from .classes import set_class_names, unnamed_classes_note
+
+        if args.labels:
+            set_class_names(model, args.labels)
+        elif source.classes:
+            print(f"classes: {source.classes}; --labels names others", flush=True)
+        elif note := unnamed_classes_note(model):
+            print(note, flush=True)
     if source.random and warn_random:
         print(f"warning: {model_name} has random weights: its skip gains are zero, so every residual branch "
               "folds away; pass --checkpoint FILE or --pretrained for a model worth exporting", file=sys.stderr)
@@ -41,12 +50,6 @@ def _calibration(args: argparse.Namespace, pre) -> Any:
         raise UsageError("int8 needs --calibration DIR (images like the ones the model will see; a fifth of them "
                          "are held out to measure int8's agreement with fp32)")
     return load_calibration(args.calibration, pre, say=lambda line: print(line, flush=True))
-
-
-def _labels(args: argparse.Namespace) -> list[str] | None:
-    from .preprocess import read_labels
-
-    return read_labels(args.labels) if args.labels else None
 
 
 def _say_int8(report) -> None:
@@ -96,7 +99,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         calibration = _calibration(args, Preprocess.for_model(model, img_size=size))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
     report = export_onnx(model, out / args.filename, img_size=size, precision=args.precision,
-                         opset=args.opset, label_names=_labels(args), calibration=calibration,
+                         opset=args.opset, calibration=calibration,
                          min_agreement=args.min_agreement, force=args.force)
     h, w = report.img_size
     print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {h}x{w} px, "
@@ -169,7 +172,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     calibration = None
     if "int8" in args.precision:
         calibration = _calibration(args, Preprocess.for_model(model, img_size=size))
-    build_bundle(model, out, img_size=size, label_names=_labels(args), precisions=["fp32", *args.precision],
+    build_bundle(model, out, img_size=size, precisions=["fp32", *args.precision],
                  calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
                  license=args.license, overwrite=args.overwrite, min_agreement=args.min_agreement, force=args.force)
     print(f"bundle ready: {out}\npublish with: nfnet-hub publish {out} --repo-id {args.repo_id}")
@@ -236,8 +239,9 @@ def _export_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--img-size", type=positive, help="square input size (default: the size the "
                    "weights were evaluated at, else the model's test size)")
     s.add_argument("--calibration", help="folder of images for int8 calibration")
-    s.add_argument("--labels", help="text file with one label per line (default: the class names the checkpoint "
-                   "records)")
+    s.add_argument("--labels", help="text file with one class name per line, or an ImageNet subset whose names timm "
+                   "gives (imagenet-1k, imagenet-22k ...) (default: the names the weights record; a pretrained "
+                   "tag's are ImageNet's)")
     s.add_argument("--min-agreement", type=fraction, default=0.95, help="int8's least top-1 agreement with fp32 on "
                    "held-out calibration images")
     s.add_argument("--force", action="store_true", help="write int8 even below --min-agreement (the record says so)")

@@ -32,7 +32,7 @@ from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
 from .folding import fold
 from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
-from .preprocess import Preprocess, check_channels, data_config, export_size
+from .preprocess import Preprocess, check_channels, data_config, export_size, readable_labels
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
            "onnx_logits", "validate_onnx"]
@@ -231,7 +231,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
                          f"operator) to {max_opset} (the newest this onnx {onnx.__version__} knows)")
     num_classes = getattr(model, "num_classes", 0)
     if label_names is None:  # the class names the weights were trained with, where recorded
-        label_names = cfg.get("label_names") if len(cfg.get("label_names") or ()) == num_classes else None
+        recorded = readable_labels(cfg)
+        label_names = recorded if len(recorded or ()) == num_classes else None
     if label_names is not None and len(label_names) != num_classes:
         raise UsageError(f"{len(label_names)} label names for a model with {num_classes} classes")
     out = Path(out)

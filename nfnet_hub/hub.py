@@ -24,7 +24,7 @@ from .errors import BundleError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
 from .int8 import MIN_AGREEMENT
-from .preprocess import check_channels, data_config, export_size
+from .preprocess import check_channels, data_config, export_size, readable_labels
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
@@ -107,13 +107,16 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     channels = check_channels(getattr(model, "in_chans", 3))
     cfg = dict(model.pretrained_cfg)
     size = export_size(cfg, img_size)
-    labels = list(label_names) if label_names is not None else cfg.get("label_names")
+    if label_names is not None:
+        cfg = {**{k: v for k, v in cfg.items() if k != "label_descriptions"}, "label_names": list(label_names)}
+    labels = readable_labels(cfg)
     if labels is not None and len(labels) != model.num_classes:
         raise UsageError(f"{len(labels)} label names for a model with {model.num_classes} classes")
+    classes = {k: cfg[k] for k in ("label_names", "label_descriptions") if cfg.get(k)}  # config.json's, as timm's
     say = print if progress else (lambda *a, **k: None)
     record = data_config(cfg, size, labels, channels=channels)
     with reference_model(model) as model, atomic_folder(out, replace=overwrite) as tmp:  # fp32, as the ONNX files
-        save_for_hf(model, str(tmp), model_config={"label_names": labels} if labels is not None else None,
+        save_for_hf(model, str(tmp), model_config=classes or None,
                     model_args=_model_args(model), safe_serialization=True, data_config=record)
         save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the WS form and data config
         exports = []

@@ -23,7 +23,7 @@ from .errors import UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "ImageSource", "Preprocess", "apply_data_config",
            "check_channels", "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image",
-           "read_labels"]
+           "read_labels", "readable_labels"]
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -260,6 +260,16 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise UsageError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files
+
+
+def readable_labels(cfg: Mapping[str, Any]) -> list[str] | None:
+    """A config's class names as people read them, as timm's inference.py prints them: each of ``label_names``
+    through ``label_descriptions`` where it describes it (timm's ImageNet configs name classes by WordNet id)."""
+    names, descriptions = cfg.get("label_names"), cfg.get("label_descriptions") or {}
+    if isinstance(names, Mapping):  # timm's index -> name form; JSON makes its keys strings
+        by_index = {int(k): v for k, v in names.items()}
+        names = [by_index[i] for i in range(len(by_index))] if set(by_index) == set(range(len(by_index))) else None
+    return [descriptions.get(n, n) for n in names] if names else None
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:

@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, UsageError
 from .hub import build_bundle, publish, verify_bundle
 from .hubclient import check_repo_id
@@ -48,7 +49,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     base = path.parent
     for e in entries:  # relative paths are relative to the manifest
         for key in ("calibration", "labels"):
-            if key in e:
+            if key in e and not (key == "labels" and imagenet_subset(str(e[key])) and not (base / e[key]).exists()):
                 e[key] = str((base / e[key]).resolve())
         if not str(e["weights"]).startswith("timm:"):
             e["weights"] = str((base / e["weights"]).resolve())
@@ -56,7 +57,8 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     for i, e in enumerate(entries):
         for key, kind, there in (("calibration", "folder", Path.is_dir), ("labels", "file", Path.is_file),
                                  ("weights", "file", Path.is_file)):
-            if key in e and not str(e[key]).startswith("timm:") and not there(Path(e[key])):
+            if key in e and not str(e[key]).startswith("timm:") and not there(Path(e[key])) and not (
+                    key == "labels" and imagenet_subset(str(e[key]))):
                 missing.setdefault(f"no {key} {kind} at {e[key]}", []).append(i)
     if missing:  # before hours of building, not in the middle of them
         raise UsageError(f"{path}: " + "; ".join(f"{what} (model{'s' * (len(models) > 1)} "
@@ -77,7 +79,7 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
             endpoint: str | None = None, token: str | None = None) -> list[dict[str, Any]]:
     """Build and publish each entry; entries already published (see ``OUT/release-state.json``) are skipped."""
     from .int8 import load_calibration
-    from .preprocess import Preprocess, read_labels
+    from .preprocess import Preprocess
 
     entries = read_manifest(manifest)
     out = Path(out)
@@ -104,8 +106,9 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
                 pre = Preprocess.for_model(model, img_size=size)
                 calibration = load_calibration(entry["calibration"], pre,
                                                say=lambda line, tag=tag: print(f"{tag}: {line}", flush=True))
-            labels = read_labels(entry["labels"]) if "labels" in entry else None
-            build_bundle(model, folder, img_size=size, label_names=labels, precisions=entry["precisions"],
+            if "labels" in entry:
+                set_class_names(model, str(entry["labels"]))
+            build_bundle(model, folder, img_size=size, precisions=entry["precisions"],
                          calibration=calibration, dataset=entry.get("dataset"), repo_id=repo_id,
                          license=entry["license"], overwrite=folder.exists())
         print(f"{tag}: {'checking (dry run)' if dry_run else 'publishing'}", flush=True)

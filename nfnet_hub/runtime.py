@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UsageError
-from .preprocess import ImageSource, Preprocess, list_images, load_image
+from .preprocess import ImageSource, Preprocess, list_images, load_image, readable_labels
 
 __all__ = ["ImageSource", "OnnxClassifier", "Preprocess", "Prediction", "list_images", "load_image"]
 
@@ -66,6 +66,13 @@ def read_bundle_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def config_labels(config: dict[str, Any]) -> list[str] | None:
+    """A bundle config's class names as people read them (timm's config.json holds them at its top level, the
+    pretrained_cfg of a timm model, which the ONNX metadata carries, inside it)."""
+    return readable_labels({**config.get("pretrained_cfg", {}), **{
+        k: config[k] for k in ("label_names", "label_descriptions") if config.get(k)}})
+
+
 class OnnxClassifier:
     """Image classifier over an exported ``model.onnx`` and its ``config.json`` (by default the preprocessing and
     labels nfnet-hub writes into the ONNX file, else the ``config.json`` beside it)."""
@@ -97,7 +104,7 @@ class OnnxClassifier:
         self.config = config
         self.preprocess = Preprocess.from_pretrained_cfg(config["pretrained_cfg"])
         num_classes = self.session.get_outputs()[0].shape[-1]
-        labels = config.get("label_names") or config["pretrained_cfg"].get("label_names")
+        labels = config_labels(config)
         if labels and isinstance(num_classes, int) and len(labels) != num_classes:
             raise UsageError(f"{model_path.name} scores {num_classes} classes, but its config names {len(labels)}: "
                              "the config is not the one exported with this model")

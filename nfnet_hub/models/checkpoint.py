@@ -205,6 +205,7 @@ class Provenance:
     weights: str
     preprocessing: str
     random: bool
+    classes: str | None = None  # where class names came from, when nfnet-hub chose them
 
 
 def names_saved_model(name: str) -> bool:
@@ -230,9 +231,12 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     """
     _check_name(name)
     if checkpoint is None:
+        from ..classes import name_pretrained_classes
+
         model = _timm_create(name, pretrained, **kwargs)
         weights = f"pretrained weights of {name}" if pretrained else "random weights (no checkpoint given)"
-        return model, Provenance(weights, f"{name}'s pretrained config", not pretrained)
+        classes = name_pretrained_classes(model) if pretrained and not names_saved_model(name) else None
+        return model, Provenance(weights, f"{name}'s pretrained config", not pretrained, classes)
     ckpt = read_checkpoint(checkpoint)
     sd = ckpt.state_dict
     if ckpt.form == "deepmind":

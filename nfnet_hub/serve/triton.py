@@ -13,7 +13,7 @@ from pathlib import Path
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..files import atomic_folder, check_writable_folder
-from ..runtime import parse_source, read_bundle_config
+from ..runtime import config_labels, parse_source, read_bundle_config
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -99,7 +99,7 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None =
     check_writable_folder(repo)
     inputs, outputs = onnx_tensors(onnx_file)
     config = read_bundle_config(config_file)
-    labels = config.get("label_names") or config.get("pretrained_cfg", {}).get("label_names") or []
+    labels = config_labels(config) or []
     text = model_config(name, inputs, outputs, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                         instances=instances, gpu=gpu, accelerator=accelerator, precision=precision)
     with atomic_folder(target, replace=overwrite) as tmp:

@@ -1,0 +1,72 @@
+"""Class names for a model's outputs: a file of names, or timm's names of an ImageNet subset.
+
+timm's configs name classes in ``label_names`` (for ImageNet, WordNet ids such as ``n01440764``) and may describe
+them in ``label_descriptions`` (id -> words), which timm's inference.py prints. The weights of a pretrained tag
+that name no classes are named as that script names them: by their class count, ImageNet's.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .errors import UsageError
+from .preprocess import read_labels
+
+IMAGENET_SUBSETS = ("imagenet-1k", "imagenet-12k", "imagenet-21k", "imagenet-22k", "imagenet-22k-ms",
+                    "imagenet-21k-goog", "imagenet-21k-miil")  # timm's ImageNetInfo knows these
+
+
+def imagenet_subset(name: str) -> str | None:
+    """The ImageNet subset a name means, spelt as timm spells them (``ImageNet_1k`` is ``imagenet-1k``)."""
+    key = re.sub(r"[-_\s]", "", name.lower())
+    return next((s for s in IMAGENET_SUBSETS if s.replace("-", "") == key), None)
+
+
+def imagenet_classes(subset: str) -> dict[str, Any]:
+    """timm's ``label_names`` (WordNet ids) and ``label_descriptions`` of an ImageNet subset."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo(subset)
+    return {"label_names": info.label_names(), "label_descriptions": info.label_descriptions(as_dict=True)}
+
+
+def set_class_names(model: nn.Module, labels: str) -> None:
+    """``--labels``: a text file of names, one per line, or an ImageNet subset (``imagenet-1k`` ...), whose names
+    timm gives. They go into the model's ``pretrained_cfg``, from which export and bundle take them."""
+    subset = imagenet_subset(labels) if not Path(labels).is_file() else None
+    if not subset and not Path(labels).exists():
+        raise UsageError(f"--labels {labels}: no such file, nor an ImageNet subset whose names timm gives "
+                         f"({', '.join(IMAGENET_SUBSETS)})")
+    classes = imagenet_classes(subset) if subset else {"label_names": read_labels(labels)}
+    if len(classes["label_names"]) != model.num_classes:
+        raise UsageError(f"--labels {labels} names {len(classes['label_names'])} classes, but the model has "
+                         f"{model.num_classes}")
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "label_descriptions"}
+    model.pretrained_cfg = {**cfg, **classes}
+
+
+def unnamed_classes_note(model: nn.Module) -> str | None:
+    """What to say when the weights name no classes: their predictions will name them by index."""
+    from timm.data import infer_imagenet_subset
+
+    if model.pretrained_cfg.get("label_names"):
+        return None
+    subset = infer_imagenet_subset(model)
+    return (f"note: the weights name none of their {model.num_classes} classes, so predictions name them by index: "
+            "--labels FILE names them" + (f" (--labels {subset} if they are {subset}'s)" if subset else ""))
+
+
+def name_pretrained_classes(model: nn.Module) -> str | None:
+    """Give the weights of a pretrained tag that name no classes ImageNet's names, chosen by class count as timm's
+    inference.py chooses them; what was done, in words (None: nothing)."""
+    from timm.data import infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if model.pretrained_cfg.get("label_names") or subset is None:
+        return None
+    model.pretrained_cfg = {**model.pretrained_cfg, **imagenet_classes(subset)}
+    return (f"{subset}'s {model.num_classes}, as timm names them (its inference.py names a pretrained model's "
+            "classes by their count)")
