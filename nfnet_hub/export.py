@@ -309,8 +309,9 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     """Compare an exported model with ``model`` on images (preprocessed as the ONNX metadata says, a batch at a
     time) or noise; ``progress(done, total)`` is called after each batch of images.
 
-    Images inside folders named after the model's labels count as labelled: then the accuracy of both
-    models, and the change the export makes (e.g. int8 against PyTorch), are reported too.
+    Images inside folders named after the model's labels (or its ``label_names``, such as the WordNet ids that name
+    ImageNet's folders) count as labelled: then the accuracy of both models, and the change the export makes (e.g.
+    int8 against PyTorch), are reported too.
     """
     import onnxruntime as ort
 
@@ -342,6 +343,10 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((random_inputs, pre.channels, *pre.input_size)).astype(np.float32)]
     labels = json.loads(meta.get("nfnet_hub.labels", "null")) or []
+    ids = getattr(model, "pretrained_cfg", {}).get("label_names")  # timm's class names: ImageNet's are its folders'
+    if images and isinstance(ids, list) and len(ids) == len(labels) and _unlabelled(images, labels) and \
+            not _unlabelled(images, ids):
+        labels = ids
     targets, note = None, _unlabelled(images, labels) if images else None
     if images and not note:
         targets = np.array([labels.index(Path(p).parent.name) for p in images])

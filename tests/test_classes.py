@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import timm
 from conftest import randomise
 from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo
@@ -79,3 +80,27 @@ def test_every_subset_named_is_one_timm_knows():
     for subset in IMAGENET_SUBSETS:
         classes = imagenet_classes(subset)
         assert len(classes["label_names"]) == len(classes["label_descriptions"]) >= 1000, subset
+
+
+def test_validate_scores_images_in_imagenets_folders_named_by_wordnet_id(tmp_path, digits_folders):
+    """ImageNet's validation set comes in folders named by WordNet id (n01440764/...), the names timm's configs use;
+    the export's labels describe them ("tench, Tinca tinca"), and either names a folder."""
+    import shutil
+
+    from nfnet_hub.export import export_onnx, validate_onnx
+    from nfnet_hub.preprocess import list_images
+
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=1000))
+    set_class_names(model, "imagenet-1k")
+    export_onnx(model, tmp_path / "model.onnx")
+    clf = OnnxClassifier(tmp_path / "model.onnx")
+    digits = [list_images(digits_folders / "validation" / d)[0] for d in "012345"]
+    predicted = clf.logits(clf.preprocess.batch(digits)).argmax(-1)
+    images = []
+    for i, (path, index) in enumerate(zip(digits, predicted)):  # four in the folder of their class, two not
+        folder = tmp_path / "val" / model.pretrained_cfg["label_names"][index if i < 4 else (index + 1) % 1000]
+        folder.mkdir(parents=True, exist_ok=True)
+        images.append(folder / f"{i}.png")
+        shutil.copy(path, images[-1])
+    report = validate_onnx(tmp_path / "model.onnx", model, images)
+    assert report.accuracy_note is None and report.onnx_accuracy == pytest.approx(100 * 4 / 6)
