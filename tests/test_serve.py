@@ -110,6 +110,29 @@ def test_pixel_values_give_the_classifiers_logits(client, clf, binary):
         3 * len(clf.labels) * 4 if binary else None)
 
 
+def test_version_1_is_the_model_as_triton_numbers_it_and_other_versions_are_refused(servers, client, clf):
+    """A client written for the Triton repository `nfnet-hub triton` makes (the model in 1/) may name version 1:
+    KServe's server refuses every version (501); this one answers version 1 and refuses others with 404."""
+    from tritonclient.utils import InferenceServerException
+
+    grpc_client = pytest.importorskip("tritonclient.grpc")
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    result = client.infer("nano", [_pixels_input(x)], model_version="1")
+    np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), rtol=0, atol=1e-5)
+    assert client.is_model_ready("nano", "1") and client.get_model_metadata("nano", "1")["name"] == "nano"
+    g = grpc_client.InferenceServerClient(servers[1])
+    pixels = grpc_client.InferInput("pixel_values", [2, 3, 32, 32], "FP32").set_data_from_numpy(x)
+    np.testing.assert_allclose(g.infer("nano", [pixels], model_version="1").as_numpy("logits"), clf.logits(x),
+                               atol=1e-5)
+    for infer, status in ((lambda: client.infer("nano", [_pixels_input(x)], model_version="2"), "404"),
+                          (lambda: g.infer("nano", [pixels], model_version="2"), "NOT_FOUND")):
+        with pytest.raises(InferenceServerException, match="model nano is served as version 1 only, not 2") as e:
+            infer()
+        assert status in str(e.value.status())
+    g.close()
+    assert not client.is_model_ready("nano", "2") and not client.is_model_ready("no-such-model", "1")
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_image_bytes_are_preprocessed_like_the_runtime_and_give_top_k(client, clf, digit_files, fmt):
     files = [_encoded(p, fmt) for p in digit_files[:3]]

@@ -11,11 +11,12 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from ..errors import UsageError
-from .metrics import FAILURES, REQUEST_SECONDS, REQUESTS
+from .metrics import FAILURES, REQUEST_SECONDS, REQUESTS, version_error
 
 
 class _Metrics(aio.ServerInterceptor):
-    """Counts and times ``ModelInfer`` calls under the metric names HTTP requests use."""
+    """Counts and times ``ModelInfer`` calls under the metric names HTTP requests use, and refuses versions other
+    than the one served, as HTTP does (KServe's servicer would answer any)."""
 
     def __init__(self, models: set[str]):
         self.models = models
@@ -31,6 +32,8 @@ class _Metrics(aio.ServerInterceptor):
             REQUESTS.labels(model).inc()
             started = time.perf_counter()
             try:
+                if model != "(unknown)" and (error := version_error(model, request.model_version)):
+                    await context.abort(grpc.StatusCode.NOT_FOUND, error)
                 return await inner(request, context)
             except BaseException:
                 code = context.code()

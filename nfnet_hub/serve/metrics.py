@@ -1,8 +1,10 @@
-"""Prometheus metrics of the server, and the request-size limit, as one ASGI middleware.
+"""Prometheus metrics of the server, the request-size limit and model versions, as one ASGI middleware.
 
 The metrics go to prometheus_client's default registry, which KServe's ``/metrics`` route exposes
 beside its own. The middleware sees every inference request, including those KServe refuses before
 the model runs (malformed JSON, an unknown model), so failures are counted wherever they happen.
+Each model is served as version 1, as ``nfnet-hub triton`` numbers it, so that a client that names
+Triton's version (``/v2/models/NAME/versions/1/infer``) works here too; KServe refuses every version.
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ BATCH_SIZE = Histogram("nfnet_hub_batch_size", "rows per batch run by ONNX Runti
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 
 _INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+_VERSIONED = re.compile(r"^/v2/models/([^/]+)/versions/([^/]+)(/.*)?$")
+VERSION = "1"  # the one version of every model
+
+
+def version_error(model: str, version: str) -> str | None:
+    """Why a request for ``version`` of ``model`` cannot be answered, if it cannot ("" names no version)."""
+    return None if version in ("", VERSION) else f"model {model} is served as version {VERSION} only, not {version}"
 
 
 def observer(model: str):
@@ -53,6 +62,14 @@ class InferenceGate:
         model = match and (match.group(1) if match.group(1) in self.models else "(unknown)")  # bounded labels
         if model:
             REQUESTS.labels(model).inc()
+        versioned = _VERSIONED.match(scope.get("path", ""))
+        if versioned:  # an unknown model's, too: KServe's 404 for the model, not its 501 for versions
+            name, version, rest = versioned.group(1), versioned.group(2), versioned.group(3) or ""
+            if name in self.models and (error := version_error(name, version)):
+                if model:
+                    FAILURES.labels(model, "404").inc()
+                return await _error(send, 404, error)
+            scope = dict(scope, path=f"/v2/models/{name}{rest}", raw_path=f"/v2/models/{name}{rest}".encode())
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
             if model:
