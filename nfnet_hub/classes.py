@@ -6,14 +6,15 @@ that name no classes are named as that script names them: by their class count, 
 """
 from __future__ import annotations
 
+import os
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .errors import UsageError
-from .preprocess import read_labels
 
 IMAGENET_SUBSETS = ("imagenet-1k", "imagenet-12k", "imagenet-21k", "imagenet-22k", "imagenet-22k-ms",
                     "imagenet-21k-goog", "imagenet-21k-miil")  # timm's ImageNetInfo knows these
@@ -31,6 +32,23 @@ def imagenet_classes(subset: str) -> dict[str, Any]:
 
     info = ImageNetInfo(subset)
     return {"label_names": info.label_names(), "label_descriptions": info.label_descriptions(as_dict=True)}
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line (blank lines skipped), each once."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no labels file at {path}")
+    try:
+        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not a text file of labels (one per line)") from None
+    if not labels:
+        raise UsageError(f"{path} holds no labels (one per line)")
+    if repeated := sorted(label for label, n in Counter(labels).items() if n > 1):
+        raise UsageError(f"{path} names {', '.join(map(repr, repeated[:5]))} more than once: each class needs a name "
+                         "of its own")
+    return labels
 
 
 def set_class_names(model: nn.Module, labels: str) -> None:

@@ -23,7 +23,7 @@ from .errors import UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "ImageSource", "Preprocess", "apply_data_config",
            "check_channels", "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image",
-           "read_labels", "readable_labels"]
+           "readable_labels"]
 
 _INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST,
@@ -270,17 +270,3 @@ def readable_labels(cfg: Mapping[str, Any]) -> list[str] | None:
         by_index = {int(k): v for k, v in names.items()}
         names = [by_index[i] for i in range(len(by_index))] if set(by_index) == set(range(len(by_index))) else None
     return [descriptions.get(n, n) for n in names] if names else None
-
-
-def read_labels(path: str | os.PathLike) -> list[str]:
-    """Class names from a text file, one per line (blank lines skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no labels file at {path}")
-    try:
-        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not a text file of labels (one per line)") from None
-    if not labels:
-        raise UsageError(f"{path} holds no labels (one per line)")
-    return labels

@@ -66,7 +66,9 @@ def test_labels_option_names_classes_or_says_why_not(tmp_path, capsys):
     assert "note: the weights name none of their 3 classes, so predictions name them by index" in \
         capsys.readouterr().out
     assert OnnxClassifier(tmp_path / "unnamed" / "model.onnx").labels == ["0", "1", "2"]
+    (tmp_path / "twice.txt").write_text("cat\ndog\ncat\n")  # a copy-paste slip: two outputs, one name
     for labels, words in (("imagenet-1k", "--labels imagenet-1k names 1000 classes, but the model has 3"),
+                          (str(tmp_path / "twice.txt"), "names 'cat' more than once"),
                           ("imagenet-2k", "no such file, nor an ImageNet subset whose names timm gives")):
         assert main([*args, "--out", str(tmp_path / "x"), "--labels", labels]) == 2
         assert words in capsys.readouterr().err
