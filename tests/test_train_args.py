@@ -501,3 +501,25 @@ def test_a_checkpoint_of_timms_train_py_exports_with_the_preprocessing_train_py_
     run = build(parse_args([*QUICK, "--initial-checkpoint", str(ckpt), "--output", str(tmp_path / "run")]))
     for k, v in ema.module.state_dict().items():
         torch.testing.assert_close(run.model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_validation_sees_the_pixels_the_export_serves(tmp_path, sample_images):
+    """The run validates (and picks model_best, and reports the card's top-1) with the eval transform it records,
+    which export, bundle and the runtime apply: for nfnet_hub models that is timm's squash crop, which train.py's
+    validation leaves out (it centre-crops non-square images)."""
+    from nfnet_hub.preprocess import Preprocess
+
+    for split in ("train", "validation"):
+        for label, name in (("a", "chelsea.jpg"), ("b", "coffee.png")):  # 451x300 and 600x400 photos
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            shutil.copy(sample_images / name, tmp_path / "data" / split / label / name)
+    run = build(parse_args(["--data-dir", str(tmp_path / "data"), "--model", "nfnet_hub_nano", "--img-size", "64",
+                            "--workers", "0", "--batch-size", "2", "--no-progress", "--output", str(tmp_path / "o")]))
+    assert run.loaders.data_config["crop_mode"] == "squash"
+    pre = Preprocess.from_pretrained_cfg(run.loaders.data_config)
+    dataset = run.loaders.val.dataset
+    for i in range(len(dataset)):
+        pixels = dataset[i][0].float() / 255  # the prefetcher normalises on the device
+        mean, std = torch.tensor(pre.mean)[:, None, None], torch.tensor(pre.std)[:, None, None]
+        expected = torch.from_numpy(pre(dataset.filename(i, absolute=True)))
+        torch.testing.assert_close((pixels - mean) / std, expected, rtol=0, atol=1e-5)

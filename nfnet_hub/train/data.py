@@ -185,9 +185,11 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
         gaussian_blur_prob=args.gaussian_blur_prob or 0.0, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
         interpolation=interpolation, num_workers=args.workers, worker_seeding=args.worker_seeding,
         collate_fn=collate, use_multi_epochs_loader=args.use_multi_epochs_loader, **common)
+    # validated with the eval transform it records, which export and serving use (train.py leaves crop_mode out, so
+    # it validates a squash-cropped model with a centre crop: metrics of other pixels than the ones served)
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         interpolation=data_cfg["interpolation"], num_workers=args.workers,
-                        crop_pct=data_cfg["crop_pct"], **common)
+                        crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg["crop_mode"], **common)
     names = sorted(class_to_idx, key=class_to_idx.get) if len(class_to_idx) == num_classes else None
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
     return Loaders(train, val, num_classes, shuffler, {**data_cfg, "label_names": names},
