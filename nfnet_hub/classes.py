@@ -77,6 +77,24 @@ def unnamed_classes_note(model: nn.Module) -> str | None:
             "--labels FILE names them" + (f" (--labels {subset} if they are {subset}'s)" if subset else ""))
 
 
+def describe_wordnet_ids(model: nn.Module) -> str | None:
+    """Describe class names that are WordNet ids (ImageNet's folders are named by them: a run trained on ImageNet's
+    folders names its classes so) as timm describes them; what was done, in words (None: nothing)."""
+    from timm.data import ImageNetInfo
+
+    names = model.pretrained_cfg.get("label_names")
+    if model.pretrained_cfg.get("label_descriptions") or not isinstance(names, list) or not all(
+            isinstance(n, str) and re.fullmatch(r"n\d{8}", n) for n in names):
+        return None
+    info = ImageNetInfo()  # its words for every WordNet id of ImageNet-22k
+    try:
+        descriptions = {n: info.label_name_to_description(n) for n in names}
+    except KeyError:  # not ImageNet's
+        return None
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_descriptions": descriptions}
+    return f"classes: the weights name {len(names)} by WordNet id ({names[0]} ...), described as timm describes them"
+
+
 def name_pretrained_classes(model: nn.Module) -> str | None:
     """Give the weights of a pretrained tag that name no classes ImageNet's names, chosen by class count as timm's
     inference.py chooses them; what was done, in words (None: nothing)."""

@@ -106,3 +106,20 @@ def test_validate_scores_images_in_imagenets_folders_named_by_wordnet_id(tmp_pat
         shutil.copy(path, images[-1])
     report = validate_onnx(tmp_path / "model.onnx", model, images)
     assert report.accuracy_note is None and report.onnx_accuracy == pytest.approx(100 * 4 / 6)
+
+
+def test_classes_named_by_wordnet_id_are_described_as_timm_describes_them(tmp_path, capsys):
+    """A run on ImageNet's folders (named n01440764/ ...) records those ids; predictions say what they are."""
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=2))
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": ["n01440764", "n01443537"]}
+    save_safetensors(model, tmp_path / "imagenet-run.safetensors")
+    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "imagenet-run.safetensors"),
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "classes: the weights name 2 by WordNet id (n01440764 ...), described as timm describes them" in \
+        capsys.readouterr().out
+    info = ImageNetInfo()
+    assert OnnxClassifier(tmp_path / "out" / "model.onnx").labels == [info.index_to_description(i) for i in (0, 1)]
+    (tmp_path / "ids.txt").write_text("n01443537\nnot-an-id\n")  # not all ids: names as given
+    assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "imagenet-run.safetensors"),
+                 "--labels", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "mixed")]) == 0
+    assert OnnxClassifier(tmp_path / "mixed" / "model.onnx").labels == ["n01443537", "not-an-id"]
