@@ -284,7 +284,8 @@ def serve_section(r: dict, heading: str = "## Serving: `nfnet-hub serve` vs Onnx
                       "is bound by the per-request cost, which batching does not share."]
     if "cold_start_s" in r:
         c = r["cold_start_s"]
-        lines += ["", f"Cold start, F0, seconds from starting the process to the first answer (median of 3): "
+        lines += ["", "Cold start, F0, seconds from starting the process to the first answer (median of 5, the two "
+                  "interleaved): "
                   f"`nfnet-hub serve` {c['nfnet_hub_serve_f0']:.2f} s; a process opening ONNX Runtime on timm's own "
                   f"`dm_nfnet_f0` export (which folds weight standardisation as the session starts) and running "
                   f"it {c['ort_session_timm_dm_nfnet_f0']:.2f} s (**{c['ratio']:.2f}x**)."]

@@ -100,13 +100,13 @@ def bench_model(name: str, path: Path, device: str, concurrencies: list[int], re
     return results
 
 
-def cold_start_serve(path: Path, device: str) -> float:
+def cold_start_serve(path: Path, size: int, device: str) -> float:
     """Seconds from starting `nfnet-hub serve` to its first answer."""
     from tritonclient.http import InferenceServerClient, InferInput
 
     t = time.perf_counter()
     with Server(str(path), "--name", "f0", "--device", device, threads=False, poll_s=0.02) as url:
-        h = int(OnnxClassifier.from_pretrained(path).preprocess.input_size[0])
+        h = size
         pixels = InferInput("pixel_values", [1, 3, h, h], "FP32")
         pixels.set_data_from_numpy(np.zeros((1, 3, h, h), np.float32))
         InferenceServerClient(url.removeprefix("http://")).infer("f0", [pixels])
@@ -140,11 +140,12 @@ def main() -> None:
             out["models"][name] = bench_model(name, path, args.device, [1, 8, 32], 2 if args.quick else requests_each)
             if name == "f0":
                 size = OnnxClassifier.from_pretrained(path).preprocess.input_size[0]
-                ours = statistics.median(cold_start_serve(path, args.device) for _ in range(3))
                 from cpu import timm_onnx
 
                 timm_onnx(trained_like(timm.create_model("dm_nfnet_f0")), work / "timm_f0.onnx", size)
-                theirs = statistics.median(cold_start_timm(work / "timm_f0.onnx", size, args.device) for _ in range(3))
+                runs = [(cold_start_serve(path, size, args.device), cold_start_timm(work / "timm_f0.onnx", size,
+                                                                                   args.device)) for _ in range(5)]
+                ours, theirs = (statistics.median(r[i] for r in runs) for i in (0, 1))  # interleaved: same noise
                 out["cold_start_s"] = {"nfnet_hub_serve_f0": ours, "ort_session_timm_dm_nfnet_f0": theirs,
                                        "ratio": ours / theirs}
                 print(f"cold start F0: nfnet-hub serve {ours:.2f} s to the first answer; ONNX Runtime on timm's "
