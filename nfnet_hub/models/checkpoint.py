@@ -2,9 +2,9 @@
 
 Read: safetensors, PyTorch checkpoints (ours, timm's; pickles only with ``torch.load(weights_only=True)``)
 and the authors' Haiku files (``deepmind.py``), told apart by their content rather than their names.
-A training checkpoint of ours also carries the data config it was trained with, one of timm's train.py the
-options it resolved its data config from; ``create_model`` puts that into the model's ``pretrained_cfg``, so
-export, bundle and validate preprocess as training did.
+A training checkpoint of ours also carries the data config it was trained with, and one written by timm's
+train.py the options it resolved its data config from; ``create_model`` puts that into the model's
+``pretrained_cfg``, so export, bundle and validate preprocess as training did.
 """
 from __future__ import annotations
 
