@@ -64,6 +64,7 @@ def set_class_names(model: nn.Module, labels: str) -> None:
                          f"{model.num_classes}")
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "label_descriptions"}
     model.pretrained_cfg = {**cfg, **classes}
+    describe_wordnet_ids(model)
 
 
 def unnamed_classes_note(model: nn.Module) -> str | None:
@@ -92,12 +93,12 @@ def describe_wordnet_ids(model: nn.Module) -> str | None:
     except KeyError:  # not ImageNet's
         return None
     model.pretrained_cfg = {**model.pretrained_cfg, "label_descriptions": descriptions}
-    return f"classes: the weights name {len(names)} by WordNet id ({names[0]} ...), described as timm describes them"
+    return f"the weights name {len(names)} by WordNet id ({names[0]} ...), described as timm describes them"
 
 
 def name_pretrained_classes(model: nn.Module) -> str | None:
-    """Give the weights of a pretrained tag that name no classes ImageNet's names, chosen by class count as timm's
-    inference.py chooses them; what was done, in words (None: nothing)."""
+    """Give ImageNet weights that name no classes (a pretrained tag's, the authors') ImageNet's names, chosen by
+    class count as timm's inference.py chooses them; what was done, in words (None: nothing)."""
     from timm.data import infer_imagenet_subset
 
     subset = infer_imagenet_subset(model)

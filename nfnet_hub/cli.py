@@ -29,13 +29,13 @@ def _say_model(model_name: str, args: argparse.Namespace, size: int | None = Non
     pre = Preprocess.for_model(model, img_size=size)
     print(f"weights: {source.weights}\npreprocessing: {pre.describe()}, from {source.preprocessing}", flush=True)
     if hasattr(args, "labels"):  # export and bundle
-        from .classes import describe_wordnet_ids, set_class_names, unnamed_classes_note
+        from .classes import set_class_names, unnamed_classes_note
 
         if args.labels:
             set_class_names(model, args.labels)
-        if source.classes and not args.labels:
+        elif source.classes:
             print(f"classes: {source.classes}; --labels names others", flush=True)
-        elif note := unnamed_classes_note(model) or describe_wordnet_ids(model):
+        elif note := unnamed_classes_note(model):
             print(note, flush=True)
     if source.random and warn_random:
         print(f"warning: {model_name} has random weights: its skip gains are zero, so every residual branch "

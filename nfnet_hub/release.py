@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .classes import describe_wordnet_ids, imagenet_subset, set_class_names
+from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, UsageError
 from .hub import build_bundle, publish, verify_bundle
 from .hubclient import check_repo_id
@@ -108,7 +108,6 @@ def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/
                                                say=lambda line, tag=tag: print(f"{tag}: {line}", flush=True))
             if "labels" in entry:
                 set_class_names(model, str(entry["labels"]))
-            describe_wordnet_ids(model)
             build_bundle(model, folder, img_size=size, precisions=entry["precisions"],
                          calibration=calibration, dataset=entry.get("dataset"), repo_id=repo_id,
                          license=entry["license"], overwrite=folder.exists())

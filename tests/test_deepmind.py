@@ -13,10 +13,12 @@ import pytest
 import timm
 import torch
 from conftest import rel_error
+from timm.data import ImageNetInfo
 
 from nfnet_hub.cli import main
 from nfnet_hub.models import VARIANTS
 from nfnet_hub.models.checkpoint import CheckpointError, create_model
+from nfnet_hub.preprocess import readable_labels
 
 GAMMA_GELU = 1.7015043497085571
 ALPHA = 0.2
@@ -166,6 +168,10 @@ def test_f0_converted_weights_follow_the_authors_numerics(tmp_path):
     model = timm.create_model("nfnet_hub_f0.deepmind_in1k", pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "f0.safetensors"))).eval()
     assert_follows_the_authors(model, params, v, batch=1, size=64)
+    # the authors published ImageNet weights only: their classes are named, as timm names ImageNet's
+    names = ImageNetInfo().label_descriptions()
+    for source in (tmp_path / "f0.safetensors", tmp_path / "F0_haiku.npz"):
+        assert readable_labels(create_model("nfnet_hub_f0", source).pretrained_cfg) == names
 
 
 def test_bad_deepmind_checkpoints(tmp_path):

@@ -229,13 +229,16 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     An authors' ``.npz`` selects the authors' weight-standardisation form; a checkpoint saved by
     ``nfnet-hub`` records its form in the safetensors metadata.
     """
+    from ..classes import describe_wordnet_ids, name_pretrained_classes
+
     _check_name(name)
     if checkpoint is None:
-        from ..classes import name_pretrained_classes
-
         model = _timm_create(name, pretrained, **kwargs)
         weights = f"pretrained weights of {name}" if pretrained else "random weights (no checkpoint given)"
-        classes = name_pretrained_classes(model) if pretrained and not names_saved_model(name) else None
+        classes = None
+        if pretrained:  # a pretrained tag's ImageNet weights, or a saved model that names classes by WordNet id
+            classes = (None if names_saved_model(name) else name_pretrained_classes(model)) or \
+                describe_wordnet_ids(model)
         return model, Provenance(weights, f"{name}'s pretrained config", not pretrained, classes)
     ckpt = read_checkpoint(checkpoint)
     sd = ckpt.state_dict
@@ -271,8 +274,10 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
                                 "num_classes": model.num_classes}
     else:
         source = f"{name}'s pretrained config ({Path(checkpoint).name} records none)"
+    # the authors published ImageNet weights only; a run on ImageNet's folders names classes by WordNet id
+    classes = (name_pretrained_classes(model) if ckpt.form == "deepmind" else None) or describe_wordnet_ids(model)
     ema = f" (its EMA weights, {ckpt.entry}, as timm's load_checkpoint takes them)" if "ema" in ckpt.entry else ""
-    return model, Provenance(f"{checkpoint}{ema}", source, False)
+    return model, Provenance(f"{checkpoint}{ema}", source, False, classes)
 
 
 def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
@@ -283,6 +288,7 @@ def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any)
 def convert_authors_checkpoint(source: str | Path, name: str, out: str | Path, *, num_classes: int = 1000,
                                overwrite: bool = False) -> tuple[Path, int]:
     """The authors' Haiku checkpoint as a safetensors file of ``name`` in the authors' numerics."""
+    from ..classes import name_pretrained_classes
     from ..files import check_writable_folder, partial_path, sweep_partials
 
     source, out = Path(source), Path(out)
@@ -301,6 +307,7 @@ def convert_authors_checkpoint(source: str | Path, name: str, out: str | Path, *
     sd = convert_deepmind(ckpt.state_dict, model)
     check_fit(sd, model, str(source))
     model.load_state_dict(sd)
+    name_pretrained_classes(model)  # ImageNet's, recorded with the weights
     sweep_partials(out.parent)
     tmp = partial_path(out)
     try:
