@@ -171,9 +171,12 @@ def test_torch_compile_matches_eager():
     m = randomise(timm.create_model("nfnet_hub_nano", num_classes=4, drop_rate=0.0, drop_path_rate=0.0)).train()
     x = torch.randn(4, 3, 64, 64)
     torch._dynamo.reset()
-    with inductor.patch({"cpp.simdlen": 1}):  # inductor compiles the backward graph in the backward pass
-        compiled = torch.compile(m)(x)
-        compiled.square().mean().backward()
+    try:
+        with inductor.patch({"cpp.simdlen": 1}):  # inductor compiles the backward graph in the backward pass
+            compiled = torch.compile(m)(x)
+            compiled.square().mean().backward()
+    finally:  # dynamo would remember this batch size, and trace the next compile of the model with dynamic shapes
+        torch._dynamo.reset()
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
     eager = m(x)

@@ -120,6 +120,7 @@ def test_version_1_is_the_model_as_triton_numbers_it_and_other_versions_are_refu
     result = client.infer("nano", [_pixels_input(x)], model_version="1")
     np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), rtol=0, atol=1e-5)
     assert client.is_model_ready("nano", "1") and client.get_model_metadata("nano", "1")["name"] == "nano"
+    assert client.get_model_metadata("nano")["versions"] == ["1"]  # the protocol's list of versions one may name
     g = grpc_client.InferenceServerClient(servers[1])
     pixels = grpc_client.InferInput("pixel_values", [2, 3, 32, 32], "FP32").set_data_from_numpy(x)
     np.testing.assert_allclose(g.infer("nano", [pixels], model_version="1").as_numpy("logits"), clf.logits(x),

@@ -4,7 +4,8 @@ KServe reads a binary request (``Inference-Header-Content-Length``) by convertin
 to JSON data; BYTES elements that are not UTF-8 text (an encoded image, always) fail there with HTTP
 500, and a body shorter than its ``binary_data_size`` fails later, with another 500. This data plane
 keeps each binary input as the bytes it arrived as (KServe's ``InferInput`` decodes them when asked)
-and checks the sizes first: a wrong one is the protocol's 400.
+and checks the sizes first: a wrong one is the protocol's 400. Its model metadata also names the one
+version every model is served as (see ``metrics.InferenceGate``), where KServe says none.
 """
 from __future__ import annotations
 
@@ -13,10 +14,15 @@ from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferInput, InferRequest, RequestedOutput
 
+from .metrics import VERSION
+
 HEADER = "inference-header-content-length"
 
 
 class BinaryDataPlane(DataPlane):
+    async def model_metadata(self, model_name: str) -> dict:
+        return {**await super().model_metadata(model_name), "versions": [VERSION]}
+
     def decode_inference_request(self, body, headers, model_name):
         if not isinstance(body, bytes) or HEADER not in headers:
             return super().decode_inference_request(body, headers, model_name)
