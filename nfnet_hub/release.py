@@ -46,24 +46,28 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
         problems.append("the manifest lists no [[model]]")
     if problems:
         raise UsageError(f"{path}: " + "; ".join(problems))
-    base = path.parent
-    for e in entries:  # relative paths are relative to the manifest
-        for key in ("calibration", "labels"):
-            if key in e and not (key == "labels" and imagenet_subset(str(e[key])) and not (base / e[key]).exists()):
-                e[key] = str((base / e[key]).resolve())
-        if not str(e["weights"]).startswith("timm:"):
-            e["weights"] = str((base / e["weights"]).resolve())
     missing: dict[str, list[int]] = {}  # what is missing -> the models that need it
     for i, e in enumerate(entries):
         for key, kind, there in (("calibration", "folder", Path.is_dir), ("labels", "file", Path.is_file),
                                  ("weights", "file", Path.is_file)):
-            if key in e and not str(e[key]).startswith("timm:") and not there(Path(e[key])) and not (
-                    key == "labels" and imagenet_subset(str(e[key]))):
-                missing.setdefault(f"no {key} {kind} at {e[key]}", []).append(i)
+            if (local := _local_path(e, key, path.parent)) is None:
+                continue
+            e[key] = str(local)
+            if not there(local):
+                missing.setdefault(f"no {key} {kind} at {local}", []).append(i)
     if missing:  # before hours of building, not in the middle of them
         raise UsageError(f"{path}: " + "; ".join(f"{what} (model{'s' * (len(models) > 1)} "
                                                  f"{', '.join(map(str, models))})" for what, models in missing.items()))
     return entries
+
+
+def _local_path(entry: dict[str, Any], key: str, base: Path) -> Path | None:
+    """Where an entry's file or folder is, relative to the manifest; None for what is not on disk: a pretrained
+    tag's weights (``timm:TAG``), or labels that name an ImageNet subset where no such file is (as --labels reads)."""
+    if key not in entry or (key == "weights" and str(entry[key]).startswith("timm:")):
+        return None
+    local = (base / entry[key]).resolve()
+    return None if key == "labels" and imagenet_subset(str(entry[key])) and not local.exists() else local
 
 
 def _load(entry: dict[str, Any]):
