@@ -330,7 +330,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     add_serve_arguments(command("serve", cmd_serve, "serve bundles over the Open Inference Protocol (KServe v2, "
                                 "Triton's HTTP API), without torch"))
-    add_triton_arguments(command("triton", cmd_triton, "add a bundle to a Triton Inference Server model repository"))
+    add_triton_arguments(command("triton", cmd_triton, "add a model to a Triton Inference Server model repository"))
 
     s = command("quickstart", _cmd_quickstart, "the whole chain on bundled digits, offline")
     s.add_argument("--out", default="artifacts/quickstart", help="folder for the run, the bundle and the digits")

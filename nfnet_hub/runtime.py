@@ -73,6 +73,53 @@ def config_labels(config: dict[str, Any]) -> list[str] | None:
         k: config[k] for k in ("label_names", "label_descriptions") if config.get(k)}})
 
 
+def file_config(model_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    """An ONNX file's own config: the preprocessing and labels nfnet-hub writes into its metadata, else the
+    config.json beside it."""
+    if "nfnet_hub.preprocessing" in metadata:
+        return {"pretrained_cfg": json.loads(metadata["nfnet_hub.preprocessing"]),
+                "label_names": json.loads(metadata.get("nfnet_hub.labels", "null"))}
+    if (model_path.parent / "config.json").is_file():
+        return read_bundle_config(model_path.parent / "config.json")
+    raise UsageError(f"{model_path} carries no preprocessing metadata (not exported by nfnet-hub) and has no "
+                     "config.json beside it: load it from its bundle folder, whose config.json says how to preprocess")
+
+
+def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", revision: str | None = None,
+                  cache_dir: str | os.PathLike | None = None,
+                  token: str | bool | None = None) -> tuple[Path, Path | None]:
+    """The ONNX file and config.json a model source names (see ``OnnxClassifier.from_pretrained``), a Hub
+    repository's two files downloaded through huggingface_hub's cache; no config.json for a lone ONNX file."""
+    source, local = parse_source(str(source))
+    path = Path(source).expanduser()
+    if local and path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise UsageError(f"{path} is a file but not an ONNX model: give a bundle folder or a .onnx file")
+        if filename not in ("model.onnx", path.name):
+            raise UsageError(f"{path} is one ONNX file, so it cannot also be {filename}: give the bundle folder "
+                             f"to choose its {filename}, or that file itself")
+        return path, None
+    if local:
+        if not path.is_dir():
+            raise UsageError(f"no bundle folder or ONNX file at {source}")
+        if not (path / filename).is_file():
+            raise UsageError(f"{path} holds no {filename}: is it a bundle folder? "
+                             f"(it holds: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})")
+        return path / filename, path / "config.json"
+    from huggingface_hub import hf_hub_download
+
+    from .hubclient import check_repo_id, hub_errors
+
+    try:
+        check_repo_id(source)
+    except UsageError:
+        raise UsageError(f"{source!r} is neither a bundle folder nor a Hub repo id of the form ORG/NAME") from None
+    kw = dict(revision=revision, cache_dir=cache_dir, token=token)
+    with hub_errors(f"downloading {source}"):
+        config_file = Path(hf_hub_download(source, "config.json", **kw))
+        return Path(hf_hub_download(source, filename, **kw)), config_file
+
+
 class OnnxClassifier:
     """Image classifier over an exported ``model.onnx`` and its ``config.json`` (by default the preprocessing and
     labels nfnet-hub writes into the ONNX file, else the ``config.json`` beside it)."""
@@ -91,16 +138,8 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(str(model_path), options, providers=_choose_providers(providers))
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
             raise UsageError(f"{model_path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if config is None and "nfnet_hub.preprocessing" in meta:
-            config = {"pretrained_cfg": json.loads(meta["nfnet_hub.preprocessing"]),
-                      "label_names": json.loads(meta.get("nfnet_hub.labels", "null"))}
-        elif config is None and (model_path.parent / "config.json").is_file():
-            config = read_bundle_config(model_path.parent / "config.json")
-        elif config is None:
-            raise UsageError(f"{model_path} carries no preprocessing metadata (not exported by nfnet-hub) and has no "
-                             "config.json beside it: load it from its bundle folder, whose config.json says how "
-                             "to preprocess")
+        if config is None:
+            config = file_config(model_path, self.session.get_modelmeta().custom_metadata_map)
         self.config = config
         self.preprocess = Preprocess.from_pretrained_cfg(config["pretrained_cfg"])
         num_classes = self.session.get_outputs()[0].shape[-1]
@@ -141,44 +180,10 @@ class OnnxClassifier:
         A name that looks like a path (it exists, starts with ``.``, ``/`` or ``~``, has more than one
         ``/``, or its parent folder exists here) is a local folder, and a missing one is a local error:
         it never turns into a Hub download."""
-        repo_or_dir, local = parse_source(str(repo_or_dir))
-        path = Path(repo_or_dir).expanduser()
-        if local and path.is_file():
-            return cls._from_file(path, filename=filename, providers=providers, threads=threads)
-        if local:
-            if not path.is_dir():
-                raise UsageError(f"no bundle folder or ONNX file at {repo_or_dir}")
-            model_file, config_file = path / filename, path / "config.json"
-            if not model_file.is_file():
-                raise UsageError(f"{path} holds no {filename}: is it a bundle folder? "
-                                 f"(it holds: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})")
-        else:
-            from huggingface_hub import hf_hub_download
-
-            from .hubclient import check_repo_id, hub_errors
-
-            repo_id = str(repo_or_dir)
-            try:
-                check_repo_id(repo_id)
-            except UsageError:
-                raise UsageError(f"{repo_id!r} is neither a bundle folder nor a Hub repo id of the form ORG/NAME") \
-                    from None
-            kw = dict(revision=revision, cache_dir=cache_dir, token=token)
-            with hub_errors(f"downloading {repo_id}"):
-                config_file = Path(hf_hub_download(repo_id, "config.json", **kw))
-                model_file = Path(hf_hub_download(repo_id, filename, **kw))
-        return cls(model_file, read_bundle_config(config_file) if config_file.is_file() else None, providers=providers,
-                   threads=threads)
-
-    @classmethod
-    def _from_file(cls, path: Path, *, filename: str, providers: Sequence[str] | None,
-                   threads: int | None) -> OnnxClassifier:
-        if path.suffix.lower() != ".onnx":
-            raise UsageError(f"{path} is a file but not an ONNX model: give a bundle folder or a .onnx file")
-        if filename not in ("model.onnx", path.name):
-            raise UsageError(f"{path} is one ONNX file, so it cannot also be {filename}: give the bundle folder "
-                             f"to choose its {filename}, or that file itself")
-        return cls(path, providers=providers, threads=threads)
+        model_file, config_file = resolve_files(repo_or_dir, filename=filename, revision=revision,
+                                                cache_dir=cache_dir, token=token)
+        config = read_bundle_config(config_file) if config_file is not None and config_file.is_file() else None
+        return cls(model_file, config, providers=providers, threads=threads)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         """Raw logits of a preprocessed NCHW float32 batch."""

@@ -356,13 +356,16 @@ prefixed = OnnxClassifier.from_pretrained("hf-hub:me/nano", cache_dir=sys.argv[1
 x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
 with torch.no_grad():
     torch_logits = model(x).numpy()
+from nfnet_hub.serve.triton import write_repository
+triton = write_repository("me/nano", sys.argv[2])  # through huggingface_hub's cache, as serve reads the Hub
 print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logits(x.numpy()).tolist(),
-                  "prefixed": prefixed.logits(x.numpy()).tolist(), "labels": clf.labels}))
+                  "prefixed": prefixed.logits(x.numpy()).tolist(), "labels": clf.labels, "triton": str(triton)}))
 """
-    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "30"}
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "30",
+           "HF_HOME": str(tmp_path / "hf-home")}
     env.pop("HF_HUB_OFFLINE", None)
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache")], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "cache"), str(tmp_path / "triton")], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["sums"] == {p.name: sha256(p) for p in bundle.iterdir()}
@@ -373,6 +376,10 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
     np.testing.assert_allclose(np.array(got["onnx"]), expected, rtol=1e-4, atol=1e-5)
     assert got["prefixed"] == got["onnx"]
     assert got["labels"] == LABELS
+    triton = Path(got["triton"])
+    assert triton == tmp_path / "triton" / "nano"  # named after the repository, as serve names it
+    assert (triton / "labels.txt").read_text().splitlines() == LABELS
+    assert (triton / "1" / "model.onnx").read_bytes() == (bundle / "model.onnx").read_bytes()
     # the CLI takes hf-hub: names as timm.create_model does
     export = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "export", "hf-hub:me/nano", "--out",
                              str(tmp_path / "from-hub")], env={**env, "HF_HOME": str(tmp_path / "hf")},

@@ -2,6 +2,7 @@
 with tritonclient) and the KServe deployment files (checked against the CLI they call)."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -77,12 +78,37 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     assert "is not an ONNX model" in capsys.readouterr().err and not (repo / "broken").exists()
     assert (repo / "mine" / "notes.txt").read_text() == "keep me"
     assert main(["triton", str(tmp_path / "missing"), "--out", str(repo)]) == 2
-    assert main(["triton", "hf-hub:me/nano", "--out", str(repo)]) == 2
-    assert "download the Hub repository first (hf download me/nano --local-dir DIR)" in capsys.readouterr().err
+    assert "no bundle folder or ONNX file at" in capsys.readouterr().err  # a path: never a Hub download
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again"])
     assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again", "--overwrite",
                  "--instances", "2"]) == 0
     assert _config(repo / "again").instance_group[0].count == 2
+
+
+def test_an_onnx_file_alone_takes_its_labels_from_its_metadata(nano_bundle, tmp_path, capsys):
+    """``export``'s ONNX file, without the bundle around it (as ``serve`` and ``predict`` take it)."""
+    model = onnx.load(str(nano_bundle / "model.onnx"))
+    meta = {p.key: p for p in model.metadata_props}
+    words = [f"digit {d}" for d in range(10)]
+    meta["nfnet_hub.labels"].value = json.dumps(words)  # names of its own, unlike the bundle's config.json
+    (tmp_path / "out").mkdir()
+    onnx.save(model, str(tmp_path / "out" / "digits.onnx"))
+    repo = tmp_path / "repo"
+    assert main(["triton", str(tmp_path / "out" / "digits.onnx"), "--out", str(repo)]) == 0
+    assert (repo / "digits" / "labels.txt").read_text().splitlines() == words  # named after the file
+    assert (repo / "digits" / "1" / "model.onnx").read_bytes() == (tmp_path / "out" / "digits.onnx").read_bytes()
+    assert _config(repo / "digits").input[0].name == "pixel_values"
+    assert main(["triton", str(tmp_path / "out" / "digits.onnx"), "--out", str(repo), "--name", "d8",
+                 "--precision", "int8"]) == 2
+    assert "is one file" in capsys.readouterr().err
+    meta["nfnet_hub.labels"].value = "null"  # weights that name no classes: named by index, as serve names them
+    onnx.save(model, str(tmp_path / "out" / "unnamed.onnx"))
+    assert main(["triton", str(tmp_path / "out" / "unnamed.onnx"), "--out", str(repo)]) == 0
+    assert (repo / "unnamed" / "labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
+    del model.metadata_props[:]  # an ONNX file from elsewhere: nothing says what its outputs are
+    onnx.save(model, str(tmp_path / "out" / "bare.onnx"))
+    assert main(["triton", str(tmp_path / "out" / "bare.onnx"), "--out", str(repo)]) == 2
+    assert "carries no preprocessing metadata" in capsys.readouterr().err and not (repo / "bare").exists()
 
 
 def test_dockerfile_and_kserve_manifests_call_the_cli_as_it_is():

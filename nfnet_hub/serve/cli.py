@@ -35,9 +35,10 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def add_triton_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("bundle", help="bundle folder")
+    s.add_argument("source", help="a bundle folder, a Hub repo id ORG/NAME (through huggingface_hub's cache) or an "
+                   "ONNX file that nfnet-hub exported")
     s.add_argument("--out", required=True, help="Triton model repository to add the model to (created if needed)")
-    s.add_argument("--name", help="model name (default: the bundle folder's name)")
+    s.add_argument("--name", help="model name (default: the bundle folder's, the repo's or the ONNX file's name)")
     _batching(s, "--instances")
     s.add_argument("--gpu", action="store_true", help="run on GPUs (KIND_GPU; ONNX Runtime's CUDA provider)")
     s.add_argument("--accelerator", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
@@ -62,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_triton(args: argparse.Namespace) -> int:
     from .triton import write_repository
 
-    folder = write_repository(args.bundle, args.out, name=args.name, precision=args.precision,
+    folder = write_repository(args.source, args.out, name=args.name, precision=args.precision,
                               max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                               instances=args.instances, gpu=args.gpu, accelerator=args.accelerator,
                               overwrite=args.overwrite)

@@ -1,4 +1,5 @@
-"""``nfnet-hub triton``: a bundle as a Triton Inference Server model repository entry.
+"""``nfnet-hub triton``: a model (a bundle folder, a Hub repository, an ONNX file nfnet-hub exported) as a Triton
+Inference Server model repository entry.
 
 Writes ``REPO/NAME/1/model.onnx``, ``REPO/NAME/config.pbtxt`` (batching, tensors read from the ONNX
 file itself, instances, accelerator), ``REPO/NAME/labels.txt`` (Triton's classification extension)
@@ -13,7 +14,7 @@ from pathlib import Path
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..files import atomic_folder, check_writable_folder
-from ..runtime import config_labels, parse_source, read_bundle_config
+from ..runtime import config_labels, file_config, parse_source, read_bundle_config, resolve_files
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -28,14 +29,15 @@ class Tensor:
     dims: list[int]  # without the batch dimension
 
 
-def onnx_tensors(path: Path) -> tuple[list[Tensor], list[Tensor]]:
-    """Inputs and outputs of an ONNX file whose first dimension is a dynamic batch."""
+def onnx_tensors(path: Path) -> tuple[list[Tensor], list[Tensor], dict[str, str]]:
+    """Inputs and outputs of an ONNX file whose first dimension is a dynamic batch, and its metadata."""
     import onnx
 
     try:
-        graph = onnx.load(str(path), load_external_data=False).graph
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and onnx's own: a file that is not an ONNX model
         raise UsageError(f"{path} is not an ONNX model ({type(e).__name__}: {e})") from None
+    graph = model.graph
     initializers = {i.name for i in graph.initializer}
 
     def tensors(values) -> list[Tensor]:
@@ -49,7 +51,7 @@ def onnx_tensors(path: Path) -> tuple[list[Tensor], list[Tensor]]:
                 raise UsageError(f"{path}: {v.name!r} has no dynamic batch dimension; re-export it with nfnet-hub")
             out.append(Tensor(v.name, _TYPES.get(t.elem_type, f"elem_type {t.elem_type}"), dims[1:]))
         return out
-    return tensors(graph.input), tensors(graph.output)
+    return tensors(graph.input), tensors(graph.output), {p.key: p.value for p in model.metadata_props}
 
 
 def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, max_batch_size: int,
@@ -70,25 +72,28 @@ def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, max_
     return "\n".join(lines) + "\n"
 
 
-def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None = None, precision: str = "fp32",
+def write_repository(source: str | Path, repo: str | Path, *, name: str | None = None, precision: str = "fp32",
                      max_batch_size: int = 32, max_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
                      accelerator: str = "onnxruntime", overwrite: bool = False) -> Path:
-    """Add ``bundle`` to the Triton model repository ``repo`` as ``name``; the model's folder."""
-    source, local = parse_source(str(bundle))
-    if not local:
-        raise UsageError(f"{bundle}: a Triton model repository is written from a bundle folder; download the Hub "
-                         f"repository first (hf download {source} --local-dir DIR)")
-    bundle, repo = Path(source).expanduser(), Path(repo)
+    """Add the model ``source`` names (as ``serve`` takes them) to the Triton model repository ``repo`` as
+    ``name``; the model's folder."""
+    where, local = parse_source(str(source))
+    path, repo = Path(where).expanduser(), Path(repo)
     if accelerator not in ACCELERATORS:
         raise UsageError(f"unknown accelerator {accelerator!r}: choose one of {', '.join(ACCELERATORS)}")
     if accelerator == "tensorrt" and not gpu:
         raise UsageError("--accelerator tensorrt needs --gpu (TensorRT runs on NVIDIA GPUs only)")
     if precision not in ONNX_FILES:
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(ONNX_FILES)}")
-    onnx_file, config_file = bundle / ONNX_FILES[precision], bundle / "config.json"
-    if not config_file.is_file() or not onnx_file.is_file():
-        raise UsageError(f"{bundle} is not a bundle with a {precision} model (needs config.json and {onnx_file.name})")
-    name = name or bundle.resolve().name
+    lone = local and path.is_file()
+    if lone and precision != "fp32":
+        raise UsageError(f"--precision chooses among a bundle's files, but {where} is one file: write it without "
+                         "--precision, or give its bundle folder")
+    if local and path.is_dir() and not (path / ONNX_FILES[precision]).is_file():
+        have = sorted(p for p, f in ONNX_FILES.items() if (path / f).is_file())
+        raise UsageError(f"{path} is not a bundle with a {precision} model (no {ONNX_FILES[precision]}"
+                         + (f"; it has: {', '.join(have)})" if have else ")"))
+    name = name or (path.stem if lone else path.resolve().name if local else where.split("/")[1])
     target = repo / name
     if target.exists():
         if not overwrite:
@@ -97,9 +102,11 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None =
                 p.name for p in target.iterdir()) - _OURS:
             raise UsageError(f"refusing to replace {target}: it is not a model folder this command wrote")
     check_writable_folder(repo)
-    inputs, outputs = onnx_tensors(onnx_file)
-    config = read_bundle_config(config_file)
-    labels = config_labels(config) or []
+    onnx_file, config_file = resolve_files(str(source), filename=path.name if lone else ONNX_FILES[precision])
+    inputs, outputs, metadata = onnx_tensors(onnx_file)
+    config = read_bundle_config(config_file) if config_file is not None and config_file.is_file() \
+        else file_config(onnx_file, metadata)
+    labels = config_labels(config) or [str(i) for i in range(max(outputs[0].dims[-1:] or [0]))]  # as serve names them
     text = model_config(name, inputs, outputs, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                         instances=instances, gpu=gpu, accelerator=accelerator, precision=precision)
     with atomic_folder(target, replace=overwrite) as tmp:
@@ -113,11 +120,11 @@ def write_repository(bundle: str | Path, repo: str | Path, *, name: str | None =
 
 def _readme(name: str, repo: Path, inputs: list[Tensor], outputs: list[Tensor], gpu: bool) -> str:
     shape = lambda t: "[N, " + ", ".join(map(str, t.dims)) + "]"  # noqa: E731
-    return (f"# {name} for Triton Inference Server\n\nWritten by `nfnet-hub triton` from an nfnet-hub bundle. "
+    return (f"# {name} for Triton Inference Server\n\nWritten by `nfnet-hub triton` from an nfnet-hub model. "
             f"Serve the repository with\n\n```\ntritonserver --model-repository={repo.resolve()}\n```\n\n"
             f"or in NVIDIA's container, `docker run --rm {'--gpus all ' if gpu else ''}-p8000:8000 -p8001:8001 "
             f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
             f"--model-repository=/models`.\n\nInput `{inputs[0].name}` {inputs[0].data_type} {shape(inputs[0])} "
-            f"(preprocessed as the bundle's config.json says); output `{outputs[0].name}` {outputs[0].data_type} "
+            f"(preprocessed as the model's config says); output `{outputs[0].name}` {outputs[0].data_type} "
             f"{shape(outputs[0])}, with labels from labels.txt through the classification extension. The same "
             "Open Inference Protocol client works against `nfnet-hub serve` and KServe.\n")
