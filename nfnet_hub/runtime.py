@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .bundle_files import ONNX_FILES
 from .errors import UsageError
 from .preprocess import ImageSource, Preprocess, list_images, load_image, readable_labels
 
@@ -83,6 +84,22 @@ def file_config(model_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
         return read_bundle_config(model_path.parent / "config.json")
     raise UsageError(f"{model_path} carries no preprocessing metadata (not exported by nfnet-hub) and has no "
                      "config.json beside it: load it from its bundle folder, whose config.json says how to preprocess")
+
+
+def precision_file(source: str, precision: str) -> str:
+    """The ONNX file that ``--precision`` (of serve and triton) chooses in a source: among a bundle folder's files
+    (saying which precisions it has), the file itself for a lone ONNX file (which has one precision only)."""
+    where, local = parse_source(source)
+    path, filename = Path(where).expanduser(), ONNX_FILES[precision]
+    if local and path.is_file():
+        if precision != "fp32":
+            raise UsageError(f"--precision chooses among a bundle's files, but {where} is one file: give it without "
+                             "--precision, or give its bundle folder")
+        return path.name
+    if local and path.is_dir() and not (path / filename).is_file():
+        have = sorted(p for p, f in ONNX_FILES.items() if (path / f).is_file())
+        raise UsageError(f"bundle {where} has no {precision} model ({filename}); it has: {', '.join(have) or 'none'}")
+    return filename
 
 
 def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", revision: str | None = None,

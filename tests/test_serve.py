@@ -378,7 +378,7 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
                                       "rename its folder"),
             ([str(nano_bundle), "--grpc-port", "8080", "--port", "8080"], "is the HTTP port"),
             ([str(nano_bundle / "config.json")], "give the folder that holds the bundle's files, or an .onnx file"),
-            ([str(nano_bundle / "model.onnx"), "--precision", "int8"], "is one file: serve it without --precision"),
+            ([str(nano_bundle / "model.onnx"), "--precision", "int8"], "is one file: give it without --precision"),
             ([str(nano_bundle), "--workers", "0"], "--workers: must be a positive integer"),
             ([str(nano_bundle), "--max-delay-ms", "-1"], "--max-delay-ms: must be a finite number of at least 0"),
             ([str(nano_bundle), "--device", "cuda"], "has no CUDA provider"),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, parse_source
+from ..runtime import OnnxClassifier, parse_source, precision_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -80,21 +80,13 @@ def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, provider
     if require_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise UsageError("--device cuda: this ONNX Runtime has no CUDA provider (install nfnet-hub[serve,gpu], which "
                          f"brings onnxruntime-gpu); it has {', '.join(ort.get_available_providers())}")
-    filename = ONNX_FILES[options.precision]
     classifiers = {}
     for model_name, where in bundles.items():
-        local = Path(where)
-        if local.is_file() and options.precision != "fp32":
-            raise UsageError(f"--precision chooses among a bundle's files, but {where} is one file: serve it "
-                             "without --precision, or give its bundle folder")
-        if local.is_dir() and not (local / filename).is_file():
-            have = sorted(p for p, f in ONNX_FILES.items() if (local / f).is_file())
-            raise UsageError(f"bundle {where} has no {options.precision} model ({filename}); it has: {', '.join(have)}")
+        filename = precision_file(where, options.precision)
         clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=options.threads)
         clf.logits(clf.preprocess.batch([_blank(clf.preprocess.input_size)]))
         h, w = clf.preprocess.input_size
-        file = local.name if local.is_file() else filename
-        log(f"model {model_name}: {where} ({file}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
+        log(f"model {model_name}: {where} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
             f"{len(clf.labels)} classes, {clf.preprocess.describe()}")
         classifiers[model_name] = clf
     return classifiers

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..files import atomic_folder, check_writable_folder
-from ..runtime import config_labels, file_config, parse_source, read_bundle_config, resolve_files
+from ..runtime import config_labels, file_config, parse_source, precision_file, read_bundle_config, resolve_files
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -85,14 +85,8 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
         raise UsageError("--accelerator tensorrt needs --gpu (TensorRT runs on NVIDIA GPUs only)")
     if precision not in ONNX_FILES:
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(ONNX_FILES)}")
+    filename = precision_file(str(source), precision)
     lone = local and path.is_file()
-    if lone and precision != "fp32":
-        raise UsageError(f"--precision chooses among a bundle's files, but {where} is one file: write it without "
-                         "--precision, or give its bundle folder")
-    if local and path.is_dir() and not (path / ONNX_FILES[precision]).is_file():
-        have = sorted(p for p, f in ONNX_FILES.items() if (path / f).is_file())
-        raise UsageError(f"{path} is not a bundle with a {precision} model (no {ONNX_FILES[precision]}"
-                         + (f"; it has: {', '.join(have)})" if have else ")"))
     name = name or (path.stem if lone else path.resolve().name if local else where.split("/")[1])
     target = repo / name
     if target.exists():
@@ -102,7 +96,7 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
                 p.name for p in target.iterdir()) - _OURS:
             raise UsageError(f"refusing to replace {target}: it is not a model folder this command wrote")
     check_writable_folder(repo)
-    onnx_file, config_file = resolve_files(str(source), filename=path.name if lone else ONNX_FILES[precision])
+    onnx_file, config_file = resolve_files(str(source), filename=filename)
     inputs, outputs, metadata = onnx_tensors(onnx_file)
     config = read_bundle_config(config_file) if config_file is not None and config_file.is_file() \
         else file_config(onnx_file, metadata)
