@@ -19,6 +19,15 @@ def positive(text: str) -> int:
     return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
+def at_least(low: int):
+    """A parser of integers from ``low`` up (argparse names it in its errors)."""
+    def parse(text: str) -> int:
+        return _number(text, int, f"an integer of at least {low}", lambda v: v >= low)
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def non_negative_float(text: str) -> float:
     return _number(text, float, "a finite number of at least 0", lambda v: math.isfinite(v) and v >= 0)
 

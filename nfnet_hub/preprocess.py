@@ -31,6 +31,7 @@ _INTERPOLATION = {
 }
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit and 32-bit integer images, which PIL's convert clips
+CROP_MODES = ("center", "squash", "border")  # timm's transforms_imagenet_eval
 CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (input_img_mode RGB or L)
 # how Pillow says a file does not decode: truncated or foreign files (several types), and images so large they
 # are taken for decompression bombs (above Pillow's MAX_IMAGE_PIXELS twice over)
@@ -152,8 +153,10 @@ class Preprocess:
         for name in ("mean", "std"):  # one value stands for every channel, as in timm's data config
             values = tuple(getattr(self, name))
             object.__setattr__(self, name, values * self.channels if len(values) == 1 else values)
-        if self.crop_mode not in ("center", "squash"):
-            raise UsageError(f"crop_mode {self.crop_mode!r} is not supported: choose center or squash")
+        if self.crop_mode not in CROP_MODES:
+            raise UsageError(f"crop_mode {self.crop_mode!r} is not supported: choose {', '.join(CROP_MODES)}")
+        if not self.crop_pct > 0:
+            raise UsageError(f"crop_pct must be positive, got {self.crop_pct}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UsageError(f"mean {self.mean} and std {self.std} must have a value per input channel "
                              f"({self.channels}), or one for all")
@@ -194,23 +197,24 @@ class Preprocess:
                 f"mean {fmt(self.mean)}, std {fmt(self.std)}")
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
+        """Resize to 1/crop_pct of the input size, then take its centre (timm's three crop modes)."""
         h, w = self.input_size
         resample = _INTERPOLATION[self.interpolation]
         scale_h, scale_w = math.floor(h / self.crop_pct), math.floor(w / self.crop_pct)
+        iw, ih = img.size
+        fill = 0
         if self.crop_mode == "squash":
             img = img.resize((scale_w, scale_h), resample)
         elif self.crop_mode == "center" and scale_h == scale_w:  # torchvision's Resize of the shorter side
-            iw, ih = img.size
             short, long = (iw, ih) if iw <= ih else (ih, iw)
             new_short, new_long = scale_h, int(scale_h * long / short)
             img = img.resize((new_short, new_long) if iw <= ih else (new_long, new_short), resample)
-        else:  # timm's ResizeKeepRatio for a non-square size: the side nearer its target fits it
-            iw, ih = img.size
-            ratio = min(ih / scale_h, iw / scale_w)
+        else:  # timm's ResizeKeepRatio: the side nearer its target fits it, or the longest side for "border"
+            ratio = max(ih / scale_h, iw / scale_w) if self.crop_mode == "border" else min(ih / scale_h, iw / scale_w)
             img = img.resize((round(iw / ratio), round(ih / ratio)), resample)
-        iw, ih = img.size
-        top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
-        return img.crop((left, top, left + w, top + h))
+            if self.crop_mode == "border":  # padded with the mean colour, as timm pads it
+                fill = tuple(round(255 * m) for m in self.mean) if img.mode == "RGB" else round(255 * self.mean[0])
+        return _center_crop_or_pad(img, h, w, fill)
 
     def __call__(self, image: ImageSource) -> np.ndarray:
         img = load_image(image, "RGB" if check_channels(self.channels) == 3 else "L")
@@ -221,6 +225,19 @@ class Preprocess:
     def batch(self, images: Sequence[ImageSource]) -> np.ndarray:
         """An NCHW float32 batch of preprocessed images."""
         return np.stack([self(image) for image in images])
+
+
+def _center_crop_or_pad(img: Image.Image, h: int, w: int, fill: int | tuple[int, ...]) -> Image.Image:
+    """The centre ``h`` x ``w`` of ``img``, padded first where it is smaller, as torchvision's ``CenterCrop`` and
+    timm's ``CenterCropOrPad`` pad (the odd pixel after, not before: PIL's crop out of bounds rounds the other way)."""
+    iw, ih = img.size
+    if w > iw or h > ih:
+        pw, ph = max(w - iw, 0), max(h - ih, 0)
+        padded = Image.new(img.mode, (iw + pw, ih + ph), fill)
+        padded.paste(img, (pw // 2, ph // 2))
+        img, (iw, ih) = padded, padded.size
+    top, left = int(round((ih - h) / 2.0)), int(round((iw - w) / 2.0))
+    return img.crop((left, top, left + w, top + h))
 
 
 def check_channels(channels: int) -> int:

@@ -167,7 +167,8 @@ CASES = [
     ("validate-missing-images", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_nano", "--checkpoint",
                                  "nano.pth.tar", "--images", "nope"], "nope is not a folder of images"),
     # train
-    ("train-epochs-0", ["train", "--dataset", "digits", "--epochs", "0"], "--epochs: must be at least 1, got 0"),
+    ("train-epochs-0", ["train", "--dataset", "digits", "--epochs", "0"],
+     "--epochs: must be an integer of at least 1, got 0"),
     ("train-missing-data-dir", ["train", "--data-dir", "nope"], "--data-dir nope is not a folder"),
     ("train-no-data", ["train", "--dataset", ""], "no data: give --data-dir DIR"),
     ("train-data-dir-ignored-by-digits", ["train", "--dataset", "digits", "--data-dir", "images"],

@@ -35,8 +35,9 @@ def _photos(sample_images):
     return [p for p in sorted(sample_images.iterdir()) if "16bit" not in p.name]  # 16-bit: rescaled, see test_runtime
 
 
-def test_preprocessing_matches_timms_one_channel_transform(sample_images):
-    cfg = dict(input_size=(1, 64, 64), crop_pct=0.9, crop_mode="center", interpolation="bicubic", mean=(0.45,),
+@pytest.mark.parametrize("crop_mode", ["center", "border"])
+def test_preprocessing_matches_timms_one_channel_transform(sample_images, crop_mode):
+    cfg = dict(input_size=(1, 64, 64), crop_pct=0.9, crop_mode=crop_mode, interpolation="bicubic", mean=(0.45,),
                std=(0.25,))
     pre = Preprocess.from_pretrained_cfg(cfg)
     assert pre.channels == 1 and "greyscale" in pre.describe()

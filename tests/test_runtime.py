@@ -1,6 +1,7 @@
 """The torch-free runtime: timm's eval preprocessing in numpy, and logits equal to timm's model."""
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from conftest import randomise, rel_error
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+from nfnet_hub.errors import UsageError
 from nfnet_hub.export import export_onnx
 from nfnet_hub.preprocess import list_images
 from nfnet_hub.runtime import OnnxClassifier, Preprocess, load_image
@@ -32,7 +34,14 @@ def test_importing_the_runtime_does_not_import_torch():
     dict(input_size=(3, 64, 96), crop_pct=0.875, crop_mode="center", interpolation="bicubic"),
     dict(input_size=(3, 96, 64), crop_pct=0.95, crop_mode="center", interpolation="bilinear"),
     dict(input_size=(3, 64, 128), crop_pct=0.9, crop_mode="squash", interpolation="bicubic"),
-], ids=["squash-bicubic", "center-bilinear", "center-full", "center-wide", "center-tall", "squash-wide"])
+    # crop_pct above 1 zooms out: the resized image is padded, with the odd pixel after (a pixel off before)
+    dict(input_size=(3, 32, 32), crop_pct=1.1, crop_mode="center", interpolation="bicubic"),
+    dict(input_size=(3, 33, 47), crop_pct=1.15, crop_mode="squash", interpolation="bilinear"),
+    # border: the longest side fits, the rest padded with the mean colour
+    dict(input_size=(3, 64, 64), crop_pct=1.0, crop_mode="border", interpolation="bicubic"),
+    dict(input_size=(3, 33, 47), crop_pct=0.9, crop_mode="border", interpolation="bilinear"),
+], ids=["squash-bicubic", "center-bilinear", "center-full", "center-wide", "center-tall", "squash-wide",
+        "center-zoom-out", "squash-zoom-out", "border-full", "border-odd"])
 def test_preprocessing_matches_timm_on_real_photos(cfg, sample_images):
     full = {**cfg, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     transform = create_transform(**resolve_data_config(pretrained_cfg=full), is_training=False)
@@ -43,6 +52,14 @@ def test_preprocessing_matches_timm_on_real_photos(cfg, sample_images):
         assert got.shape == expected.shape == (3, *cfg["input_size"][1:])
         np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=path.name)
 
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(crop_mode="letterbox"), "crop_mode 'letterbox' is not supported: choose center, squash, border"),
+    (dict(crop_pct=-0.9), "crop_pct must be positive, got -0.9"),
+])
+def test_a_transform_timm_would_not_apply_is_refused(cfg, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        Preprocess.from_pretrained_cfg({"input_size": (3, 32, 32), **cfg})
 
 def test_image_modes_are_handled(sample_images):
     assert load_image(sample_images / "camera_grey.png").mode == "RGB"
@@ -80,11 +97,12 @@ def test_image_folders_are_read_recursively_without_hidden_files(sample_images, 
         list_images(tmp_path / "hidden")
 
 
-@pytest.mark.parametrize("size", [(64, 64), (64, 96)], ids=["square", "wide"])
-def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_path, size):
+@pytest.mark.parametrize("size, crop_mode", [((64, 64), "center"), ((64, 96), "center"), ((64, 96), "border")],
+                         ids=["square", "wide", "wide-border"])
+def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_path, size, crop_mode):
     model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=7)
     model.pretrained_cfg = {**model.pretrained_cfg, "test_input_size": (3, *size), "crop_pct": 0.9,
-                            "crop_mode": "center"}
+                            "crop_mode": crop_mode}
     export_onnx(model, tmp_path / "model.onnx", label_names=[f"c{i}" for i in range(10)])
     clf = OnnxClassifier(tmp_path / "model.onnx")  # preprocessing and labels from the ONNX metadata alone
     assert clf.providers == ["CPUExecutionProvider"] and clf.device == "cpu"

@@ -16,10 +16,16 @@ from typing import Any
 
 import yaml
 
+from ..argtypes import at_least
 from ..errors import UsageError, folder_given
 from ..files import check_writable_folder
 
 DIGITS = "digits"
+# what reads and transforms images: the bundled digits are arrays scaled to the input size, and take none of it
+IMAGE_PIPELINE = ("train_split", "val_split", "train_num_samples", "val_num_samples", "class_map", "crop_pct", "mean",
+                  "std", "interpolation", "train_crop_mode", "scale", "ratio", "hflip", "vflip", "color_jitter",
+                  "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob", "aa", "aug_repeats", "reprob", "remode",
+                  "recount", "train_interpolation")
 RECORDED = {"data_config"}  # written into args.yaml by a run for the record; not an option
 OURS = "(nfnet-hub)"  # marks an option train.py does not have
 BN_NOTE = "NFNets have no BatchNorm"
@@ -48,20 +54,6 @@ class _Kwargs(argparse.Action):
             except (ValueError, SyntaxError):
                 kwargs[key] = value
         setattr(namespace, self.dest, kwargs)
-
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
 
 
 # (support, flags, argparse keywords). support: "" implemented as in train.py; "no-op: why"; "refused: why".
@@ -104,21 +96,21 @@ OPTIONS = [
     _o("--resume", default="", help="training checkpoint to resume (a last.pth.tar of this trainer or of timm's "
        "train.py), or 'auto' for OUTPUT/EXPERIMENT/last.pth.tar"),
     _o("--no-resume-opt", action="store_true", default=False, help="resume the model, not the optimiser state"),
-    _o("--num-classes", type=_at_least(1), default=None, help="classes (default: read from the dataset)"),
+    _o("--num-classes", type=at_least(1), default=None, help="classes (default: read from the dataset)"),
     _o("--gp", default=None, help="global pool type (default: the model's)"),
-    _o("--img-size", type=_at_least(1), default=None, help="input size (default: the model's train size)"),
-    _o("--in-chans", type=_at_least(1), default=None, help="input channels (default: 3)"),
+    _o("--img-size", type=at_least(1), default=None, help="input size (default: the model's train size)"),
+    _o("--in-chans", type=at_least(1), default=None, help="input channels (default: 3)"),
     _o("--input-size", type=int, nargs=3, default=None, help="input C H W (default: the model's)"),
     _o("--crop-pct", type=float, default=None, help="validation centre-crop fraction (default: the model's)"),
     _o("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: the model's)"),
     _o("--std", type=float, nargs="+", default=None, help="normalisation std (default: the model's)"),
     _o("--interpolation", default="", help="resize interpolation (default: the model's)"),
-    _o("--batch-size", "-b", type=_at_least(1), default=128, help="per-process batch size"),
-    _o("--validation-batch-size", "-vb", type=_at_least(1), default=None, help="validation batch size "
+    _o("--batch-size", "-b", type=at_least(1), default=128, help="per-process batch size"),
+    _o("--validation-batch-size", "-vb", type=at_least(1), default=None, help="validation batch size "
        "(default: --batch-size)"),
     _o("--channels-last", action="store_true", default=False, help="channels-last memory format"),
     _no("TorchScript fusers are not used", "--fuser", default="", help="TorchScript fuser"),
-    _o("--grad-accum-steps", type=_at_least(1), default=1, help="micro-batches per optimiser step"),
+    _o("--grad-accum-steps", type=at_least(1), default=1, help="micro-batches per optimiser step"),
     _o("--grad-checkpointing", action="store_true", default=False, help="recompute activations in the backward"),
     _noop("NFNets have no normalisation layers", "--fast-norm", action="store_true", default=False,
           help="timm's fast normalisation layers"),
@@ -159,7 +151,7 @@ OPTIONS = [
     _o("--sched-on-updates", action="store_true", default=False, help="step the schedule every update"),
     _o("--lr", type=float, default=None, help="learning rate (default: lr-base scaled by the global batch)"),
     _o("--lr-base", type=float, default=0.1, help="learning rate for a global batch of lr-base-size"),
-    _o("--lr-base-size", type=_at_least(1), default=256, help="global batch that lr-base is for"),
+    _o("--lr-base-size", type=at_least(1), default=256, help="global batch that lr-base is for"),
     _o("--lr-base-scale", default="", help="'linear' or 'sqrt' (default: sqrt for ada* and lamb, else linear)"),
     _o("--lr-noise", type=float, nargs="+", default=None, help="learning-rate noise on/off epoch fractions"),
     _o("--lr-noise-pct", type=float, default=0.67, help="learning-rate noise limit"),
@@ -170,14 +162,14 @@ OPTIONS = [
     _o("--lr-k-decay", type=float, default=1.0, help="k-decay of cosine and poly schedules"),
     _o("--warmup-lr", type=float, default=1e-5, help="learning rate at the start of warm-up"),
     _o("--min-lr", type=float, default=0, help="lowest learning rate of the schedule"),
-    _o("--epochs", type=_at_least(1), default=300, help="epochs to train (a resumed run trains up to this many)"),
+    _o("--epochs", type=at_least(1), default=300, help="epochs to train (a resumed run trains up to this many)"),
     _no("epoch repeats are not implemented", "--epoch-repeats", type=float, default=0.0, help="dataset repeats"),
-    _o("--start-epoch", type=_at_least(0), default=None, help="epoch to start at (overrides a resumed one)"),
+    _o("--start-epoch", type=at_least(0), default=None, help="epoch to start at (overrides a resumed one)"),
     _o("--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep decay epochs"),
     _o("--decay-epochs", type=float, default=90, help="epochs between step decays"),
-    _o("--warmup-epochs", type=_at_least(0), default=5, help="epochs of linear warm-up"),
+    _o("--warmup-epochs", type=at_least(0), default=5, help="epochs of linear warm-up"),
     _o("--warmup-prefix", action="store_true", default=False, help="warm-up before, not within, the schedule"),
-    _o("--cooldown-epochs", type=_at_least(0), default=0, help="epochs at min-lr after the schedule"),
+    _o("--cooldown-epochs", type=at_least(0), default=0, help="epochs at min-lr after the schedule"),
     _o("--patience-epochs", type=int, default=10, help="plateau schedule's patience"),
     _o("--decay-rate", "--dr", type=float, default=0.1, help="learning-rate decay factor"),
     # augmentation and regularisation
@@ -232,11 +224,11 @@ OPTIONS = [
     # bookkeeping
     _o("--seed", type=int, default=42, help="random seed"),
     _o("--worker-seeding", default="all", help="loader worker seeding"),
-    _o("--log-interval", type=_at_least(0), default=50, help="log every N steps without a progress bar (0: never)"),
-    _o("--val-interval", type=_at_least(1), default=1, help="epochs between validations and checkpoints"),
-    _o("--recovery-interval", type=_at_least(0), default=0, help="save last.pth.tar every N optimiser steps"),
-    _o("--checkpoint-hist", type=_at_least(0), default=10, help="per-epoch checkpoints to keep"),
-    _o("--workers", "-j", type=_at_least(0), default=4, help="data loader processes per training process"),
+    _o("--log-interval", type=at_least(0), default=50, help="log every N steps without a progress bar (0: never)"),
+    _o("--val-interval", type=at_least(1), default=1, help="epochs between validations and checkpoints"),
+    _o("--recovery-interval", type=at_least(0), default=0, help="save last.pth.tar every N optimiser steps"),
+    _o("--checkpoint-hist", type=at_least(0), default=10, help="per-epoch checkpoints to keep"),
+    _o("--workers", "-j", type=at_least(0), default=4, help="data loader processes per training process"),
     _no("saving input batches is not implemented", "--save-images", action="store_true", default=False,
         help="save input batches"),
     _o("--pin-mem", action="store_true", default=False, help="pin loader memory"),
@@ -374,6 +366,13 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dataset == DIGITS and args.data_dir:
         raise UsageError(f"--data-dir {args.data_dir} and --dataset digits conflict: digits are bundled; drop one "
                          "(for image folders, --dataset '' is the default)")
+    unused = [f"--{k.replace('_', '-')} {getattr(args, k)!r}" for k in IMAGE_PIPELINE
+              if getattr(args, k) != defaults[k] and getattr(args, k) not in (0, None, "")]  # asking for none is fine
+    if args.dataset == DIGITS and unused:
+        raise UsageError(f"{len(unused)} option(s) that --dataset digits would ignore: the bundled digits are arrays "
+                         "scaled to the input size, read and augmented by none of timm's image transforms (train on "
+                         "them as image folders to use these: `nfnet-hub quickstart` leaves them in "
+                         "artifacts/quickstart/digits, for --data-dir)", details=unused)
     if args.dataset != DIGITS:
         if not args.data_dir:
             raise UsageError("no data: give --data-dir DIR (image folders DIR/train/CLASS/*.jpg and "
