@@ -32,7 +32,7 @@ from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
 from .folding import fold
 from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
-from .preprocess import Preprocess, check_channels, data_config, export_size, readable_labels
+from .preprocess import Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
            "onnx_logits", "validate_onnx"]
@@ -213,7 +213,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
     start = time.perf_counter()
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    channels = check_channels(getattr(model, "in_chans", 3))
+    channels = getattr(model, "in_chans", 3)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     hw = export_size(cfg, img_size)
     held_out = None

@@ -12,7 +12,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from .errors import BundleError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
 from .int8 import MIN_AGREEMENT
-from .preprocess import check_channels, data_config, export_size, readable_labels
+from .preprocess import IMAGE_MODE, Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
@@ -49,6 +50,25 @@ def _ort_latency_ms(path: Path, shape: tuple[int, int, int], runs: int = 20) -> 
         session.run(None, {"pixel_values": x})
         times.append(time.perf_counter() - t)
     return float(np.median(times) * 1e3)
+
+
+@contextmanager
+def _without_image_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` without the image mode in its pretrained_cfg, for timm's ``save_for_hf``: timm's config has no such
+    key and would refuse to load a config.json that held it there."""
+    cfg = model.pretrained_cfg
+    model.pretrained_cfg = {k: v for k, v in cfg.items() if k != IMAGE_MODE}
+    try:
+        yield
+    finally:
+        model.pretrained_cfg = cfg
+
+
+def _colour(record: dict[str, Any]) -> str:
+    """How the model card names the images a model reads."""
+    pre = Preprocess.from_pretrained_cfg(record)
+    return {"RGB": "RGB", "L": "greyscale (1 channel)"}.get(
+        pre.image_mode, f"{pre.image_mode or 'no image mode'} ({pre.channels} channels)")
 
 
 def _model_args(model: nn.Module) -> dict[str, Any]:
@@ -104,7 +124,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace a bundle there")
     check_replaceable(out)
     check_writable_folder(out.parent)
-    channels = check_channels(getattr(model, "in_chans", 3))
+    channels = getattr(model, "in_chans", 3)
     cfg = dict(model.pretrained_cfg)
     size = export_size(cfg, img_size)
     if label_names is not None:
@@ -112,12 +132,15 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     labels = readable_labels(cfg)
     if labels is not None and len(labels) != model.num_classes:
         raise UsageError(f"{len(labels)} label names for a model with {model.num_classes} classes")
-    classes = {k: cfg[k] for k in ("label_names", "label_descriptions") if cfg.get(k)}  # config.json's, as timm's
     say = print if progress else (lambda *a, **k: None)
     record = data_config(cfg, size, labels, channels=channels)
+    # config.json's top level holds the class names, as timm's, and an image mode, which timm's pretrained_cfg cannot
+    top = {k: v for k, v in {**cfg, IMAGE_MODE: record.get(IMAGE_MODE)}.items()
+           if k in ("label_names", "label_descriptions", IMAGE_MODE) and v}
     with reference_model(model) as model, atomic_folder(out, replace=overwrite) as tmp:  # fp32, as the ONNX files
-        save_for_hf(model, str(tmp), model_config=classes or None,
-                    model_args=_model_args(model), safe_serialization=True, data_config=record)
+        with _without_image_mode(model):
+            save_for_hf(model, str(tmp), model_config=top or None, model_args=_model_args(model),
+                        safe_serialization=True, data_config={k: v for k, v in record.items() if k != IMAGE_MODE})
         save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the WS form and data config
         exports = []
         for precision in precisions:
@@ -137,7 +160,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
                     + (f", trained on {dataset})." if dataset else ")."),
             params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size="x".join(map(str, size)),
             crop_pct=record["crop_pct"], crop_mode=record["crop_mode"], interpolation=record["interpolation"],
-            colour="greyscale (1 channel)" if channels == 1 else "RGB", mean=record["mean"], std=record["std"],
+            colour=_colour(record), mean=record["mean"], std=record["std"],
             num_classes=model.num_classes,
             ws_form={"timm": "timm's (w - mean) / sqrt(var + eps)",
                      "deepmind": "the authors' rsqrt(max(var * fan_in, 1e-4))"}[ws],

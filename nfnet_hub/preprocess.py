@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "ImageSource", "Preprocess", "apply_data_config",
-           "check_channels", "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image",
+           "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image",
            "readable_labels"]
 
 _INTERPOLATION = {
@@ -32,7 +32,8 @@ _INTERPOLATION = {
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I")  # 16-bit and 32-bit integer images, which PIL's convert clips
 CROP_MODES = ("center", "squash", "border")  # timm's transforms_imagenet_eval
-CHANNELS = (3, 1)  # RGB or greyscale: what timm's loader makes of an image (input_img_mode RGB or L)
+IMAGE_MODE = "input_img_mode"  # the record's key for a mode other than the default, as train.py's option names it
+DEFAULT_MODES = {3: "RGB", 1: "L"}  # the PIL mode timm's train.py reads images in, without --input-img-mode
 # how Pillow says a file does not decode: truncated or foreign files (several types), and images so large they
 # are taken for decompression bombs (above Pillow's MAX_IMAGE_PIXELS twice over)
 UNDECODABLE = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
@@ -63,8 +64,9 @@ def data_config(cfg: Mapping[str, Any], img_size: int | Sequence[int] | None = N
     the model's input channels, where they may differ from the config's (see ``Preprocess.from_pretrained_cfg``)."""
     pre = Preprocess.from_pretrained_cfg(cfg, img_size=img_size, channels=channels)
     labels = list(label_names) if label_names is not None else cfg.get("label_names")
+    mode = {IMAGE_MODE: pre.image_mode} if pre.image_mode != DEFAULT_MODES.get(pre.channels) else {}
     return {"input_size": [pre.channels, *pre.input_size], "crop_pct": pre.crop_pct, "crop_mode": pre.crop_mode,
-            "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std),
+            "interpolation": pre.interpolation, "mean": list(pre.mean), "std": list(pre.std), **mode,
             "label_names": list(labels) if labels else None}
 
 
@@ -79,6 +81,9 @@ def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any], *,
            "crop_mode": record["crop_mode"], "interpolation": record["interpolation"],
            "mean": tuple(record["mean"]), "std": tuple(record["std"])}
     out.pop("test_crop_pct", None)
+    out.pop(IMAGE_MODE, None)
+    if record.get(IMAGE_MODE):  # not a key of timm's pretrained_cfg: a bundle's config.json holds it outside
+        out[IMAGE_MODE] = record[IMAGE_MODE]
     if record.get("label_names"):
         out["label_names"] = list(record["label_names"])
     return out
@@ -100,7 +105,8 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
 
 ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
 """An image as the runtime takes it: a file path, an encoded file's bytes, a PIL image, or a uint8 array of RGB
-(HxWx3), RGBA (HxWx4) or grey (HxW) pixels; OpenCV's arrays are BGR and must be converted first."""
+(HxWx3), RGBA (HxWx4) or grey (HxW) pixels; OpenCV's arrays are BGR and must be converted first. It is read in the
+model's image mode (RGB, L ...), as timm's loader reads files."""
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:
@@ -126,20 +132,24 @@ def _image(source: ImageSource) -> Image.Image:
 
 
 def load_image(source: ImageSource, mode: str = "RGB") -> Image.Image:
-    """An RGB image, or a greyscale one (``mode="L"``), converted as timm's loader converts (alpha dropped,
-    palettes expanded), 16-bit and 32-bit integer images rescaled to 8 bits rather than clipped."""
+    """An image in PIL ``mode`` (RGB, L for greyscale ...), converted as timm's loader converts (``input_img_mode``:
+    alpha dropped for RGB, palettes expanded), 16-bit and 32-bit integer images rescaled to 8 bits, not clipped."""
     img = _image(source)
     if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(arr * 255.0 / peak), 0, 255).astype(np.uint8), "L")
-    return img.convert(mode)
+    try:
+        return img.convert(mode)
+    except ValueError as e:  # Pillow converts between some modes only
+        raise UsageError(f"a {img.mode} image cannot be read in mode {mode}: {e}") from None
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """timm's eval transform (``transforms_imagenet_eval``) for a pretrained_cfg, in numpy: RGB images for
-    3-channel models, greyscale ones for 1-channel models (timm's ``input_img_mode`` "L")."""
+    """timm's eval transform (``transforms_imagenet_eval``) for a pretrained_cfg, in numpy, on images read in
+    ``image_mode`` (timm's ``input_img_mode``): by default RGB for 3-channel models and L (greyscale) for 1-channel
+    ones, as train.py reads them; a model of other channels reads images only in a mode it records (RGBA ...)."""
 
     input_size: tuple[int, int]
     crop_pct: float = 0.875
@@ -148,6 +158,7 @@ class Preprocess:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
     channels: int = 3
+    image_mode: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("mean", "std"):  # one value stands for every channel, as in timm's data config
@@ -157,6 +168,10 @@ class Preprocess:
             raise UsageError(f"crop_mode {self.crop_mode!r} is not supported: choose {', '.join(CROP_MODES)}")
         if not self.crop_pct > 0:
             raise UsageError(f"crop_pct must be positive, got {self.crop_pct}")
+        mode = self.image_mode or DEFAULT_MODES.get(self.channels)
+        object.__setattr__(self, "image_mode", mode)
+        if mode is not None and _bands(mode) != self.channels:
+            raise UsageError(f"image mode {mode} has {_bands(mode)} channels, the model takes {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UsageError(f"mean {self.mean} and std {self.std} must have a value per input channel "
                              f"({self.channels}), or one for all")
@@ -180,7 +195,7 @@ class Preprocess:
             channels = int((cfg.get("test_input_size") or cfg.get("input_size") or (3,))[0])
         return cls(size, float(crop_pct), cfg.get("crop_mode") or "center", interpolation,
                    _per_channel(cfg.get("mean", cls.mean), channels), _per_channel(cfg.get("std", cls.std), channels),
-                   channels)
+                   channels, cfg.get(IMAGE_MODE))
 
     @classmethod
     def for_model(cls, model: Any, *, img_size: int | Sequence[int] | None = None) -> Preprocess:
@@ -192,8 +207,9 @@ class Preprocess:
         """One line a user can check against their training."""
         h, w = self.input_size
         fmt = lambda v: "(" + ", ".join(f"{x:.4g}" for x in v) + ")"  # noqa: E731
-        grey = " greyscale" if self.channels == 1 else ""
-        return (f"{h}x{w} px{grey}, {self.crop_mode} crop {self.crop_pct:g}, {self.interpolation}, "
+        mode = {"RGB": "", "L": " greyscale", None: f" {self.channels}-channel"}.get(self.image_mode,
+                                                                                    f" {self.image_mode}")
+        return (f"{h}x{w} px{mode}, {self.crop_mode} crop {self.crop_pct:g}, {self.interpolation}, "
                 f"mean {fmt(self.mean)}, std {fmt(self.std)}")
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
@@ -217,7 +233,11 @@ class Preprocess:
         return _center_crop_or_pad(img, h, w, fill)
 
     def __call__(self, image: ImageSource) -> np.ndarray:
-        img = load_image(image, "RGB" if check_channels(self.channels) == 3 else "L")
+        if self.image_mode is None:
+            raise UsageError(f"the model takes {self.channels}-channel input and records no image mode to read images "
+                             f"in (train with --input-img-mode): give it preprocessed [N, {self.channels}, H, W] "
+                             "arrays (OnnxClassifier.logits, the server's tensor input)")
+        img = load_image(image, self.image_mode)
         arr = np.asarray(self.resize_crop(img), dtype=np.float32).reshape(*self.input_size, -1) / np.float32(255.0)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
@@ -240,13 +260,12 @@ def _center_crop_or_pad(img: Image.Image, h: int, w: int, fill: int | tuple[int,
     return img.crop((left, top, left + w, top + h))
 
 
-def check_channels(channels: int) -> int:
-    """``channels`` if images can feed a model of that many input channels (RGB or greyscale), else an error."""
-    if channels not in CHANNELS:
-        raise UsageError(f"the model takes {channels}-channel input; images are read as 3 channels (RGB) or 1 "
-                         "(greyscale), as timm's loader reads them: exports, bundles, the runtime and the server "
-                         "take such models only")
-    return channels
+def _bands(mode: str) -> int:
+    try:
+        return Image.getmodebands(mode)
+    except (KeyError, ValueError):
+        raise UsageError(f"{mode!r} is not an image mode: choose RGB (3 channels), L (1), RGBA or CMYK (4), LA (2), "
+                         "or another of Pillow's modes") from None
 
 
 def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:

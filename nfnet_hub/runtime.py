@@ -17,7 +17,7 @@ from PIL import Image
 
 from .bundle_files import ONNX_FILES
 from .errors import UsageError
-from .preprocess import ImageSource, Preprocess, list_images, load_image, readable_labels
+from .preprocess import IMAGE_MODE, ImageSource, Preprocess, list_images, load_image, readable_labels
 
 __all__ = ["ImageSource", "OnnxClassifier", "Preprocess", "Prediction", "list_images", "load_image"]
 
@@ -72,6 +72,13 @@ def config_labels(config: dict[str, Any]) -> list[str] | None:
     pretrained_cfg of a timm model, which the ONNX metadata carries, inside it)."""
     return readable_labels({**config.get("pretrained_cfg", {}), **{
         k: config[k] for k in ("label_names", "label_descriptions") if config.get(k)}})
+
+
+def config_preprocess(config: dict[str, Any]) -> Preprocess:
+    """A config's eval transform: its pretrained_cfg, read in the image mode a bundle's config.json holds at its top
+    level (timm's pretrained_cfg has no key for it; the ONNX metadata holds it inside)."""
+    mode = {IMAGE_MODE: config[IMAGE_MODE]} if config.get(IMAGE_MODE) else {}
+    return Preprocess.from_pretrained_cfg({**config["pretrained_cfg"], **mode})
 
 
 def file_config(model_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
@@ -158,7 +165,7 @@ class OnnxClassifier:
         if config is None:
             config = file_config(model_path, self.session.get_modelmeta().custom_metadata_map)
         self.config = config
-        self.preprocess = Preprocess.from_pretrained_cfg(config["pretrained_cfg"])
+        self.preprocess = config_preprocess(config)
         num_classes = self.session.get_outputs()[0].shape[-1]
         labels = config_labels(config)
         if labels and isinstance(num_classes, int) and len(labels) != num_classes:

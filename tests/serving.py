@@ -64,3 +64,24 @@ class Server:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def infer(url: str, model: str, pixels=None, *, images: tuple[bytes, ...] = ()) -> tuple[int, dict]:
+    """One JSON inference request to ``model``: ``pixels`` (an NCHW float32 array) as 'pixel_values', or encoded
+    ``images`` as 'image' (base64 strings); the HTTP status and the answer."""
+    import base64
+    import json
+
+    if pixels is not None:
+        tensor = {"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32",
+                  "data": pixels.ravel().tolist()}
+    else:
+        tensor = {"name": "image", "shape": [len(images)], "datatype": "BYTES",
+                  "data": [base64.b64encode(i).decode() for i in images]}
+    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", json.dumps({"inputs": [tensor]}).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

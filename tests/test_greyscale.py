@@ -4,8 +4,6 @@ config has three (timm's loader, ``adapt_to_chs``)."""
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import timm
 import torch
 from conftest import randomise, rel_error
 from PIL import Image
-from serving import Server
+from serving import Server, infer
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
 from nfnet_hub.errors import UsageError
@@ -118,15 +116,6 @@ def test_digits_train_a_one_channel_model_at_the_input_size(tmp_path):
     assert tuple(cfg["input_size"]) == (1, 40, 40) and tuple(cfg["mean"]) == (0.27,)
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_bundle_timm_runtime_and_server_take_the_greyscale_model(grey_run, digits_folders, tmp_path):
     _, run = grey_run
     model, _ = load_model("nfnet_hub_nano", run / "model_best.pth.tar")
@@ -152,13 +141,10 @@ def test_bundle_timm_runtime_and_server_take_the_greyscale_model(grey_run, digit
     url = server.__enter__()
     try:
         pixels = clf.preprocess.batch(images[:2])
-        status, answer = _post(f"{url}/v2/models/grey/infer", {"inputs": [{
-            "name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32", "data": pixels.ravel().tolist()}]})
+        status, answer = infer(url, "grey", pixels)
         assert status == 200, answer
         np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], (2, -1)), clf.logits(pixels), atol=1e-5)
-        rgb = np.zeros((1, 3, 32, 32), np.float32)
-        status, answer = _post(f"{url}/v2/models/grey/infer", {"inputs": [
-            {"name": "pixel_values", "shape": [1, 3, 32, 32], "datatype": "FP32", "data": rgb.ravel().tolist()}]})
+        status, answer = infer(url, "grey", np.zeros((1, 3, 32, 32), np.float32))
         assert status == 400 and "must have shape [N,1,32,32]" in answer["error"], answer
     finally:
         assert server.stop() == 0, server.output

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import CheckpointError, UsageError, folder_given
 from ..files import honour_umask
-from ..preprocess import apply_data_config, data_config
+from ..preprocess import IMAGE_MODE, apply_data_config, data_config
 from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
 from .nfnet import DEEPMIND_NUMERICS
 
@@ -214,6 +214,22 @@ def names_saved_model(name: str) -> bool:
     return name.startswith(("hf-hub:", "local-dir:"))
 
 
+def _saved_config(name: str) -> dict[str, Any]:
+    """The config.json of a saved model (``local-dir:PATH``, ``hf-hub:ORG/NAME[@REVISION]``), as timm reads it."""
+    where = name.partition(":")[2]
+    if name.startswith("local-dir:"):
+        path = Path(where) / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        from ..hubclient import hub_errors
+
+        repo, _, revision = where.partition("@")
+        with hub_errors(f"loading {name}"):
+            path = Path(hf_hub_download(repo, "config.json", revision=revision or None))
+    return json.loads(path.read_text())
+
+
 def pretrained_cfg_of(name: str) -> dict[str, Any]:
     """The pretrained config timm gives ``name`` (a tag's, a saved model's config.json), from a model built on the
     meta device: its preprocessing before the class count is known, without allocating weights."""
@@ -234,6 +250,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     _check_name(name)
     if checkpoint is None:
         model = _timm_create(name, pretrained, **kwargs)
+        if names_saved_model(name) and (mode := _saved_config(name).get(IMAGE_MODE)):
+            model.pretrained_cfg = {**model.pretrained_cfg, IMAGE_MODE: mode}  # timm leaves it in config.json
         weights = f"pretrained weights of {name}" if pretrained else "random weights (no checkpoint given)"
         classes = None
         if pretrained:  # a pretrained tag's ImageNet weights, or a saved model that names classes by WordNet id
@@ -265,7 +283,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     if not record and ckpt.train_args:  # as timm's train.py resolved it from its options
         from timm.data import resolve_data_config
 
-        record = resolve_data_config(ckpt.train_args, pretrained_cfg=model.pretrained_cfg)
+        record = {**resolve_data_config(ckpt.train_args, pretrained_cfg=model.pretrained_cfg),
+                  IMAGE_MODE: ckpt.train_args.get("input_img_mode")}  # train.py's option; its config has no key
         source = (f"the options of timm's train.py recorded in {Path(checkpoint).name}, resolved as train.py "
                   "resolves them (it records no class names)")
     if record:

@@ -1,9 +1,10 @@
 """One bundle as a KServe model: Open Inference Protocol inputs in, logits (and top-k labels) out.
 
-Inputs: ``pixel_values`` FP32 ``[N, 3, H, W]`` (preprocessed; ``[N, 1, H, W]`` for a greyscale model), or
+Inputs: ``pixel_values`` FP32 ``[N, C, H, W]`` (preprocessed; C is 3, 1 for a greyscale model ...), or
 ``image`` BYTES ``[N]`` (encoded JPEG/PNG/WebP/BMP files, as base64 strings in JSON; preprocessed here with the
-bundle's timm eval transform). Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also
-``labels`` BYTES ``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first).
+bundle's timm eval transform, in its image mode; a model that records none takes ``pixel_values`` only).
+Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also ``labels`` BYTES
+``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first).
 Every mistake in a request is a ``kserve.errors.InvalidInput``, which KServe answers with
 ``{"error": ...}`` and HTTP 400.
 """
@@ -49,8 +50,10 @@ class BundleModel(Model):
         self.ready = True
 
     def get_input_types(self) -> list[dict]:
-        return [{"name": "pixel_values", "datatype": "FP32", "shape": [-1, self.channels, self.height, self.width]},
-                {"name": "image", "datatype": "BYTES", "shape": [-1]}]
+        """Preprocessed pixels, and encoded images where the model records a mode to read them in."""
+        pixels = {"name": "pixel_values", "datatype": "FP32", "shape": [-1, self.channels, self.height, self.width]}
+        image = {"name": "image", "datatype": "BYTES", "shape": [-1]}
+        return [pixels, image] if self.classifier.preprocess.image_mode else [pixels]
 
     def get_output_types(self) -> list[dict]:
         return [{"name": "logits", "datatype": "FP32", "shape": [-1, self.num_classes]},
@@ -121,6 +124,9 @@ class BundleModel(Model):
             if pixels.dtype != np.float32 or list(pixels.shape) != shape:
                 raise InvalidInput(f"input 'pixel_values' data does not match its shape {shape}")
             return pixels
+        if self.classifier.preprocess.image_mode is None:
+            raise InvalidInput(f"this model takes {self.channels}-channel input and records no image mode to read "
+                               f"images in: send 'pixel_values' (FP32 [N,{self.channels},{self.height},{self.width}])")
         if tensor.datatype != "BYTES" or len(shape) != 1:
             raise InvalidInput(f"input 'image' must be BYTES of shape [N] (one encoded image each), got "
                                f"{tensor.datatype} {shape}")

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..runtime import OnnxClassifier, parse_source, precision_file
@@ -84,8 +86,8 @@ def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, provider
     for model_name, where in bundles.items():
         filename = precision_file(where, options.precision)
         clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=options.threads)
-        clf.logits(clf.preprocess.batch([_blank(clf.preprocess.input_size)]))
         h, w = clf.preprocess.input_size
+        clf.logits(np.zeros((1, clf.preprocess.channels, h, w), np.float32))
         log(f"model {model_name}: {where} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
             f"{len(clf.labels)} classes, {clf.preprocess.describe()}")
         classifiers[model_name] = clf
@@ -105,12 +107,6 @@ def load_models(bundles: dict[str, str], options: ServeOptions, *, providers=Non
         classifiers = loading.result()
     return [BundleModel(name, clf, max_batch_size=options.max_batch_size, max_delay_ms=options.max_delay_ms,
                         instances=options.instances) for name, clf in classifiers.items()]
-
-
-def _blank(size: tuple[int, int]):
-    from PIL import Image
-
-    return Image.new("RGB", (size[1], size[0]))
 
 
 def _check_port(host: str, port: int) -> None:

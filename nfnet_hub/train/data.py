@@ -15,7 +15,16 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from ..errors import TrainingError, UsageError
-from ..preprocess import IMAGE_SUFFIXES, UNDECODABLE, WIDE_MODES, Preprocess, check_channels, data_config, load_image
+from ..preprocess import (
+    DEFAULT_MODES,
+    IMAGE_MODE,
+    IMAGE_SUFFIXES,
+    UNDECODABLE,
+    WIDE_MODES,
+    Preprocess,
+    data_config,
+    load_image,
+)
 from .folders import (
     EVAL_NAMES,
     TRAIN_NAMES,
@@ -114,7 +123,9 @@ def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
         raise UsageError(f"--input-size {' '.join(map(str, args.input_size))}: --dataset digits trains at a square "
                          "size")
     size = args.input_size[-1] if args.input_size else args.img_size or 32  # as timm: --input-size over --img-size
-    channels = check_channels(input_channels(args))
+    channels = input_channels(args)
+    if channels not in DEFAULT_MODES:
+        raise UsageError(f"the model takes {channels}-channel input; the digits are greyscale, made 1 or 3 channels")
     xtr, xte, ytr, yte = digits_split()
     train_ds = TensorDataset(digits_to_tensor(xtr, size, channels), torch.from_numpy(ytr).long())
     val_ds = TensorDataset(digits_to_tensor(xte, size, channels), torch.from_numpy(yte).long())
@@ -143,7 +154,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     # timm's train.py gives the model --in-chans but the data the config's channels; here both take the model's,
     # with the mean and std adapted as timm's loader adapts them
     channels = input_channels(args)
-    data_cfg = data_config(resolve_data_config(vars(args), pretrained_cfg=model_cfg), channels=channels)
+    mode = _image_mode(args, channels)  # recorded where it is not the default, for export and serving to read in
+    data_cfg = data_config({**resolve_data_config(vars(args), pretrained_cfg=model_cfg), IMAGE_MODE: mode},
+                           channels=channels)
     folders = None
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
         folders = (split_folder(args.data_dir, args.train_split, TRAIN_NAMES),
@@ -152,7 +165,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
     input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
     kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
-              input_img_mode=_image_mode(args, channels),
+              input_img_mode=mode,
               input_key=input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
     train_ds = _from_source(args, args.train_split, folders and folders[0], is_training=True, seed=args.seed,
                             num_samples=args.train_num_samples, **kw)
@@ -207,7 +220,7 @@ def input_channels(args: argparse.Namespace) -> int:
 def _image_mode(args: argparse.Namespace, channels: int) -> str:
     """The PIL mode timm reads images in: --input-img-mode, else RGB for 3 channels and L otherwise (train.py's
     choice), refused where its images would not have the model's channels (a conv traceback in the first step)."""
-    mode = args.input_img_mode or ("RGB" if channels == 3 else "L")
+    mode = args.input_img_mode or DEFAULT_MODES.get(channels, "L")
     try:
         bands = Image.getmodebands(mode)
     except (KeyError, ValueError):
