@@ -44,7 +44,9 @@ def test_repository_matches_the_onnx_file_and_parses_as_triton_config(nano_bundl
     assert [(g.count, g.kind) for g in config.instance_group] == [(3, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
     assert config.output[0].label_filename == "labels.txt"
     assert (folder / "labels.txt").read_text().split() == [str(d) for d in range(10)]
-    assert "tritonserver --model-repository" in (folder / "README.md").read_text()
+    readme = (folder / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme
+    assert "as the model was trained (32x32 px, squash crop 1, bicubic, mean (0.27, 0.27, 0.27)" in readme
 
 
 def test_gpu_tensorrt_and_a_second_model_beside_the_first(nano_bundle, tmp_path):

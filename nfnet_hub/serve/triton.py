@@ -14,7 +14,15 @@ from pathlib import Path
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
 from ..files import atomic_folder, check_writable_folder
-from ..runtime import config_labels, file_config, parse_source, precision_file, read_bundle_config, resolve_files
+from ..runtime import (
+    config_labels,
+    config_preprocess,
+    file_config,
+    parse_source,
+    precision_file,
+    read_bundle_config,
+    resolve_files,
+)
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -100,6 +108,7 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
     inputs, outputs, metadata = onnx_tensors(onnx_file)
     config = read_bundle_config(config_file) if config_file is not None and config_file.is_file() \
         else file_config(onnx_file, metadata)
+    preprocessing = config_preprocess(config).describe()
     labels = config_labels(config) or [str(i) for i in range(max(outputs[0].dims[-1:] or [0]))]  # as serve names them
     text = model_config(name, inputs, outputs, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
                         instances=instances, gpu=gpu, accelerator=accelerator, precision=precision)
@@ -108,17 +117,19 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
         shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
         (tmp / "config.pbtxt").write_text(text)
         (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
-        (tmp / "README.md").write_text(_readme(name, repo, inputs, outputs, gpu))
+        (tmp / "README.md").write_text(_readme(name, repo, inputs, outputs, gpu, preprocessing))
     return target
 
 
-def _readme(name: str, repo: Path, inputs: list[Tensor], outputs: list[Tensor], gpu: bool) -> str:
+def _readme(name: str, repo: Path, inputs: list[Tensor], outputs: list[Tensor], gpu: bool,
+            preprocessing: str) -> str:
     shape = lambda t: "[N, " + ", ".join(map(str, t.dims)) + "]"  # noqa: E731
     return (f"# {name} for Triton Inference Server\n\nWritten by `nfnet-hub triton` from an nfnet-hub model. "
             f"Serve the repository with\n\n```\ntritonserver --model-repository={repo.resolve()}\n```\n\n"
             f"or in NVIDIA's container, `docker run --rm {'--gpus all ' if gpu else ''}-p8000:8000 -p8001:8001 "
             f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
-            f"--model-repository=/models`.\n\nInput `{inputs[0].name}` {inputs[0].data_type} {shape(inputs[0])} "
-            f"(preprocessed as the model's config says); output `{outputs[0].name}` {outputs[0].data_type} "
-            f"{shape(outputs[0])}, with labels from labels.txt through the classification extension. The same "
+            f"--model-repository=/models`.\n\nInput `{inputs[0].name}` {inputs[0].data_type} {shape(inputs[0])}: "
+            f"images preprocessed with timm's eval transform as the model was trained ({preprocessing}). Output "
+            f"`{outputs[0].name}` {outputs[0].data_type} {shape(outputs[0])}, with labels from labels.txt through "
+            "the classification extension. The same "
             "Open Inference Protocol client works against `nfnet-hub serve` and KServe.\n")
