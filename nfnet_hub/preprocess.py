@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from .errors import UsageError
 
 __all__ = ["IMAGE_SUFFIXES", "UNDECODABLE", "WIDE_MODES", "ImageSource", "Preprocess", "apply_data_config",
-           "data_config", "eval_size", "export_size", "list_images", "load_image", "open_image",
+           "data_config", "eval_size", "export_size", "image_mode_bands", "list_images", "load_image", "open_image",
            "readable_labels"]
 
 _INTERPOLATION = {
@@ -170,8 +170,8 @@ class Preprocess:
             raise UsageError(f"crop_pct must be positive, got {self.crop_pct}")
         mode = self.image_mode or DEFAULT_MODES.get(self.channels)
         object.__setattr__(self, "image_mode", mode)
-        if mode is not None and _bands(mode) != self.channels:
-            raise UsageError(f"image mode {mode} has {_bands(mode)} channels, the model takes {self.channels}")
+        if mode is not None and (bands := image_mode_bands(mode)) != self.channels:
+            raise UsageError(f"image mode {mode} has {bands} channels, the model takes {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise UsageError(f"mean {self.mean} and std {self.std} must have a value per input channel "
                              f"({self.channels}), or one for all")
@@ -238,7 +238,10 @@ class Preprocess:
                              f"in (train with --input-img-mode): give it preprocessed [N, {self.channels}, H, W] "
                              "arrays (OnnxClassifier.logits, the server's tensor input)")
         img = load_image(image, self.image_mode)
-        arr = np.asarray(self.resize_crop(img), dtype=np.float32).reshape(*self.input_size, -1) / np.float32(255.0)
+        arr = np.asarray(self.resize_crop(img))
+        if arr.dtype == bool:  # mode 1: timm's loader takes a set pixel as 255
+            arr = arr.astype(np.uint8) * 255
+        arr = arr.astype(np.float32).reshape(*self.input_size, -1) / np.float32(255.0)
         arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(arr.transpose(2, 0, 1))
 
@@ -260,12 +263,20 @@ def _center_crop_or_pad(img: Image.Image, h: int, w: int, fill: int | tuple[int,
     return img.crop((left, top, left + w, top + h))
 
 
-def _bands(mode: str) -> int:
+def image_mode_bands(mode: str) -> int:
+    """The channels of images read in PIL ``mode``; an error for a name Pillow does not know, and for modes of
+    wider pixels than 8 bits (I, F, I;16), which timm's loader hands over unscaled or cannot normalise."""
+    from PIL import ImageMode
+
     try:
-        return Image.getmodebands(mode)
+        info = ImageMode.getmode(mode)
     except (KeyError, ValueError):
         raise UsageError(f"{mode!r} is not an image mode: choose RGB (3 channels), L (1), RGBA or CMYK (4), LA (2), "
                          "or another of Pillow's modes") from None
+    if info.typestr not in ("|u1", "|b1"):
+        raise UsageError(f"image mode {mode} has {info.typestr[1:]} pixels: timm's loader hands them to the model "
+                         "unscaled, or fails on them; choose a mode of 8-bit channels (L for greyscale)")
+    return len(info.bands)
 
 
 def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:

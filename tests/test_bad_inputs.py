@@ -230,7 +230,7 @@ CASES = [
                                             "--workers", "0"],
      r"--input-img-mode L reads 1-channel images, but the model takes 3 \(--in-chans, --input-size\)"),
     ("train-unknown-image-mode", ["train", "--data-dir", "tiny", "--input-img-mode", "rgb", "--output", "runs"],
-     "--input-img-mode 'rgb' is not an image mode: choose RGB"),
+     "--input-img-mode: 'rgb' is not an image mode: choose RGB"),
     ("train-four-channels-without-a-mode", ["train", "--data-dir", "tiny", "--in-chans", "4", "--output", "runs"],
      "the model takes 4-channel input, which images are not read as by default"),
     ("train-digits-two-channels", ["train", "--dataset", "digits", "--in-chans", "2", "--output", "runs"],

@@ -4,6 +4,7 @@ images in it, as timm's loader read them for training. A model of other channels
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _timm_eval(cfg: dict, mode: str, paths) -> torch.Tensor:
     return torch.stack([transform(Image.open(p).convert(mode)) for p in paths])
 
 
-@pytest.mark.parametrize("mode", ["YCbCr", "RGBA", "CMYK", "LA", "HSV"])
+@pytest.mark.parametrize("mode", ["YCbCr", "RGBA", "CMYK", "LA", "HSV", "LAB", "PA", "1"])
 def test_preprocessing_reads_images_in_the_recorded_mode_as_timm(sample_images, mode):
     channels = Image.getmodebands(mode)
     cfg = dict(input_size=(channels, 48, 40), crop_pct=0.9, crop_mode="center", interpolation="bicubic",
@@ -52,6 +53,9 @@ def test_a_mode_of_other_channels_than_the_model_is_refused():
         Preprocess((8, 8), image_mode="RGBA")
     with pytest.raises(UsageError, match="'rgba' is not an image mode"):
         Preprocess((8, 8), channels=4, mean=(0.5,), std=(0.5,), image_mode="rgba")
+    for wide in ("F", "I", "I;16"):  # timm's loader hands F pixels over unscaled, and fails on I's
+        with pytest.raises(UsageError, match=f"image mode {re.escape(wide)} has .* pixels: timm's loader"):
+            Preprocess((8, 8), channels=1, mean=(0.5,), std=(0.5,), image_mode=wide)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from ..preprocess import (
     WIDE_MODES,
     Preprocess,
     data_config,
+    image_mode_bands,
     load_image,
 )
 from .folders import (
@@ -222,10 +223,9 @@ def _image_mode(args: argparse.Namespace, channels: int) -> str:
     choice), refused where its images would not have the model's channels (a conv traceback in the first step)."""
     mode = args.input_img_mode or DEFAULT_MODES.get(channels, "L")
     try:
-        bands = Image.getmodebands(mode)
-    except (KeyError, ValueError):
-        raise UsageError(f"--input-img-mode {mode!r} is not an image mode: choose RGB (3 channels), L (1), RGBA or "
-                         "CMYK (4), LA (2)") from None
+        bands = image_mode_bands(mode)
+    except UsageError as e:
+        raise UsageError(f"--input-img-mode: {e}") from None
     if bands != channels and args.input_img_mode:
         raise UsageError(f"--input-img-mode {mode} reads {bands}-channel images, but the model takes {channels} "
                          "(--in-chans, --input-size): give a mode of as many channels, or leave it out")
