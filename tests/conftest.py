@@ -6,6 +6,7 @@ skip gain and bias before comparing anything.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Triton kernels (AGC's) run here on CPU tensors through Triton's interpreter, read when they are defined
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,6 +38,11 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """Normwise relative error ``||a - b|| / ||b||`` against the reference ``b``."""
     return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()))
+
+
+def eight_bit_photos(sample_images: Path) -> list[Path]:
+    """The sample photos that timm's loader reads as the runtime does (it clips 16-bit ones: see test_runtime)."""
+    return [p for p in sorted(sample_images.iterdir()) if "16bit" not in p.name]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import randomise, rel_error
+from conftest import eight_bit_photos, randomise, rel_error
 from PIL import Image
 from serving import Server, infer
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -29,17 +29,13 @@ def _timm_eval(cfg: dict, paths) -> torch.Tensor:
     return torch.stack([transform(Image.open(p).convert("L")) for p in paths])
 
 
-def _photos(sample_images):
-    return [p for p in sorted(sample_images.iterdir()) if "16bit" not in p.name]  # 16-bit: rescaled, see test_runtime
-
-
 @pytest.mark.parametrize("crop_mode", ["center", "border"])
 def test_preprocessing_matches_timms_one_channel_transform(sample_images, crop_mode):
     cfg = dict(input_size=(1, 64, 64), crop_pct=0.9, crop_mode=crop_mode, interpolation="bicubic", mean=(0.45,),
                std=(0.25,))
     pre = Preprocess.from_pretrained_cfg(cfg)
     assert pre.channels == 1 and "greyscale" in pre.describe()
-    photos = _photos(sample_images)
+    photos = eight_bit_photos(sample_images)
     np.testing.assert_allclose(pre.batch(photos), _timm_eval(cfg, photos).numpy(), atol=1e-5)
 
 
@@ -59,7 +55,7 @@ def test_a_model_created_with_one_channel_is_exported_with_timms_loader_normalis
     clf = OnnxClassifier(tmp_path / "grey.onnx")
     assert clf.session.get_inputs()[0].shape[1:] == [1, 64, 64] and report.img_size == (64, 64)
     assert clf.preprocess.mean == pytest.approx(mean) and clf.preprocess.std == pytest.approx(std)
-    photos = _photos(sample_images)
+    photos = eight_bit_photos(sample_images)
     cfg = {k: model.pretrained_cfg[k] for k in ("crop_pct", "crop_mode", "interpolation")}
     x = _timm_eval({**cfg, "input_size": (1, 64, 64), "mean": mean, "std": std}, photos)
     with torch.no_grad():

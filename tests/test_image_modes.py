@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import randomise, rel_error
+from conftest import eight_bit_photos, randomise, rel_error
 from PIL import Image
 from serving import Server, infer
 from timm.data import create_transform, resolve_data_config
@@ -25,10 +25,6 @@ from nfnet_hub.models.checkpoint import load_model
 from nfnet_hub.preprocess import Preprocess, apply_data_config, list_images
 from nfnet_hub.runtime import OnnxClassifier
 from nfnet_hub.train import parse_args, train
-
-
-def _photos(sample_images):
-    return [p for p in sorted(sample_images.iterdir()) if "16bit" not in p.name]  # 16-bit: rescaled, see test_runtime
 
 
 def _timm_eval(cfg: dict, mode: str, paths) -> torch.Tensor:
@@ -44,7 +40,7 @@ def test_preprocessing_reads_images_in_the_recorded_mode_as_timm(sample_images, 
                mean=(0.45,) * channels, std=(0.25,) * channels, input_img_mode=mode)
     pre = Preprocess.from_pretrained_cfg(cfg)
     assert pre.image_mode == mode and f"48x40 px {mode}, center crop" in pre.describe()
-    photos = _photos(sample_images)
+    photos = eight_bit_photos(sample_images)
     np.testing.assert_allclose(pre.batch(photos), _timm_eval(cfg, mode, photos).numpy(), atol=1e-5)
 
 
@@ -113,7 +109,7 @@ def test_a_four_channel_model_exports_bundles_and_serves_rgba_images(sample_imag
     model.pretrained_cfg = apply_data_config(model.pretrained_cfg, {
         "input_size": [4, 48, 48], "crop_pct": 0.9, "crop_mode": "center", "interpolation": "bicubic",
         "mean": [0.5] * 4, "std": [0.25] * 4, "input_img_mode": "RGBA"})
-    photos = _photos(sample_images)
+    photos = eight_bit_photos(sample_images)
     with torch.no_grad():
         expected = model(_timm_eval(model.pretrained_cfg, "RGBA", photos))
     bundle = build_bundle(model, tmp_path / "bundle", repo_id="me/rgba", progress=False)
@@ -146,7 +142,7 @@ def test_a_model_that_records_no_image_mode_takes_arrays_and_refuses_images(samp
     with torch.no_grad():
         assert rel_error(torch.from_numpy(clf.logits(x)), model(torch.from_numpy(x))) < 1e-5
     assert "32x32 px 5-channel" in clf.preprocess.describe()
-    photo = str(_photos(sample_images)[0])
+    photo = str(eight_bit_photos(sample_images)[0])
     with pytest.raises(UsageError, match=r"takes 5-channel input and records no image mode .* \[N, 5, H, W\] arrays"):
         clf.predict(photo)
     assert main(["predict", photo, "--model", str(tmp_path / "bands.onnx")]) == 2
