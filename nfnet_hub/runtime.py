@@ -127,8 +127,12 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
         if not path.is_dir():
             raise UsageError(f"no bundle folder or ONNX file at {source}")
         if not (path / filename).is_file():
-            raise UsageError(f"{path} holds no {filename}: is it a bundle folder? "
-                             f"(it holds: {', '.join(sorted(p.name for p in path.iterdir())) or 'nothing'})")
+            held = sorted(p.name for p in path.iterdir())
+            if "config.json" in held and {"model.safetensors", "pytorch_model.bin"} & set(held):
+                raise UsageError(f"{path} holds a model timm saved (config.json and weights), not an ONNX export: "
+                                 f"bundle it first, `nfnet-hub bundle local-dir:{source} --out BUNDLE`")
+            raise UsageError(f"{path} holds no {filename}: is it a bundle folder? (it holds: "
+                             f"{', '.join(held) or 'nothing'})")
         return path / filename, path / "config.json"
     from huggingface_hub import hf_hub_download
 

@@ -283,6 +283,9 @@ CASES = [
      "no bundle folder or ONNX file at ./bundel"),
     ("predict-mistyped-nested-bundle", ["predict", "images/3/0000.png", "--model", "images/bundel"],
      "no bundle folder or ONNX file at images/bundel"),
+    ("predict-timm-saved-folder", ["predict", "images/3/0000.png", "--model", "timmsaved"],
+     r"timmsaved holds a model timm saved \(config.json and weights\), not an ONNX export: bundle it first, "
+     r"`nfnet-hub bundle local-dir:timmsaved --out BUNDLE`"),
     ("predict-not-an-image", ["predict", "notes.txt", "--model", "bundle"], "notes.txt is not a readable image"),
     ("predict-decompression-bomb", ["predict", "bomb.png", "--model", "bundle"],
      "bomb.png is not a readable image: Image size \\(400000000 pixels\\) exceeds limit"),
@@ -332,7 +335,15 @@ def _run_without_checkpoint(ws: Path) -> None:
     (ws / "old" / "nfnet_hub_nano-digits" / "args.yaml").write_text("model: nfnet_hub_nano\n")
 
 
+def _timm_saved(ws: Path) -> None:
+    """A folder as timm's save_for_hf leaves it: config.json and weights, no ONNX."""
+    (ws / "timmsaved").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(ws / "bundle" / name, ws / "timmsaved" / name)
+
+
 SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine"),
+           "predict-timm-saved-folder": _timm_saved,
            "train-into-an-earlier-run": _earlier_run, "train-into-a-run-that-saved-nothing": _run_without_checkpoint}
 MESSAGES = {
     "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",
