@@ -160,7 +160,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
                     + (f", trained on {dataset})." if dataset else ")."),
             params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size="x".join(map(str, size)),
             crop_pct=record["crop_pct"], crop_mode=record["crop_mode"], interpolation=record["interpolation"],
-            colour=_colour(record), mean=record["mean"], std=record["std"],
+            colour=_colour(record), image_mode=record.get(IMAGE_MODE), mean=record["mean"], std=record["std"],
             num_classes=model.num_classes,
             ws_form={"timm": "timm's (w - mean) / sqrt(var + eps)",
                      "deepmind": "the authors' rsqrt(max(var * fan_in, 1e-4))"}[ws],

@@ -71,6 +71,7 @@ def test_bundle_contents_and_card(bundle):
     fp32 = next(e for e in record["exports"] if e["precision"] == "fp32")
     assert f"{fp32['max_rel_error']:.2g}" in card  # figures come from the measurements
     assert "hf-hub:me/nano" in card and "OnnxClassifier.from_pretrained(\"me/nano\")" in card
+    assert "input_img_mode" not in json.dumps(cfg) and "trained on images read in mode" not in card  # RGB: timm's own
     int8 = next(e["int8"] for e in record["exports"] if e["precision"] == "int8")  # forced: noise calibration
     assert f"{100 * int8['top1_agreement']:.1f}% of\n{int8['held_out_images']} held-out calibration images" in card
     assert ("below that threshold" in card) == int8["below_threshold"]

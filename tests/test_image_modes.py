@@ -80,7 +80,8 @@ def test_a_model_trained_on_ycbcr_pixels_is_exported_bundled_and_served_them(ycb
     bundle = build_bundle(model, tmp_path / "bundle", repo_id="me/ycbcr", progress=False)
     config = json.loads((bundle / "config.json").read_text())
     assert config["input_img_mode"] == "YCbCr" and "input_img_mode" not in config["pretrained_cfg"]
-    assert "32x32 YCbCr (3 channels)" in (bundle / "README.md").read_text()
+    card = (bundle / "README.md").read_text()
+    assert "32x32 YCbCr (3 channels)" in card and 'Image.open(path).convert("YCbCr")' in card
     assert timm.create_model(f"local-dir:{bundle}", pretrained=True).in_chans == 3  # timm still loads the config
     clf = OnnxClassifier.from_pretrained(bundle)
     assert rel_error(torch.from_numpy(clf.logits(clf.preprocess.batch(images))), expected) < 1e-5
