@@ -63,10 +63,10 @@ def test_options_nfnet_hub_does_not_implement_are_refused_by_name_before_any_wor
 def test_image_options_the_digits_would_ignore_are_refused_by_name(tmp_path, capsys):
     """The digits are arrays: a recipe's RandAugment or a crop fraction would silently not apply to them."""
     code = main(["train", *QUICK, "--config", "f0", "--model", "nfnet_hub_nano", "--hflip", "0", "--crop-pct", "0.9",
-                 "--output", str(tmp_path)])
+                 "--input-img-mode", "YCbCr", "--output", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
-    assert code == 2 and "3 option(s) that --dataset digits would ignore" in err[0] and "image folders" in err[0]
-    assert [line.strip() for line in err[1:]] == ["--crop-pct 0.9", "--aa 'rand-m5-n4'",
+    assert code == 2 and "4 option(s) that --dataset digits would ignore" in err[0] and "image folders" in err[0]
+    assert [line.strip() for line in err[1:]] == ["--input-img-mode 'YCbCr'", "--crop-pct 0.9", "--aa 'rand-m5-n4'",
                                                   "--train-interpolation 'bicubic'"]
     assert not list(tmp_path.iterdir())
 

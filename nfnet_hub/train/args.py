@@ -22,10 +22,10 @@ from ..files import check_writable_folder
 
 DIGITS = "digits"
 # what reads and transforms images: the bundled digits are arrays scaled to the input size, and take none of it
-IMAGE_PIPELINE = ("train_split", "val_split", "train_num_samples", "val_num_samples", "class_map", "crop_pct", "mean",
-                  "std", "interpolation", "train_crop_mode", "scale", "ratio", "hflip", "vflip", "color_jitter",
-                  "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob", "aa", "aug_repeats", "reprob", "remode",
-                  "recount", "train_interpolation")
+IMAGE_PIPELINE = ("input_img_mode", "train_split", "val_split", "train_num_samples", "val_num_samples", "class_map",
+                  "crop_pct", "mean", "std", "interpolation", "train_crop_mode", "scale", "ratio", "hflip", "vflip",
+                  "color_jitter", "color_jitter_prob", "grayscale_prob", "gaussian_blur_prob", "aa", "aug_repeats",
+                  "reprob", "remode", "recount", "train_interpolation")
 RECORDED = {"data_config"}  # written into args.yaml by a run for the record; not an option
 OURS = "(nfnet-hub)"  # marks an option train.py does not have
 BN_NOTE = "NFNets have no BatchNorm"
