@@ -46,6 +46,9 @@ def hub_errors(action: str, endpoint: str | None = None) -> Iterator[None]:
     except hf.RevisionNotFoundError:
         raise HubError(f"{action}: no such revision on {where}") from None
     except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+        if constants.HF_HUB_OFFLINE:
+            raise HubError(f"{action}: HF_HUB_OFFLINE is set and huggingface_hub's cache does not hold it "
+                           "(unset HF_HUB_OFFLINE to download it)") from None
         raise HubError(f"{action}: cannot reach the Hub at {where} and nothing is cached "
                        "(check your network, HF_ENDPOINT and HF_HUB_OFFLINE)") from None
     except hf.EntryNotFoundError as e:

@@ -431,6 +431,15 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
     assert "hf_VerySecretTokenValue" not in out + err
 
 
+
+def test_a_hub_name_under_hf_hub_offline_says_the_cache_lacks_it_at_once(ws, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    p = _cli(["predict", "images/3/0000.png", "--model", "me/nano"], ws, env=env)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.strip().splitlines() == [
+        "nfnet-hub predict: error: downloading me/nano: HF_HUB_OFFLINE is set and huggingface_hub's cache does not "
+        "hold it (unset HF_HUB_OFFLINE to download it)"], err
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly(ws):
     """`nfnet-hub predict folder | head`: a closed pipe stops the command as it stops Unix tools (status 141, no
     message), not with an error about the pipe."""
