@@ -454,11 +454,12 @@ def test_resuming_on_other_classes_or_another_input_size_is_said(trained_nano, d
             (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
             (tmp_path / "data" / split / f"digit{digit}").symlink_to(digits_folders / split / str(digit))
     other = build(parse_args([*QUICK, "--dataset", "", "--data-dir", str(tmp_path / "data"), "--img-size", "64",
-                              "--epochs", "20", "--output", str(tmp_path / "other")]))
+                              "--input-img-mode", "YCbCr", "--epochs", "20", "--output", str(tmp_path / "other")]))
     resume(other, load_training_state(path), path)
     out = capsys.readouterr().out
     assert f"warning: {path} was trained on classes 0, 1, 2, 3, 4, 5 ...; the data now have digit0, digit1, " in out
     assert f"warning: {path} was trained with input_size [3, 32, 32]; this run uses [3, 64, 64]" in out
+    assert f"warning: {path} was trained with image mode RGB; this run uses YCbCr" in out
 
 
 def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path):

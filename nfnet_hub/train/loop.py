@@ -23,6 +23,7 @@ from torch import nn
 
 from ..agc import adaptive_clip_grad_
 from ..errors import TrainingError
+from ..preprocess import DEFAULT_MODES, IMAGE_MODE
 from .args import check_args
 from .build import Run, build
 from .checkpoints import (
@@ -213,6 +214,9 @@ def _data_changes(before: dict[str, Any] | None, now: dict[str, Any], path: Path
     changed = [(k, plain(before[k]), plain(now.get(k))) for k in ("label_names", "input_size", "mean", "std",
                                                                   "crop_pct", "crop_mode", "interpolation")
                if k in before and before[k] is not None and plain(before[k]) != plain(now.get(k))]
+    mode = lambda cfg: cfg.get(IMAGE_MODE) or DEFAULT_MODES.get(cfg["input_size"][0])  # noqa: E731
+    if "input_size" in before and mode(before) != mode(now):  # the pixels themselves differ
+        changed.append(("image mode", mode(before), mode(now)))
     return [f"{path} was trained on classes {_brief(old)}; the data now have {_brief(new)}: the resumed run "
             "relabels what the model learnt" if k == "label_names" else
             f"{path} was trained with {k} {old}; this run uses {new}" for k, old, new in changed]
