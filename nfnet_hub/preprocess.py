@@ -229,7 +229,7 @@ class Preprocess:
             ratio = max(ih / scale_h, iw / scale_w) if self.crop_mode == "border" else min(ih / scale_h, iw / scale_w)
             img = img.resize((round(iw / ratio), round(ih / ratio)), resample)
             if self.crop_mode == "border":  # padded with the mean colour, as timm pads it
-                fill = tuple(round(255 * m) for m in self.mean) if img.mode == "RGB" else round(255 * self.mean[0])
+                fill = tuple(round(255 * m) for m in self.mean) if len(self.mean) > 1 else round(255 * self.mean[0])
         return _center_crop_or_pad(img, h, w, fill)
 
     def __call__(self, image: ImageSource) -> np.ndarray:

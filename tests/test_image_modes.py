@@ -36,12 +36,13 @@ def _timm_eval(cfg: dict, mode: str, paths) -> torch.Tensor:
 @pytest.mark.parametrize("mode", ["YCbCr", "RGBA", "CMYK", "LA", "HSV", "LAB", "PA", "1"])
 def test_preprocessing_reads_images_in_the_recorded_mode_as_timm(sample_images, mode):
     channels = Image.getmodebands(mode)
-    cfg = dict(input_size=(channels, 48, 40), crop_pct=0.9, crop_mode="center", interpolation="bicubic",
-               mean=(0.45,) * channels, std=(0.25,) * channels, input_img_mode=mode)
-    pre = Preprocess.from_pretrained_cfg(cfg)
-    assert pre.image_mode == mode and f"48x40 px {mode}, center crop" in pre.describe()
     photos = eight_bit_photos(sample_images)
-    np.testing.assert_allclose(pre.batch(photos), _timm_eval(cfg, mode, photos).numpy(), atol=1e-5)
+    for crop_mode in ("center", "border"):  # border pads with the mean of each channel
+        cfg = dict(input_size=(channels, 48, 40), crop_pct=0.9, crop_mode=crop_mode, interpolation="bicubic",
+                   mean=tuple(0.3 + 0.1 * c for c in range(channels)), std=(0.25,) * channels, input_img_mode=mode)
+        pre = Preprocess.from_pretrained_cfg(cfg)
+        assert pre.image_mode == mode and f"48x40 px {mode}, {crop_mode} crop" in pre.describe()
+        np.testing.assert_allclose(pre.batch(photos), _timm_eval(cfg, mode, photos).numpy(), atol=1e-5)
 
 
 def test_a_mode_of_other_channels_than_the_model_is_refused():
