@@ -128,7 +128,8 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
             raise UsageError(f"no bundle folder or ONNX file at {source}")
         if not (path / filename).is_file():
             held = sorted(p.name for p in path.iterdir())
-            if "config.json" in held and {"model.safetensors", "pytorch_model.bin"} & set(held):
+            onnx = any(n.lower().endswith(".onnx") for n in held)
+            if not onnx and "config.json" in held and {"model.safetensors", "pytorch_model.bin"} & set(held):
                 raise UsageError(f"{path} holds a model timm saved (config.json and weights), not an ONNX export: "
                                  f"bundle it first, `nfnet-hub bundle local-dir:{source} --out BUNDLE`")
             raise UsageError(f"{path} holds no {filename}: is it a bundle folder? (it holds: "
