@@ -210,7 +210,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 def _cmd_release(args: argparse.Namespace) -> int:
     from .release import release
 
-    release(args.manifest, out=args.out, dry_run=args.dry_run)
+    release(args.manifest, out=args.out, dry_run=args.dry_run, force=args.force)
     return 0
 
 
@@ -321,6 +321,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s.add_argument("manifest", help="release manifest (TOML), e.g. export/release.toml")
     s.add_argument("--out", default="artifacts/release", help="folder for bundles and the release state")
     s.add_argument("--dry-run", action="store_true", help="build and verify, upload nothing")
+    s.add_argument("--force", action="store_true", help="write int8 even below a model's min_agreement (its card "
+                   "says so)")
 
     from .predict import add_predict_arguments, cmd_predict
 

@@ -28,7 +28,6 @@ from tritonclient.http import InferenceServerClient, InferInput
 
 from nfnet_hub.cli import main
 from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
-from nfnet_hub.release import read_manifest, release
 from nfnet_hub.runtime import OnnxClassifier
 
 LABELS = [f"class {i}" for i in range(10)]
@@ -252,49 +251,6 @@ def test_publish_cli_dry_run_and_bad_repo_ids(bundle, capsys):
     for bad in ("nano", "me/nano/extra", "-me/nano", "me/"):
         assert main(["publish", str(bundle), f"--repo-id={bad}", "--dry-run"]) == 2
         assert "ORG/NAME" in capsys.readouterr().err
-
-
-def test_release_builds_publishes_and_resumes(model, tmp_path, capsys):
-    from nfnet_hub.models.checkpoint import save_safetensors
-
-    save_safetensors(model, tmp_path / "nano.safetensors")
-    (tmp_path / "release.toml").write_text(
-        '[defaults]\nprecisions = ["fp32"]\ndataset = "digits"\n\n'
-        '[[model]]\nrepo_id = "me/nano-a"\nmodel = "nfnet_hub_nano"\nweights = "nano.safetensors"\n\n'
-        '[[model]]\nrepo_id = "me/nano-b"\nmodel = "nfnet_hub_nano"\nweights = "nano.safetensors"\n'
-        'img_size = 64\n')
-    with HubStub() as hub:
-        dry = release(tmp_path / "release.toml", out=tmp_path / "rel", dry_run=True, endpoint=hub.url, token="hf_x")
-        assert all(r["dry_run"] for r in dry) and not [p for m, p in hub.requests if "/commit/" in p]
-        first = release(tmp_path / "release.toml", out=tmp_path / "rel", endpoint=hub.url, token="hf_x")
-        assert [r["verified"] for r in first] == [True, True]
-        pretrained_cfg = json.loads(hub.files("me/nano-b")["config.json"])["pretrained_cfg"]
-        assert pretrained_cfg["input_size"] == [3, 64, 64] and "test_input_size" not in pretrained_cfg
-        commits = len([p for m, p in hub.requests if "/commit/" in p])
-        again = release(tmp_path / "release.toml", out=tmp_path / "rel", endpoint=hub.url, token="hf_x")
-        assert all(r["skipped"] for r in again)
-        assert len([p for m, p in hub.requests if "/commit/" in p]) == commits
-    assert "[2/2] me/nano-b: already published" in capsys.readouterr().out
-
-
-def test_release_manifest_errors(tmp_path):
-    (tmp_path / "bad.toml").write_text('[[model]]\nrepo_id = "nope"\nmodel = "x"\nprecisions = ["int8"]\ncolour = 1\n')
-    with pytest.raises(ValueError) as e:
-        read_manifest(tmp_path / "bad.toml")
-    for needle in ("unknown keys colour", "missing 'weights'", "not of the form ORG/NAME", "int8 needs"):
-        assert needle in str(e.value)
-    shipped = tmp_path / "export" / "release.toml"
-    shipped.parent.mkdir()
-    shipped.write_text((Path(__file__).parent.parent / "export" / "release.toml").read_text())
-    with pytest.raises(ValueError, match=r"no calibration folder at .*export/calibration \(models 0, 1"):
-        read_manifest(shipped)  # before any download or build
-    (tmp_path / "export" / "calibration").mkdir()
-    entries = read_manifest(shipped)
-    assert entries[0]["repo_id"] == "nfnet-hub/nfnet_f0.dm_in1k" and entries[0]["weights"] == "timm:dm_in1k"
-    (tmp_path / "local.toml").write_text('[[model]]\nrepo_id = "me/x"\nmodel = "nfnet_hub_nano"\n'
-                                         'weights = "nano.safetensors"\nlabels = "labels.txt"\n')
-    with pytest.raises(ValueError, match=r"no labels file at .*labels.txt \(model 0\); no weights file at"):
-        read_manifest(tmp_path / "local.toml")
 
 
 def _free_port() -> int:

@@ -144,7 +144,7 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def _check_name(name: str) -> None:
+def check_model_name(name: str) -> None:
     """Refuse a model name timm would not know, naming ours; pretrained tags, hf-hub: and local-dir: pass."""
     import timm
     from timm.models import get_arch_pretrained_cfgs
@@ -233,7 +233,7 @@ def _saved_config(name: str) -> dict[str, Any]:
 def pretrained_cfg_of(name: str) -> dict[str, Any]:
     """The pretrained config timm gives ``name`` (a tag's, a saved model's config.json), from a model built on the
     meta device: its preprocessing before the class count is known, without allocating weights."""
-    _check_name(name)
+    check_model_name(name)
     return dict(_timm_create(name, False, device="meta").pretrained_cfg)
 
 
@@ -247,7 +247,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     """
     from ..classes import describe_wordnet_ids, name_pretrained_classes
 
-    _check_name(name)
+    check_model_name(name)
     if checkpoint is None:
         model = _timm_create(name, pretrained, **kwargs)
         if names_saved_model(name) and (mode := _saved_config(name).get(IMAGE_MODE)):
