@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UsageError
+from .files import read_text
 
 IMAGENET_SUBSETS = ("imagenet-1k", "imagenet-12k", "imagenet-21k", "imagenet-22k", "imagenet-22k-ms",
                     "imagenet-21k-goog", "imagenet-21k-miil")  # timm's ImageNetInfo knows these
@@ -40,7 +41,7 @@ def read_labels(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise UsageError(f"no labels file at {path}")
     try:
-        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        labels = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     except UnicodeDecodeError:
         raise UsageError(f"{path} is not a text file of labels (one per line)") from None
     if not labels:

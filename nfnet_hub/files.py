@@ -1,5 +1,5 @@
-"""Writing files a user can trust: whole or not at all, with the user's umask, and never over what we
-did not write.
+"""Files a user can trust: text read as the user's editor wrote it, and files written whole or not at all, with
+the user's umask, and never over what we did not write.
 
 Work in progress lives beside its target under a hidden name that says whose it is and which process
 wrote it (``.model.onnx.nfnet-hub-partial.PID.RANDOM.HOST``). A run killed with SIGKILL cannot clean
@@ -7,6 +7,8 @@ up after itself, so every run sweeps the partial files of dead processes of this
 """
 from __future__ import annotations
 
+import codecs
+import io
 import os
 import re
 import secrets
@@ -20,10 +22,19 @@ from pathlib import Path
 from .errors import UsageError
 
 __all__ = ["atomic_folder", "check_writable_folder", "honour_umask", "is_protected_folder", "partial_path",
-           "sweep_partials", "write_atomically"]
+           "read_text", "sweep_partials", "write_atomically"]
 
 _MARK = "nfnet-hub-partial"
 _PARTIAL = re.compile(rf"^\..+\.{_MARK}\.(\d+)\.[0-9a-f]+\.(.+)$")
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A text file in UTF-8, or in UTF-16 where its byte-order mark says so (PowerShell writes that), with the mark
+    left out (Excel and Notepad put one before UTF-8 too, and it would stick to the first name) and every newline
+    read as ``\\n``. Anything else raises UnicodeDecodeError."""
+    data = Path(path).read_bytes()
+    text = data.decode("utf-16" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else "utf-8-sig")
+    return io.StringIO(text, newline=None).read()
 
 
 def _host() -> str:

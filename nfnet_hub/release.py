@@ -15,7 +15,7 @@ from typing import Any
 from .bundle_files import ONNX_FILES
 from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, NfnetHubError, UsageError
-from .files import write_atomically
+from .files import read_text, write_atomically
 from .hub import build_bundle, publish, sha256, verify_bundle
 from .hubclient import check_repo_id
 from .int8 import MIN_AGREEMENT
@@ -31,7 +31,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UsageError(f"no release manifest at {path}")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not a TOML file: {e}") from None
     problems = []

@@ -49,6 +49,9 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     (root / "noimages").mkdir()
     Image.new("1", (20_000, 20_000)).save(root / "bomb.png")  # 400 Mpixels in 50 kB: Pillow refuses to decode it
     (root / "labels3.txt").write_text("a\nb\nc\n")
+    (root / "labels.csv").write_text("a,0\n")
+    (root / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (root / "empty.txt").write_text("\n\n")
     (root / "bad.yaml").write_text("learning_rate: 3\n")
     (root / "bad.toml").write_text("this is = = not toml\n")
     (root / "release.toml").write_text('[[model]]\nrepo_id = "nope"\nmodel = "x"\ncolour = 1\n')
@@ -195,6 +198,13 @@ CASES = [
     ("train-class-map-naming-no-folder", ["train", "--data-dir", "tiny", "--class-map", "labels3.txt", "--output",
                                           "runs", "--workers", "0"],
      r"no images .* in the class folders of tiny/train that --class-map labels3.txt names; its folders hold 1 \(.png"),
+    ("train-class-map-of-another-format", ["train", "--data-dir", "tiny", "--class-map", "labels.csv",
+                                           "--output", "runs", "--workers", "0"],
+     r"--class-map labels.csv: timm reads a class map from a .txt file \(one class name per line\) or a pickled"),
+    ("train-class-map-not-text", ["train", "--data-dir", "tiny", "--class-map", "latin1.txt", "--output", "runs",
+                                  "--workers", "0"], r"--class-map latin1.txt is not a text file \(UTF-8, or UTF-16"),
+    ("train-class-map-empty", ["train", "--data-dir", "tiny", "--class-map", "empty.txt", "--output", "runs",
+                               "--workers", "0"], r"--class-map empty.txt names no class \(one name per line\)"),
     ("train-unknown-torchvision-dataset", ["train", "--dataset", "torch/foo", "--data-dir", "noimages", "--output",
                                            "runs"], "--dataset torch/foo, split 'train', under --data-dir noimages: "
                                                     "Unknown torchvision dataset foo"),

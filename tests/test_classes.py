@@ -2,6 +2,7 @@
 runtime; ``--labels`` takes a file or an ImageNet subset; weights without names are said to have none."""
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -9,7 +10,7 @@ import timm
 from conftest import randomise
 from timm.data import CustomDatasetInfo, DatasetInfoLabelMapper, ImageNetInfo
 
-from nfnet_hub.classes import IMAGENET_SUBSETS, imagenet_classes, set_class_names
+from nfnet_hub.classes import IMAGENET_SUBSETS, imagenet_classes, read_labels, set_class_names
 from nfnet_hub.cli import main
 from nfnet_hub.hub import build_bundle
 from nfnet_hub.models.checkpoint import load_model, save_safetensors
@@ -76,6 +77,16 @@ def test_labels_option_names_classes_or_says_why_not(tmp_path, capsys):
     (tmp_path / "release.toml").write_text('[[model]]\nrepo_id = "me/x"\nmodel = "nfnet_hub_nano"\n'
                                            'weights = "nano.safetensors"\nlabels = "imagenet-1k"\n')
     assert read_manifest(tmp_path / "release.toml")[0]["labels"] == "imagenet-1k"  # a subset, not a missing file
+
+
+@pytest.mark.parametrize("encoding, newline", [("utf-8-sig", "\r\n"), ("utf-16", "\r\n"), ("utf-16-be", "\n"),
+                                               ("utf-8", "\r")])
+def test_labels_are_read_as_windows_and_mac_editors_write_them(tmp_path, encoding, newline):
+    """Excel's and Notepad's byte-order mark would stick to the first name, PowerShell writes UTF-16."""
+    names = ["café", "chien", "鳥"]
+    data = newline.join(names).encode(encoding)
+    (tmp_path / "labels.txt").write_bytes(data if encoding != "utf-16-be" else codecs.BOM_UTF16_BE + data)
+    assert read_labels(tmp_path / "labels.txt") == names
 
 
 def test_every_subset_named_is_one_timm_knows():

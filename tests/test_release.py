@@ -128,6 +128,10 @@ def test_release_manifest_mistakes_are_refused_before_any_work(tmp_path, text, n
 
 
 def test_release_manifest_files_are_checked_before_any_work(tmp_path):
+    (tmp_path / "bom").mkdir()
+    (tmp_path / "bom" / "nano.safetensors").write_bytes(b"")
+    (tmp_path / "bom" / "release.toml").write_bytes(ENTRIES.encode("utf-8-sig"))  # as Notepad may save it
+    assert [e["repo_id"] for e in read_manifest(tmp_path / "bom" / "release.toml")] == ["me/nano-a", "me/nano-b"]
     shipped = tmp_path / "export" / "release.toml"
     shipped.parent.mkdir()
     shipped.write_text((Path(__file__).parent.parent / "export" / "release.toml").read_text())

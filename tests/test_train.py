@@ -335,7 +335,7 @@ def test_a_class_map_that_leaves_folders_out_says_so(digits_folders, tmp_path, c
             (tmp_path / split / label).mkdir(parents=True)
             for f in sorted((digits_folders / split / label).iterdir())[:8]:
                 (tmp_path / split / label / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "map.txt").write_text("1\n7\nnine\n")
+    (tmp_path / "map.txt").write_bytes("1\r\n7\r\nnine\r\n".encode("utf-8-sig"))  # Notepad's: 1 is read, not ﻿1
     result = train(parse_args([*BASE, "--dataset", "", "--data-dir", str(tmp_path), "--class-map",
                                str(tmp_path / "map.txt"), "--img-size", "32", "--epochs", "1", "--batch-size", "4",
                                "--output", str(tmp_path / "out")]))

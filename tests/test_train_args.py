@@ -41,6 +41,13 @@ def test_timms_args_yaml_is_accepted_as_is_and_resolves_to_the_same_run():
         assert from_yaml[key] == value, key
 
 
+def test_a_config_saved_in_utf16_is_read(tmp_path):
+    """PowerShell's Out-File writes UTF-16 with a byte-order mark."""
+    (tmp_path / "args.yaml").write_text(FIXTURE.read_text(), encoding="utf-16")
+    assert vars(parse_args(["--config", str(tmp_path / "args.yaml")])) == vars(parse_args(["--config", str(FIXTURE)])) \
+        | {"config": str(tmp_path / "args.yaml")}
+
+
 def test_defaults_are_train_pys(tmp_path):
     args = parse_args([])
     assert (args.clip_mode, args.amp_dtype, args.epochs, args.warmup_epochs, args.checkpoint_hist, args.workers,

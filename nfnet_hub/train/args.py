@@ -18,7 +18,7 @@ import yaml
 
 from ..argtypes import at_least
 from ..errors import UsageError, folder_given
-from ..files import check_writable_folder
+from ..files import check_writable_folder, read_text
 
 DIGITS = "digits"
 # what reads and transforms images: the bundled digits are arrays scaled to the input size, and take none of it
@@ -304,7 +304,7 @@ def _config(name: str) -> dict[str, Any]:
             return recipe(name)
         raise UsageError(f"no config file {name!r} (recipes: {', '.join(RECIPES)})")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = yaml.safe_load(read_text(path)) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UsageError(f"{path} is not a YAML file: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):

@@ -33,6 +33,7 @@ from .folders import (
     class_to_idx_of,
     missing_classes,
     note_left_out,
+    read_class_map,
     some,
     split_folder,
     unread_folders,
@@ -165,8 +166,8 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     # image folders are read as the runtime reads them: every suffix it takes (timm's: .png, .jpg, .jpeg) for a
     # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
     input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
-    kw = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
-              input_img_mode=mode,
+    kw = dict(root=args.data_dir, class_map=args.class_map and read_class_map(args.class_map),
+              download=args.dataset_download, batch_size=args.batch_size, input_img_mode=mode,
               input_key=input_key, target_key=args.target_key, trust_remote_code=args.dataset_trust_remote_code)
     train_ds = _from_source(args, args.train_split, folders and folders[0], is_training=True, seed=args.seed,
                             num_samples=args.train_num_samples, **kw)

@@ -2,13 +2,34 @@
 and notes the trainer gives before a run starts (classes from folder names, splits, class maps)."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..files import read_text
 from ..preprocess import IMAGE_SUFFIXES
+
+
+def read_class_map(path: str) -> dict[str, int] | str:
+    """``--class-map``: a text file's names numbered by line, as timm numbers them, but read as ``read_text`` reads
+    (timm's reader makes a Windows editor's byte-order mark part of the first name, whose folder is then left out);
+    a pickled map (.pkl) as it is, for timm."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".pkl":
+        return path
+    if suffix != ".txt":
+        raise UsageError(f"--class-map {path}: timm reads a class map from a .txt file (one class name per line) "
+                         "or a pickled dict (.pkl)")
+    try:
+        names = [line.strip() for line in io.StringIO(read_text(path))]
+    except UnicodeDecodeError:
+        raise UsageError(f"--class-map {path} is not a text file (UTF-8, or UTF-16 with its byte-order mark)") from None
+    if not any(names):
+        raise UsageError(f"--class-map {path} names no class (one name per line)")
+    return {name: index for index, name in enumerate(names)}
 
 
 def check_class_folders(ds: Dataset, split: str, rank: int) -> None:
