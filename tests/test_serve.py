@@ -197,6 +197,30 @@ def test_metrics_cover_requests_latency_queue_compute_and_failures(server, clien
     assert re.search(r'nfnet_hub_request_failures_total\{code="400",model="nano"\} [1-9]', text)
 
 
+def _triton_classes(strings: np.ndarray, logits: np.ndarray, labels: list[str], count: int) -> None:
+    """Triton's classification answer, "VALUE:INDEX:LABEL" for the ``count`` largest logits of each row."""
+    assert strings.shape == (len(logits), count) and strings.dtype == np.object_
+    for row, answer in zip(logits, strings):
+        parts = [(s.decode() if isinstance(s, bytes) else s).split(":", 2) for s in answer]  # JSON gives str
+        assert [int(i) for _, i, _ in parts] == list(np.argsort(-row, kind="stable")[:count])
+        assert [label for _, _, label in parts] == [labels[int(i)] for _, i, _ in parts]
+        assert all(re.fullmatch(r"-?\d+\.\d{6}", value) for value, _, _ in parts)  # std::to_string's %f
+        np.testing.assert_allclose([float(v) for v, _, _ in parts], row[[int(i) for _, i, _ in parts]], atol=1e-5)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_a_class_count_is_answered_as_tritons_classification_extension(client, clf, binary):
+    """tritonclient's class_count, which Triton answers from the labels.txt that ``nfnet-hub triton`` writes: one
+    client for both servers."""
+    x = np.random.default_rng(5).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    out = tritonclient_http.InferRequestedOutput("logits", binary_data=binary, class_count=4)
+    result = client.infer("nano", [_pixels_input(x, binary)], outputs=[out])
+    _triton_classes(result.as_numpy("logits"), clf.logits(x), clf.labels, 4)
+    out = tritonclient_http.InferRequestedOutput("logits", binary_data=binary, class_count=99)  # Triton caps it
+    _triton_classes(client.infer("nano", [_pixels_input(x, binary)], outputs=[out]).as_numpy("logits"),
+                    clf.logits(x), clf.labels, len(clf.labels))
+
+
 def _failures(metrics: str) -> float:
     m = re.search(r'nfnet_hub_request_failures_total\{code="400",model="nano"\} ([0-9.e+]+)', metrics)
     return float(m.group(1)) if m else 0.0
@@ -247,6 +271,10 @@ def _bad_requests():
         "top_k too large": ("nano", _request(parameters={"top_k": 11}), {}, "top_k"),
         "top_k not a number": ("nano", _request(parameters={"top_k": "5"}), {}, "top_k"),
         "unknown output": ("nano", _request(outputs=[{"name": "probs"}]), {}, "probs"),
+        "classification of scores": ("nano", _request(parameters={"top_k": 2}, outputs=[
+            {"name": "scores", "parameters": {"classification": 2}}]), {}, "'scores' takes no classification"),
+        "classification not a count": ("nano", _request(outputs=[
+            {"name": "logits", "parameters": {"classification": "2"}}]), {}, "classification must be a count"),
         "oversized body": ("nano", b" " * (2 << 20) + _request(), {}, "--max-request-mb"),
     }
 
@@ -285,6 +313,8 @@ def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_fil
     result = client.infer("nano", [image], parameters={"top_k": 2})
     expected = clf.predict([Image.open(io.BytesIO(f)) for f in files], top_k=2)
     assert [[b.decode() for b in row] for row in result.as_numpy("labels")] == [[p.label for p in r] for r in expected]
+    classes = client.infer("nano", [pixels], outputs=[grpc_client.InferRequestedOutput("logits", class_count=3)])
+    _triton_classes(classes.as_numpy("logits"), clf.logits(x), clf.labels, 3)
     bad = [("nano", grpc_client.InferInput("pixels", [1, 3, 32, 32], "FP32").set_data_from_numpy(x[:1]),
             "INVALID_ARGUMENT"),
            ("no-such-model", pixels, "NOT_FOUND"),

@@ -4,7 +4,9 @@ Inputs: ``pixel_values`` FP32 ``[N, C, H, W]`` (preprocessed; C is 3, 1 for a gr
 ``image`` BYTES ``[N]`` (encoded JPEG/PNG/WebP/BMP files, as base64 strings in JSON; preprocessed here with the
 bundle's timm eval transform, in its image mode; a model that records none takes ``pixel_values`` only).
 Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also ``labels`` BYTES
-``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first).
+``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first). ``logits`` requested with the output
+parameter ``classification`` k (Triton's classification extension: tritonclient's ``class_count``) is answered as
+Triton answers it: BYTES ``[N, k]``, ``"VALUE:INDEX:LABEL"`` for the k largest logits.
 Every mistake in a request is a ``kserve.errors.InvalidInput``, which KServe answers with
 ``{"error": ...}`` and HTTP 400.
 """
@@ -33,6 +35,14 @@ finally:
     sys.argv = _argv
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP")
+
+
+def _int_parameter(parameters, key: str) -> int | None:
+    """An integer request or output parameter (0 where absent), from JSON or gRPC; None if it is not an integer."""
+    value = parameters.get(key, 0)
+    if hasattr(value, "int64_param"):  # gRPC's InferParameter
+        value = value.int64_param if value.WhichOneof("parameter_choice") == "int64_param" else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class BundleModel(Model):
@@ -65,6 +75,7 @@ class BundleModel(Model):
         if not isinstance(payload, InferRequest):
             raise InvalidInput("expected an Open Inference Protocol v2 request")
         top_k = self._top_k(payload.parameters or {})
+        classify = self._class_counts(payload.request_outputs or [])
         wanted = [o.name for o in payload.request_outputs or []] or (
             ["logits", "labels", "scores"] if top_k else ["logits"])
         unknown = sorted(set(wanted) - {"logits", "labels", "scores"})
@@ -82,21 +93,48 @@ class BundleModel(Model):
             outputs["scores"] = np.take_along_axis(probs, order, axis=1).astype(np.float32)
             outputs["labels"] = np.array([[self.classifier.labels[i].encode() for i in row] for row in order],
                                          dtype=np.object_)
+        if "logits" in classify:
+            outputs["logits"] = self._classification(logits, classify["logits"])
         infer_outputs = []
         for name in wanted:
-            out = InferOutput(name, list(outputs[name].shape), "BYTES" if name == "labels" else "FP32")
-            out.set_data_from_numpy(outputs[name], binary_data=False)
+            data = outputs[name]
+            out = InferOutput(name, list(data.shape), "BYTES" if data.dtype == np.object_ else "FP32")
+            out.set_data_from_numpy(data, binary_data=False)
             infer_outputs.append(out)
         return InferResponse(payload.id or str(uuid.uuid4()), self.name, infer_outputs,
                              use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
 
     def _top_k(self, parameters) -> int:
-        top_k = parameters.get("top_k", 0)
-        if hasattr(top_k, "int64_param"):  # gRPC's InferParameter
-            top_k = top_k.int64_param
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= self.num_classes:
-            raise InvalidInput(f"parameter top_k must be an integer from 1 to {self.num_classes}, got {top_k!r}")
+        top_k = _int_parameter(parameters, "top_k")
+        if top_k is None or not 0 <= top_k <= self.num_classes:
+            raise InvalidInput(f"parameter top_k must be an integer from 1 to {self.num_classes}, got "
+                               f"{parameters.get('top_k')!r}")
         return top_k
+
+    def _class_counts(self, requested) -> dict[str, int]:
+        """The outputs requested with Triton's ``classification`` parameter, and its count (0: none), which Triton
+        caps at the number of classes."""
+        counts = {}
+        for output in requested:
+            parameters = output.parameters or {}
+            if "classification" not in parameters:
+                continue
+            count = _int_parameter(parameters, "classification")
+            if count is None or count < 0:
+                raise InvalidInput(f"output parameter classification must be a count of classes, got "
+                                   f"{parameters.get('classification')!r}")
+            if count and output.name != "logits":
+                raise InvalidInput(f"output {output.name!r} takes no classification parameter: it applies to "
+                                   "'logits'")
+            if count:
+                counts[output.name] = min(count, self.num_classes)
+        return counts
+
+    def _classification(self, logits: np.ndarray, count: int) -> np.ndarray:
+        """Triton's answer to a classification request: "VALUE:INDEX:LABEL", the value as C++'s std::to_string."""
+        order = np.argsort(-logits, axis=1, kind="stable")[:, :count]
+        return np.array([[f"{float(row[i]):f}:{i}:{self.classifier.labels[i]}".encode() for i in best]
+                         for row, best in zip(logits, order)], dtype=np.object_)
 
     async def _pixels(self, payload: InferRequest) -> np.ndarray:
         """The request's one input as a preprocessed float32 NCHW batch."""
