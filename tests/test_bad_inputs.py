@@ -205,6 +205,9 @@ CASES = [
                                   "--workers", "0"], r"--class-map latin1.txt is not a text file \(UTF-8, or UTF-16"),
     ("train-class-map-empty", ["train", "--data-dir", "tiny", "--class-map", "empty.txt", "--output", "runs",
                                "--workers", "0"], r"--class-map empty.txt names no class \(one name per line\)"),
+    ("train-aug-repeats-in-one-process", ["train", "--data-dir", "tiny", "--aug-repeats", "3", "--output", "runs",
+                                          "--workers", "0"],
+     r"--aug-repeats 3: timm repeats each image on other processes, so it needs a distributed run \(torchrun"),
     ("train-unknown-torchvision-dataset", ["train", "--dataset", "torch/foo", "--data-dir", "noimages", "--output",
                                            "runs"], "--dataset torch/foo, split 'train', under --data-dir noimages: "
                                                     "Unknown torchvision dataset foo"),

@@ -196,8 +196,9 @@ def build(args: argparse.Namespace) -> Run:
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if args.amp else nullcontext
     train_model = model
     if world > 1 and not args.fsdp:
+        no_sync = {"broadcast_buffers": False} if args.no_ddp_bb else {}  # torch 2.14 warns whenever it is passed
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                          else None, broadcast_buffers=not args.no_ddp_bb)
+                                                          else None, **no_sync)
     if args.torchcompile:
         train_model = torch.compile(train_model, backend=args.torchcompile, mode=args.torchcompile_mode)
     clip_params = agc_parameters(model, args.agc_partition) if args.clip_grad and args.clip_mode == "agc" else None

@@ -40,6 +40,7 @@ from .folders import (
 )
 
 DIGITS_MEAN, DIGITS_STD = 0.27, 0.38  # of digits scaled to [0, 1]
+STREAMS = ("tfds/", "wds/", "hfids/")  # the data sources timm reads as iterable datasets
 
 
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -151,6 +152,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     """Per-process loaders, built as timm's train.py builds them; the global batch is ``batch_size * world``."""
     if args.dataset == "digits":
         return _digits(args, world, rank)
+    if args.aug_repeats and (world == 1 or args.dataset.startswith(STREAMS)):  # timm's loader asserts
+        raise UsageError(f"--aug-repeats {args.aug_repeats:g}: timm repeats each image on other processes, so it "
+                         "needs a distributed run (torchrun --nproc-per-node N) on a dataset of files, not a stream")
     from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 
     # timm's train.py gives the model --in-chans but the data the config's channels; here both take the model's,
