@@ -113,6 +113,7 @@ def _run(ws: Path, capsys, argv: list[str], output: str | None = None) -> tuple[
 
 
 NANO = ["nfnet_hub_nano", "--checkpoint", "nano.pth.tar"]
+TINY_RUN = ["train", "--data-dir", "tiny", "--output", "runs", "--workers", "0", "--batch-size", "1"]  # starts at once
 CASES = [
     # export
     ("export-img-size-0", ["export", *NANO, "--img-size", "0", "--out", "o"], "--img-size: must be a positive integer"),
@@ -208,6 +209,19 @@ CASES = [
     ("train-aug-repeats-in-one-process", ["train", "--data-dir", "tiny", "--aug-repeats", "3", "--output", "runs",
                                           "--workers", "0"],
      r"--aug-repeats 3: timm repeats each image on other processes, so it needs a distributed run \(torchrun"),
+    ("train-num-samples-of-a-folder", ["train", "--data-dir", "tiny", "--train-num-samples", "100", "--output", "runs",
+                                       "--workers", "0"],
+     r"--train-num-samples: timm sizes only a streamed dataset \(tfds/, wds/, hfids/\); an epoch of image folders"),
+    ("train-unknown-optimizer", [*TINY_RUN, "--opt", "foo"], "--opt foo: Optimizer foo not found"),
+    ("train-optimizer-kwarg", [*TINY_RUN, "--opt-kwargs", "foo=1"],
+     r"--opt sgd with --opt-kwargs: SGD.__init__\(\) got an unexpected keyword argument 'foo'"),
+    ("train-betas-of-another-count", [*TINY_RUN, "--opt", "adamw", "--opt-betas", "0.9"],
+     "--opt-betas 0.9: --opt adamw takes 2 betas"),
+    ("train-model-kwarg", [*TINY_RUN, "--model-kwargs", "foo=1"],
+     "--model-kwargs foo=1: .* unexpected keyword argument"),
+    ("train-unknown-schedule", [*TINY_RUN, "--sched", "foo"], "--sched foo: Unknown scheduler 'foo'"),
+    ("train-schedule-it-cannot-follow", [*TINY_RUN, "--sched", "wsd", "--epochs", "2"],
+     "--sched wsd: wsd schedule requires 0 < decay_epochs <= epochs - warmup_epochs"),
     ("train-unknown-torchvision-dataset", ["train", "--dataset", "torch/foo", "--data-dir", "noimages", "--output",
                                            "runs"], "--dataset torch/foo, split 'train', under --data-dir noimages: "
                                                     "Unknown torchvision dataset foo"),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.optim import create_optimizer_v2, get_optimizer_info, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -109,6 +109,17 @@ def _classes_in(path: str) -> int:
     return int(weight.shape[0]) if weight is not None else -1
 
 
+def _check_betas(args: argparse.Namespace) -> None:
+    """--opt-betas of the optimiser's count: timm drops betas an optimiser has none of, and torch's Adam fails on
+    one beta with an IndexError."""
+    if args.opt_betas is not None:
+        info = get_optimizer_info(args.opt.lower().split("_")[-1])  # lookahead_adamw is adamw's
+        count = info.num_betas if info.has_betas else 0
+        if len(args.opt_betas) != count:
+            raise UsageError(f"--opt-betas {' '.join(f'{b:g}' for b in args.opt_betas)}: --opt {args.opt} takes "
+                             + (f"{count} betas" if count else "no betas"))
+
+
 def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
     kwargs: dict[str, Any] = dict(in_chans=input_channels(args), num_classes=args.num_classes or loaders.num_classes,
                                   drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
@@ -116,8 +127,13 @@ def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
     if args.pretrained_path:  # its classifier is kept where it fits, re-initialised where it does not
         kwargs["pretrained_cfg_overlay"] = dict(file=args.pretrained_path,
                                                 num_classes=_classes_in(args.pretrained_path))
-    model = create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path),
-                         **{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        model = create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path),
+                             **{k: v for k, v in kwargs.items() if v is not None})
+    except TypeError as e:  # a --model-kwargs key the model's constructor does not take
+        if not args.model_kwargs:
+            raise
+        raise UsageError(f"--model-kwargs {' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())}: {e}") from None
     classifier = model.get_classifier()
     with torch.no_grad():
         if args.head_init_scale is not None:
@@ -186,10 +202,19 @@ def build(args: argparse.Namespace) -> Run:
             _shard(ema.module)
     # as train.py: no decay on 1-d parameters and on what the model names (an NFNet: its gains)
     options = optimizer_kwargs(argparse.Namespace(**{**vars(args), "lr": learning_rate(args, world)}))
-    optimizer = create_optimizer_v2(model, **options, **args.opt_kwargs)
+    try:
+        _check_betas(args)
+        optimizer = create_optimizer_v2(model, **options, **args.opt_kwargs)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:  # an --opt timm does not know, or an --opt-kwargs key it does not take
+        raise UsageError(f"--opt {args.opt}" + (" with --opt-kwargs" if args.opt_kwargs else "") + f": {e}") from None
     updates_per_epoch = len(loaders.train) // args.grad_accum_steps
-    scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, args.eval_metric == "loss"),
-                                                updates_per_epoch=updates_per_epoch)
+    try:
+        scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, args.eval_metric == "loss"),
+                                                    updates_per_epoch=updates_per_epoch)
+    except ValueError as e:  # a --sched timm does not know, or options its schedule cannot follow
+        raise UsageError(f"--sched {args.sched}: {e}") from None
     amp_dtype = torch.float16 if args.amp_dtype == "float16" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type) if args.amp and amp_dtype == torch.float16 \
         and device.type == "cuda" else None

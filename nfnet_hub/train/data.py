@@ -155,6 +155,10 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     if args.aug_repeats and (world == 1 or args.dataset.startswith(STREAMS)):  # timm's loader asserts
         raise UsageError(f"--aug-repeats {args.aug_repeats:g}: timm repeats each image on other processes, so it "
                          "needs a distributed run (torchrun --nproc-per-node N) on a dataset of files, not a stream")
+    if sized := [o for o in ("train_num_samples", "val_num_samples") if getattr(args, o)]:  # timm ignores them here
+        if not args.dataset.startswith(STREAMS):
+            raise UsageError(f"--{sized[0].replace('_', '-')}: timm sizes only a streamed dataset ({', '.join(STREAMS)}"
+                             f"); an epoch of {args.dataset or 'image folders'} reads every image")
     from timm.data import FastCollateMixup, Mixup, create_loader, resolve_data_config
 
     # timm's train.py gives the model --in-chans but the data the config's channels; here both take the model's,
