@@ -74,7 +74,7 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def _entry_problems(entry: dict[str, Any]) -> list[str]:
     """What is wrong with one entry (defaults applied), each in words."""
-    from .models.checkpoint import check_model_name
+    from .models.checkpoint import check_downloadable, check_model_name
 
     problems = []
     if unknown := sorted(set(entry) - _ENTRY_KEYS):
@@ -107,6 +107,8 @@ def _entry_problems(entry: dict[str, Any]) -> list[str]:
         tag = weights[5:] if isinstance(weights, str) and weights.startswith("timm:") else ""
         try:
             check_model_name(f"{model}.{tag}" if tag else model)
+            if tag:  # before the models listed earlier are built
+                check_downloadable(f"{model}.{tag}", give='weights = "PATH"')
         except UsageError as e:
             problems.append(str(e))
     return problems

@@ -116,6 +116,9 @@ def test_release_failure_names_the_model_and_keeps_what_was_done(tmp_path, capsy
     (ENTRIES.replace("nano-b", "nano-a"), ["repo_id me/nano-a is listed by models 0, 1"]),
     ('[[model]]\nrepo_id = "me/a"\nmodel = "nfnet_hub_f0"\nweights = "timm:nope"\n',
      ["nfnet_hub_f0 has no pretrained tag 'nope'; it has: dm_in1k"]),
+    ('[[model]]\nrepo_id = "me/a"\nmodel = "nfnet_hub_f0"\nweights = "timm:deepmind_in1k"\n',
+     ['nfnet_hub_f0.deepmind_in1k has no weights to download (these have: nfnet_hub_f0.dm_in1k): give them as a '
+      'file (weights = "PATH"); the authors\' .npz converts with nfnet-hub convert deepmind']),
     ('model = 3\n', ["'model' must be [[model]] tables"]),
     ('[defaults]\nlicense = "mit"\n', ["lists no [[model]]"]),
 ])

@@ -174,13 +174,16 @@ def _timm_create(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     if name.startswith("local-dir:") and not Path(name.removeprefix("local-dir:")).is_dir():
         raise UsageError(f"{name}: no such folder")
     if pretrained and not names_saved_model(name):
-        _check_downloadable(name, kwargs)
+        check_downloadable(name, kwargs)
     with hub_errors(f"loading {name}"):
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def _check_downloadable(name: str, kwargs: dict[str, Any]) -> None:
-    """A one-line refusal where timm would raise for a model (or tag) without weights to load."""
+def check_downloadable(name: str, kwargs: dict[str, Any] | None = None, *,
+                       give: str = "--checkpoint FILE; train: --pretrained-path FILE") -> None:
+    """A one-line refusal where timm would raise for a model (or tag) without weights to load; ``give`` says how
+    to give them as a file instead."""
+    kwargs = kwargs or {}
     from timm.models import get_pretrained_cfg, split_model_name_tag
     from timm.models import list_pretrained as tagged
 
@@ -194,8 +197,7 @@ def _check_downloadable(name: str, kwargs: dict[str, Any]) -> None:
     others = tagged(f"{split_model_name_tag(name)[0]}.*")
     hint = "; the authors' .npz converts with nfnet-hub convert deepmind" if cfg.tag == "deepmind_in1k" else ""
     these = f" (these have: {', '.join(others)})" if others else ""
-    raise UsageError(f"{name} has no weights to download{these}: give them as a file (--checkpoint FILE; "
-                     f"train: --pretrained-path FILE){hint}")
+    raise UsageError(f"{name} has no weights to download{these}: give them as a file ({give}){hint}")
 
 
 @dataclass(frozen=True)
