@@ -127,7 +127,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                       progress=image_progress("compared"))
     print(f"preprocessing (from {Path(args.onnx).name}'s metadata): {r.preprocessing}")
     print(json.dumps(r.__dict__, indent=2))
-    return 0
+    if r.unreadable:  # as predict: the figures stand for the images read, and a script can tell
+        print(f"nfnet-hub validate: {len(r.unreadable)} of {r.inputs + len(r.unreadable)} images left out (unreadable)",
+              file=sys.stderr)
+    return 1 if r.unreadable else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

@@ -301,6 +301,7 @@ class ValidationReport:
     torch_accuracy: float | None = None
     accuracy_change: float | None = None
     accuracy_note: str | None = None  # why no accuracy was measured on the images given
+    unreadable: list[str] = field(default_factory=list)  # images left out, and why
 
 
 def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[str | os.PathLike] | None = None,
@@ -337,8 +338,16 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     if channels != pre.channels:
         raise UsageError(f"{path.name} takes {pre.channels}-channel input, the model to compare with takes {channels}: "
                          "give the --model and --checkpoint it was exported from")
+    compared, unreadable = [], []
+
+    def read(start: int) -> np.ndarray:
+        x, kept, problems = pre.readable_batch(images[start:start + batch_size])
+        compared.extend(images[start + k] for k in kept)
+        unreadable.extend(problems)
+        return x
+
     if images:  # read as they are compared: a whole validation set at once would not fit in memory
-        batches = (pre.batch(images[i:i + batch_size]) for i in range(0, len(images), batch_size))
+        batches = (read(i) for i in range(0, len(images), batch_size))
     else:
         rng = np.random.default_rng(0)
         batches = [rng.standard_normal((random_inputs, pre.channels, *pre.input_size)).astype(np.float32)]
@@ -347,23 +356,26 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     if images and isinstance(ids, list) and len(ids) == len(labels) and _unlabelled(images, labels) and \
             not _unlabelled(images, ids):
         labels = ids
-    targets, note = None, _unlabelled(images, labels) if images else None
-    if images and not note:
-        targets = np.array([labels.index(Path(p).parent.name) for p in images])
+    note = _unlabelled(images, labels) if images else None
     errors, onnx_pred, torch_pred = [], [], []
     with reference_model(model) as model, torch.no_grad():
         for x in batches:
-            ref = model(torch.from_numpy(x)).float().numpy()
-            out = onnx_logits(session, x)
-            errors.append(np.abs(out - ref).reshape(-1))
-            onnx_pred.append(out.argmax(-1))
-            torch_pred.append(ref.argmax(-1))
+            if len(x):
+                ref = model(torch.from_numpy(x)).float().numpy()
+                out = onnx_logits(session, x)
+                errors.append(np.abs(out - ref).reshape(-1))
+                onnx_pred.append(out.argmax(-1))
+                torch_pred.append(ref.argmax(-1))
             if images and progress is not None:
-                progress(sum(map(len, onnx_pred)), len(images))
+                progress(len(compared) + len(unreadable), len(images))
+    if not onnx_pred:
+        raise UsageError(f"none of the {len(images)} images reads: {unreadable[0]}")
     err, onnx_pred, torch_pred = np.concatenate(errors), np.concatenate(onnx_pred), np.concatenate(torch_pred)
     report = ValidationReport(len(onnx_pred), "images" if images else "random", float(err.max()), float(err.mean()),
-                              float((onnx_pred == torch_pred).mean()), pre.describe(), accuracy_note=note)
-    if targets is not None:
+                              float((onnx_pred == torch_pred).mean()), pre.describe(), accuracy_note=note,
+                              unreadable=unreadable)
+    if images and not note:
+        targets = np.array([labels.index(Path(p).parent.name) for p in compared])
         report.onnx_accuracy = float((onnx_pred == targets).mean() * 100)
         report.torch_accuracy = float((torch_pred == targets).mean() * 100)
         report.accuracy_change = report.onnx_accuracy - report.torch_accuracy

@@ -110,7 +110,13 @@ def load_calibration(folder: str | Path, pre: Preprocess, *, say: Callable[[str]
         if len(files) > MAX_CALIBRATION else files
     if len(chosen) < len(files):
         say(f"calibration: {len(chosen)} of the {len(files)} images in {folder}, evenly spaced")
-    return pre.batch(chosen)
+    images, _, unreadable = pre.readable_batch(chosen)
+    if unreadable and not len(images):
+        raise UsageError(f"none of the {len(chosen)} calibration images reads: {unreadable[0]}")
+    if unreadable:
+        say(f"calibration: {len(unreadable)} image(s) left out: " + "; ".join(unreadable[:3])
+            + (" ..." if len(unreadable) > 3 else ""))
+    return images
 
 
 def split_calibration(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

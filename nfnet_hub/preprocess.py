@@ -249,6 +249,19 @@ class Preprocess:
         """An NCHW float32 batch of preprocessed images."""
         return np.stack([self(image) for image in images])
 
+    def readable_batch(self, images: Sequence[ImageSource]) -> tuple[np.ndarray, list[int], list[str]]:
+        """The batch of the images that read, their places in ``images``, and why each other one does not: a folder
+        of thousands may hold a broken file, which training and predict skip too."""
+        arrays, kept, problems = [], [], []
+        for i, image in enumerate(images):
+            try:
+                arrays.append(self(image))
+                kept.append(i)
+            except UsageError as e:
+                problems.append(str(e))
+        batch = np.stack(arrays) if arrays else np.zeros((0, self.channels, *self.input_size), np.float32)
+        return batch, kept, problems
+
 
 def _center_crop_or_pad(img: Image.Image, h: int, w: int, fill: int | tuple[int, ...]) -> Image.Image:
     """The centre ``h`` x ``w`` of ``img``, padded first where it is smaller, as torchvision's ``CenterCrop`` and

@@ -570,6 +570,25 @@ def test_validate_says_which_preprocessing_it_used(ws, capsys):
     assert code == 0 and report["torch_accuracy"] is None
     assert report["accuracy_note"].startswith(f"no accuracy: 1 of {report['inputs']} images are in folders not named "
                                               "after a label (misc)")
+    shutil.rmtree(ws / "images" / "misc")
+
+
+def test_validate_leaves_out_an_unreadable_image_and_says_so(ws, capsys):
+    """One broken file in a validation set of thousands: scored on the rest (as training skips it), said, exit 1."""
+    args = ["validate", "bundle/model_int8.onnx", "--model", "nfnet_hub_nano", "--checkpoint", "nano.pth.tar",
+            "--images", "images"]
+    code, out, _ = _run(ws, capsys, args)
+    whole = json.loads(out[out.index("{"):])
+    (ws / "images" / "3" / "broken.png").write_bytes(b"\x89PNG not really")
+    code, out, err = _run(ws, capsys, args)
+    report = json.loads(out[out.index("{"):])
+    assert code == 1 and err.splitlines()[-1] == f"nfnet-hub validate: 1 of {whole['inputs'] + 1} images left out " \
+                                                  "(unreadable)"  # after the progress lines
+    assert report["unreadable"] == ["images/3/broken.png is not a readable image: cannot identify image file "
+                                    "'images/3/broken.png'"]
+    assert {k: v for k, v in report.items() if k != "unreadable"} == {k: v for k, v in whole.items()
+                                                                    if k != "unreadable"}
+    (ws / "images" / "3" / "broken.png").unlink()
 
 
 def test_version_is_the_installed_distributions():

@@ -223,6 +223,23 @@ def test_a_large_calibration_folder_is_sampled_evenly_across_its_classes(digits_
     assert set(classes) == {str(d) for d in range(10)} and max(map(classes.count, classes)) <= 3  # about 2 each
 
 
+def test_calibration_leaves_out_unreadable_images_and_says_so(digits_folders, tmp_path):
+    from nfnet_hub.preprocess import Preprocess, list_images
+
+    pre = Preprocess((32, 32), crop_pct=1.0, crop_mode="squash")
+    shutil.copytree(digits_folders / "validation" / "3", tmp_path / "3")
+    (tmp_path / "3" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    said = []
+    images = int8_mod.load_calibration(tmp_path, pre, say=said.append)
+    np.testing.assert_array_equal(images, pre.batch([f for f in list_images(tmp_path) if f.name != "broken.jpg"]))
+    assert len(said) == 1 and said[0].startswith(f"calibration: 1 image(s) left out: {tmp_path / '3/broken.jpg'} is "
+                                                 "not a readable image")
+    for f in list_images(tmp_path):
+        f.write_bytes(b"nothing")
+    with pytest.raises(ValueError, match="none of the .* calibration images reads: .* is not a readable image"):
+        int8_mod.load_calibration(tmp_path, pre, say=said.append)
+
+
 def test_int8_accuracy_change_on_labelled_real_images(trained_nano, digits_folders, tmp_path):
     """Images in folders named after the labels (the class names the checkpoint records): validate reports
     both accuracies and the change."""
