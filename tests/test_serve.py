@@ -10,6 +10,7 @@ import functools
 import http.client
 import io
 import json
+import os
 import re
 import threading
 import time
@@ -379,6 +380,28 @@ def test_a_folder_of_bundles_serves_each_under_its_folder_name(nano_bundle, tmp_
         c.close()
     assert f"note: {tmp_path / 'models' / 'notes'} is not a bundle (config.json and model*.onnx): not served" \
         in server.output and ".cache" not in server.output
+
+
+def test_threads_default_to_the_cpus_a_container_may_use(tmp_path, monkeypatch):
+    """A pod limited to 4 CPUs of a 64-core node: ONNX Runtime alone would run a thread per node core. The cgroup
+    files are stand-ins (tests cannot make a cgroup), in the kernel's formats."""
+    from nfnet_hub.serve.server import cpu_budget, default_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    v2.mkdir()
+    assert (cpu_budget(v2), default_threads(1, v2), default_threads(2, v2)) == (64, None, 32)  # no limit
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert (cpu_budget(v2), default_threads(1, v2)) == (64, None)
+    (v2 / "cpu.max").write_text("400000 100000\n")
+    assert (cpu_budget(v2), default_threads(1, v2), default_threads(2, v2), default_threads(8, v2)) == (4, 4, 2, 1)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert (cpu_budget(v1), default_threads(1, v1)) == (2, 2)  # 2.5 CPUs of time: 2 busy threads
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # taskset -c 0
+    assert (cpu_budget(v1), default_threads(1, v1)) == (1, 1)
 
 
 def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):

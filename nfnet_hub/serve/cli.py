@@ -26,7 +26,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=positive, default=8080, help="HTTP port")
     s.add_argument("--grpc-port", type=positive, help="also serve the protocol's gRPC API on this port (default: off)")
     _batching(s, "--workers")
-    s.add_argument("--threads", type=positive, help="ONNX Runtime threads per batch (default: one per core)")
+    s.add_argument("--threads", type=positive, help="ONNX Runtime threads per batch (default: the CPUs this process "
+                   "may use, container limits included, shared by the --workers batches; ONNX Runtime's own, one per "
+                   "core, where one batch has the whole machine)")
     s.add_argument("--max-request-mb", type=non_negative_float, default=64.0,
                    help="largest request body, in MiB; larger ones get HTTP 400")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",

@@ -6,6 +6,7 @@ per model, its own metrics and the request-size limit. uvicorn drains in-flight 
 """
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -35,6 +36,30 @@ class ServeOptions:
     max_request_mb: float = 64.0
     grace_period_s: int = 30
     grpc_port: int | None = None  # the protocol's gRPC API too, on this port
+
+
+def cpu_budget(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may keep busy: its affinity, capped by a container's CPU limit (cgroup v2's cpu.max,
+    v1's CFS quota), which ONNX Runtime does not read."""
+    budget = len(os.sched_getaffinity(0))
+    for quota, period in ((cgroup / "cpu.max", None), (cgroup / "cpu" / "cpu.cfs_quota_us",
+                                                       cgroup / "cpu" / "cpu.cfs_period_us")):
+        try:
+            fields = quota.read_text().split()
+            limit, per = fields[0], fields[1] if period is None else period.read_text().strip()
+            if limit not in ("max", "-1"):
+                return max(1, min(budget, int(limit) // int(per)))
+        except (OSError, ValueError, IndexError):
+            continue
+    return budget
+
+
+def default_threads(instances: int, cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """ONNX Runtime threads per batch without --threads: the process's CPUs shared by the batches that run at once.
+    None (ONNX Runtime's own choice, a thread per core of the machine) where one batch has the whole machine; in a
+    pod limited to 4 of a node's 64 cores that choice would run 64 threads on 4 CPUs' time, throttled."""
+    budget = cpu_budget(cgroup)
+    return None if instances == 1 and budget >= (os.cpu_count() or 1) else max(1, budget // instances)
 
 
 def _is_bundle(folder: Path) -> bool:
@@ -82,10 +107,13 @@ def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, provider
     if require_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
         raise UsageError("--device cuda: this ONNX Runtime has no CUDA provider (install nfnet-hub[serve,gpu], which "
                          f"brings onnxruntime-gpu); it has {', '.join(ort.get_available_providers())}")
-    classifiers = {}
+    classifiers, threads = {}, options.threads or default_threads(options.instances)
+    if threads and not options.threads:
+        log(f"ONNX Runtime threads per batch: {threads} ({cpu_budget()} CPUs for this process, {options.instances} "
+            "batch(es) at once; --threads chooses)")
     for model_name, where in bundles.items():
         filename = precision_file(where, options.precision)
-        clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=options.threads)
+        clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=threads)
         h, w = clf.preprocess.input_size
         clf.logits(np.zeros((1, clf.preprocess.channels, h, w), np.float32))
         log(f"model {model_name}: {where} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
