@@ -96,6 +96,9 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
         img = Image.open(source, formats=formats)
         img.load()
     except FileNotFoundError:
+        if str(source).startswith(("http://", "https://")):  # timm's inference.py does not fetch them either
+            raise UsageError(f"{source} is a URL: images are read from files, bytes or arrays (download it first: "
+                             f"curl -O {source})") from None
         raise UsageError(f"{name or source} does not exist") from None
     except UNDECODABLE as e:
         why = str(e).splitlines()[0][:200].replace(f" {source!r}", "") if str(e) else type(e).__name__  # no <BytesIO>

@@ -317,6 +317,8 @@ CASES = [
     ("predict-decompression-bomb", ["predict", "bomb.png", "--model", "bundle"],
      "bomb.png is not a readable image: Image size \\(400000000 pixels\\) exceeds limit"),
     ("predict-missing-image", ["predict", "nope.png", "--model", "bundle"], "nope.png does not exist"),
+    ("predict-url", ["predict", "https://example.com/cat.jpg", "--model", "bundle"],
+     r"https://example.com/cat.jpg is a URL: images are read from files, bytes or arrays \(download it first"),
     ("predict-empty-folder", ["predict", "noimages", "--model", "bundle"], "no images .* under noimages"),
     ("predict-top-k-0", ["predict", "images/3/0000.png", "--model", "bundle", "--top-k", "0"],
      "--top-k/--topk: must be a positive integer"),
