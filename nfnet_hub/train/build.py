@@ -113,7 +113,10 @@ def _check_betas(args: argparse.Namespace) -> None:
     """--opt-betas of the optimiser's count: timm drops betas an optimiser has none of, and torch's Adam fails on
     one beta with an IndexError."""
     if args.opt_betas is not None:
-        info = get_optimizer_info(args.opt.lower().split("_")[-1])  # lookahead_adamw is adamw's
+        try:
+            info = get_optimizer_info(args.opt.lower().split("_")[-1])  # lookahead_adamw is adamw's
+        except ValueError:  # an --opt timm does not know: creating it says so
+            return
         count = info.num_betas if info.has_betas else 0
         if len(args.opt_betas) != count:
             raise UsageError(f"--opt-betas {' '.join(f'{b:g}' for b in args.opt_betas)}: --opt {args.opt} takes "
@@ -202,11 +205,9 @@ def build(args: argparse.Namespace) -> Run:
             _shard(ema.module)
     # as train.py: no decay on 1-d parameters and on what the model names (an NFNet: its gains)
     options = optimizer_kwargs(argparse.Namespace(**{**vars(args), "lr": learning_rate(args, world)}))
+    _check_betas(args)
     try:
-        _check_betas(args)
         optimizer = create_optimizer_v2(model, **options, **args.opt_kwargs)
-    except UsageError:
-        raise
     except (ValueError, TypeError) as e:  # an --opt timm does not know, or an --opt-kwargs key it does not take
         raise UsageError(f"--opt {args.opt}" + (" with --opt-kwargs" if args.opt_kwargs else "") + f": {e}") from None
     updates_per_epoch = len(loaders.train) // args.grad_accum_steps
