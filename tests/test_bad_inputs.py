@@ -212,6 +212,10 @@ CASES = [
     ("train-num-samples-of-a-folder", ["train", "--data-dir", "tiny", "--train-num-samples", "100", "--output", "runs",
                                        "--workers", "0"],
      r"--train-num-samples: timm sizes only a streamed dataset \(tfds/, wds/, hfids/\); an epoch of image folders"),
+    ("train-initial-checkpoint-of-other-classes", [*TINY_RUN, "--initial-checkpoint", "nano.safetensors",
+                                                   "--num-classes", "2"],
+     r"--initial-checkpoint nano.safetensors holds a classifier of 10 classes, this run's has 2: to fine-tune on "
+     r"these classes, --pretrained-path nano.safetensors loads the rest"),
     ("train-unknown-optimizer", [*TINY_RUN, "--opt", "foo"], "--opt foo: Optimizer foo not found"),
     ("train-optimizer-kwarg", [*TINY_RUN, "--opt-kwargs", "foo=1"],
      r"--opt sgd with --opt-kwargs: SGD.__init__\(\) got an unexpected keyword argument 'foo'"),

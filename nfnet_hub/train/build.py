@@ -147,7 +147,11 @@ def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
     # what the weights will expect: recorded in every checkpoint and args.yaml, read by export and bundle
     model.pretrained_cfg = {**apply_data_config(model.pretrained_cfg, loaders.data_config),
                             "num_classes": model.num_classes}
-    if args.initial_checkpoint:
+    if args.initial_checkpoint:  # all of it, strictly, as train.py loads it
+        if (classes := _classes_in(args.initial_checkpoint)) not in (-1, model.num_classes):
+            raise UsageError(f"--initial-checkpoint {args.initial_checkpoint} holds a classifier of {classes} classes, "
+                             f"this run's has {model.num_classes}: to fine-tune on these classes, --pretrained-path "
+                             f"{args.initial_checkpoint} loads the rest and re-initialises the classifier")
         load_checkpoint(model, args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
