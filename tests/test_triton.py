@@ -28,7 +28,7 @@ def _config(folder: Path):
 def test_repository_matches_the_onnx_file_and_parses_as_triton_config(nano_bundle, tmp_path, precision, capsys):
     repo = tmp_path / "repo"
     assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", "nano", "--precision", precision,
-                 "--max-batch-size", "16", "--max-delay-ms", "2.5", "--instances", "3"]) == 0
+                 "--max-batch-size", "16", "--max-delay-ms", "2.5", "--instances", "3", "--threads", "2"]) == 0
     assert "tritonserver --model-repository=" in capsys.readouterr().out
     folder = repo / "nano"
     config = _config(folder)
@@ -42,6 +42,7 @@ def test_repository_matches_the_onnx_file_and_parses_as_triton_config(nano_bundl
             for v in theirs]
     assert config.dynamic_batching.max_queue_delay_microseconds == 2500
     assert [(g.count, g.kind) for g in config.instance_group] == [(3, model_config_pb2.ModelInstanceGroup.KIND_CPU)]
+    assert config.parameters["intra_op_thread_count"].string_value == "2"  # the ONNX Runtime backend's key
     assert config.output[0].label_filename == "labels.txt"
     assert (folder / "labels.txt").read_text().split() == [str(d) for d in range(10)]
     readme = (folder / "README.md").read_text()
@@ -54,6 +55,7 @@ def test_gpu_tensorrt_and_a_second_model_beside_the_first(nano_bundle, tmp_path)
     main(["triton", f"local-dir:{nano_bundle}", "--out", str(repo), "--name", "a"])  # as timm names a folder
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "b", "--gpu", "--accelerator", "tensorrt"])
     assert _config(repo / "a").instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert "intra_op_thread_count" not in _config(repo / "a").parameters  # the backend's default
     b = _config(repo / "b")
     assert b.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
     trt = b.optimization.execution_accelerators.gpu_execution_accelerator[0]

@@ -42,6 +42,9 @@ def add_triton_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="Triton model repository to add the model to (created if needed)")
     s.add_argument("--name", help="model name (default: the bundle folder's, the repo's or the ONNX file's name)")
     _batching(s, "--instances")
+    s.add_argument("--threads", type=positive, help="ONNX Runtime threads per instance, Triton's intra_op_thread_count "
+                   "(default: the backend's, a thread per core of the machine for each instance: give the CPUs of the "
+                   "container over --instances)")
     s.add_argument("--gpu", action="store_true", help="run on GPUs (KIND_GPU; ONNX Runtime's CUDA provider)")
     s.add_argument("--accelerator", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                    help="with --gpu: tensorrt runs the model through TensorRT inside ONNX Runtime")
@@ -68,7 +71,7 @@ def cmd_triton(args: argparse.Namespace) -> int:
     folder = write_repository(args.source, args.out, name=args.name, precision=args.precision,
                               max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                               instances=args.instances, gpu=args.gpu, accelerator=args.accelerator,
-                              overwrite=args.overwrite)
+                              threads=args.threads, overwrite=args.overwrite)
     print(f"wrote {folder} (config.pbtxt, 1/model.onnx, labels.txt); serve it with: "
           f"tritonserver --model-repository={folder.parent.resolve()}")
     return 0

@@ -63,7 +63,8 @@ def onnx_tensors(path: Path) -> tuple[list[Tensor], list[Tensor], dict[str, str]
 
 
 def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, max_batch_size: int,
-                 max_delay_ms: float, instances: int, gpu: bool, accelerator: str, precision: str = "fp32") -> str:
+                 max_delay_ms: float, instances: int, gpu: bool, accelerator: str, precision: str = "fp32",
+                 threads: int | None = None) -> str:
     """``config.pbtxt`` text (Triton's ``ModelConfig`` message)."""
     def tensor(t: Tensor, extra: str = "") -> str:
         return f'  {{ name: "{t.name}" data_type: {t.data_type} dims: [ {", ".join(map(str, t.dims))} ]{extra} }}'
@@ -73,6 +74,8 @@ def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, max_
                                     for i, t in enumerate(outputs)), "]",
              f"dynamic_batching {{ max_queue_delay_microseconds: {round(max_delay_ms * 1000)} }}",
              f"instance_group [ {{ count: {instances} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]"]
+    if threads:  # the ONNX Runtime backend's threads per instance (its default: a thread per core, per instance)
+        lines.append(f'parameters {{ key: "intra_op_thread_count" value: {{ string_value: "{threads}" }} }}')
     if gpu and accelerator == "tensorrt":
         mode = "FP16" if precision == "fp16" else "FP32"  # int8 models carry their own quantisation
         lines.append('optimization { execution_accelerators { gpu_execution_accelerator: [ { name: "tensorrt" '
@@ -82,9 +85,10 @@ def model_config(name: str, inputs: list[Tensor], outputs: list[Tensor], *, max_
 
 def write_repository(source: str | Path, repo: str | Path, *, name: str | None = None, precision: str = "fp32",
                      max_batch_size: int = 32, max_delay_ms: float = 5.0, instances: int = 1, gpu: bool = False,
-                     accelerator: str = "onnxruntime", overwrite: bool = False) -> Path:
+                     accelerator: str = "onnxruntime", threads: int | None = None, overwrite: bool = False) -> Path:
     """Add the model ``source`` names (as ``serve`` takes them) to the Triton model repository ``repo`` as
-    ``name``; the model's folder."""
+    ``name``; the model's folder. ``threads``: ONNX Runtime threads per instance (the machine Triton runs on decides
+    its default, a thread per core for each instance)."""
     where, local = parse_source(str(source))
     path, repo = Path(where).expanduser(), Path(repo)
     if accelerator not in ACCELERATORS:
@@ -111,7 +115,7 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
     preprocessing = config_preprocess(config).describe()
     labels = config_labels(config) or [str(i) for i in range(max(outputs[0].dims[-1:] or [0]))]  # as serve names them
     text = model_config(name, inputs, outputs, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms,
-                        instances=instances, gpu=gpu, accelerator=accelerator, precision=precision)
+                        instances=instances, gpu=gpu, accelerator=accelerator, precision=precision, threads=threads)
     with atomic_folder(target, replace=overwrite) as tmp:
         (tmp / "1").mkdir()
         shutil.copyfile(onnx_file, tmp / "1" / "model.onnx")
