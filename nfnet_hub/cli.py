@@ -15,7 +15,7 @@ from typing import Any
 
 from . import __version__
 from .argtypes import fraction, positive
-from .errors import NfnetHubError, UsageError
+from .errors import NfnetHubError, UsageError, missing_package
 
 
 def _say_model(model_name: str, args: argparse.Namespace, size: int | None = None, warn_random: bool = True):
@@ -372,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nfnet-hub {command}: error: {message}", file=sys.stderr)
         for detail in e.details:
             print(f"  {detail}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an extra not installed; any other module missing is a bug
+        if debug or (message := missing_package(e.name)) is None:
+            raise
+        print(f"nfnet-hub {command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if debug:

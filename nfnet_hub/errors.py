@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["BundleError", "CheckpointError", "ExportError", "FoldError", "HubError", "NfnetHubError", "TrainingError",
-           "UsageError", "folder_given"]
+           "UsageError", "folder_given", "missing_package"]
 
 
 class NfnetHubError(Exception):
@@ -64,3 +64,21 @@ def folder_given(path: Path, what: str) -> str:
     kind it holds (a bundle's model.safetensors or model.onnx, a run folder's model_best.pth.tar)."""
     found = next((path / name for name in _FILES_IN[what] if (path / name).is_file()), None)
     return f"{path} is a folder, not {what}" + (f": give {found}" if found else "")
+
+
+_TORCH = ("torch, which this installation lacks (the serving installation, deploy/Dockerfile's, runs serve, predict, "
+          "triton and list): install nfnet-hub with its dependencies, torch and torchvision as a matching pair: "
+          'pip install torch torchvision "nfnet-hub[cpu]"')
+_INSTALLED_BY = {
+    "onnxruntime": 'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for '
+                   "onnxruntime-gpu; never both)",
+    "kserve": 'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"',
+    **dict.fromkeys(("torch", "torchvision", "timm", "onnxscript", "safetensors", "sklearn", "tqdm"), _TORCH),
+}
+
+
+def missing_package(module: str | None) -> str | None:
+    """What a command needs and this installation lacks (``pip install nfnet-hub`` without an ONNX Runtime extra, the
+    torch-free serving image), and what installs it; None for any other missing module, which is a bug."""
+    root = (module or "").split(".")[0]
+    return f"this command needs {_INSTALLED_BY[root]}" if root in _INSTALLED_BY else None

@@ -432,6 +432,26 @@ def test_a_system_error_without_a_message_still_says_what_it_is(ws):
         "nfnet-hub timm-train: error: FileNotFoundError (run with --debug for the traceback)", p.stderr
 
 
+@pytest.mark.parametrize("missing,argv,needs", [
+    ("onnxruntime", ["predict", "images", "--model", "bundle"],
+     'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for onnxruntime-gpu'),
+    ("kserve", ["serve", "bundle"], 'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"'),
+    ("torch", ["export", *NANO, "--out", "o"], "torch, which this installation lacks (the serving installation"),
+    ("PIL", ["predict", "images", "--model", "bundle"], None),
+], ids=["no-onnxruntime", "no-kserve", "torch-free", "a-bug"])
+def test_a_package_the_installation_lacks_is_named_with_what_installs_it(ws, missing, argv, needs):
+    """`pip install nfnet-hub` without an ONNX Runtime extra, or the torch-free serving image, running a command that
+    needs what it lacks. Stand-in: the package is hidden from the import system (None in sys.modules). Any other
+    missing module (here Pillow, which every installation has) is a bug and keeps its traceback."""
+    code = f"import sys; sys.modules[{missing!r}] = None; from nfnet_hub.cli import main; sys.exit(main())"
+    p = subprocess.run([sys.executable, "-c", code, *argv], cwd=ws, capture_output=True, text=True, timeout=120)
+    if needs is None:
+        assert p.returncode == 1 and "Traceback" in p.stderr and "ModuleNotFoundError" in p.stderr, p.stderr
+    else:
+        assert p.returncode == 2 and p.stderr.startswith(f"nfnet-hub {argv[0]}: error: this command needs {needs}")
+        assert p.stderr.count("\n") == 1, p.stderr
+
+
 def test_a_bundle_listing_a_missing_file_is_refused_before_upload(ws, capsys):
     (ws / "bundle" / "model_int8.onnx").unlink()
     code, _, err = _run(ws, capsys, ["publish", "bundle", "--repo-id", "me/x", "--dry-run"])
