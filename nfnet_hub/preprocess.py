@@ -100,6 +100,9 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
             raise UsageError(f"{source} is a URL: images are read from files, bytes or arrays (download it first: "
                              f"curl -O {source})") from None
         raise UsageError(f"{name or source} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{source} is a folder, not an image: pass its images (list_images(folder) lists them as "
+                         "`nfnet-hub predict FOLDER` reads them)") from None
     except UNDECODABLE as e:
         why = str(e).splitlines()[0][:200].replace(f" {source!r}", "") if str(e) else type(e).__name__  # no <BytesIO>
         raise UsageError(f"{name or source} is not a readable image: {why}") from None

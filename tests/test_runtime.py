@@ -127,7 +127,8 @@ def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_p
     for bad, words in ((arrays[0], "a bare array could be one image or several"),
                        ([arrays[0].astype(np.float32)], r"uint8 pixels.*got float32 of shape"),
                        ([arrays[0].transpose(2, 0, 1)], r"got uint8 of shape \[3, "), ([7], "not int"),
-                       ([b"not an image"], "12 bytes is not a readable image: cannot identify image file$")):
+                       ([b"not an image"], "12 bytes is not a readable image: cannot identify image file$"),
+                       (paths[0].parent, r"is a folder, not an image: pass its images \(list_images\(folder\)")):
         with pytest.raises(ValueError, match=words):
             clf.predict(bad)
     with pytest.raises(ValueError, match="no images"):
