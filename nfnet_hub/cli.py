@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix == ".onnx" and not out.is_dir():
         raise UsageError(f"--out {args.out} names a file, but --out is the folder to write into: "
-                         f"--out {out.parent} --filename {out.name}")
+                         f"--out {shlex.quote(str(out.parent))} --filename {shlex.quote(out.name)}")
     check_writable_folder(out)
     model, _ = _say_model(args.model, args, args.img_size)
     size = export_size(model.pretrained_cfg, args.img_size)
@@ -178,7 +179,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     build_bundle(model, out, img_size=size, precisions=["fp32", *args.precision],
                  calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
                  license=args.license, overwrite=args.overwrite, min_agreement=args.min_agreement, force=args.force)
-    print(f"bundle ready: {out}\npublish with: nfnet-hub publish {out} --repo-id {args.repo_id}")
+    print(f"bundle ready: {out}\npublish with: nfnet-hub publish {shlex.quote(str(out))} --repo-id {args.repo_id}")
     return 0
 
 

@@ -4,6 +4,7 @@ digits, read back from image files. The digits stay behind as image folders for 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -113,5 +114,5 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
         print(f"Note: that is below the {int8['min_agreement']:.0%} that `nfnet-hub export` and `bundle` require; "
               "the quickstart writes it anyway and its card says so (more epochs give a steadier model).")
     print(f"Bundle: {bundle.resolve()}\nDigits as image folders: {digits.resolve()}")
-    print(f"Publish it with:\n  nfnet-hub publish {bundle} --repo-id YOUR-ORG/nfnet-hub-nano-digits")
+    print(f"Publish it with:\n  nfnet-hub publish {shlex.quote(str(bundle))} --repo-id YOUR-ORG/nfnet-hub-nano-digits")
     return {"rows": rows, "agree": agree, "n": len(labels), "bundle": bundle, "digits": digits}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -466,6 +467,15 @@ def test_overwrite_replaces_a_bundle_and_nothing_else(ws, capsys):
     assert sorted(p.name for p in (ws / "bundle").iterdir()) == ["README.md", "checksums.sha256", "config.json",
                                                                  "export.json", "model.onnx", "model.safetensors"]
     assert not [p for p in ws.iterdir() if "partial" in p.name]
+
+
+def test_the_publish_command_printed_for_a_folder_with_a_space_runs_as_pasted(ws, capsys):
+    code, out, err = _run(ws, capsys, ["bundle", *NANO, "--out", "my bundle", "--repo-id", "me/x"], output="my bundle")
+    assert code == 0, err
+    command = shlex.split(out.split("publish with: ")[1])
+    assert command[:3] == ["nfnet-hub", "publish", "my bundle"]
+    code, out, err = _run(ws, capsys, [*command[1:], "--dry-run"])
+    assert code == 0 and "dry run" in out, err
 
 
 def _cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:

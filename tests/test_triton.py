@@ -26,10 +26,15 @@ def _config(folder: Path):
 
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_repository_matches_the_onnx_file_and_parses_as_triton_config(nano_bundle, tmp_path, precision, capsys):
-    repo = tmp_path / "repo"
+    repo = tmp_path / "my models"  # the commands printed and written for it must survive a copy into a shell
     assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", "nano", "--precision", precision,
                  "--max-batch-size", "16", "--max-delay-ms", "2.5", "--instances", "3", "--threads", "2"]) == 0
-    assert "tritonserver --model-repository=" in capsys.readouterr().out
+    command = capsys.readouterr().out.split("serve it with: ")[1]
+    assert shlex.split(command) == ["tritonserver", f"--model-repository={repo}"]
+    readme = (repo / "nano" / "README.md").read_text()
+    assert shlex.split(readme.split("```\n")[1]) == ["tritonserver", f"--model-repository={repo}"]
+    docker = shlex.split(readme.split("`docker run ")[1].split("`")[0])
+    assert docker[docker.index("-v") + 1] == f"{repo}:/models"
     folder = repo / "nano"
     config = _config(folder)
     graph = onnx.load(str(folder / "1" / "model.onnx")).graph

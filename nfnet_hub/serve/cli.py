@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from ..argtypes import non_negative_float, positive
 
@@ -73,5 +74,5 @@ def cmd_triton(args: argparse.Namespace) -> int:
                               instances=args.instances, gpu=args.gpu, accelerator=args.accelerator,
                               threads=args.threads, overwrite=args.overwrite)
     print(f"wrote {folder} (config.pbtxt, 1/model.onnx, labels.txt); serve it with: "
-          f"tritonserver --model-repository={folder.parent.resolve()}")
+          f"tritonserver --model-repository={shlex.quote(str(folder.parent.resolve()))}")
     return 0

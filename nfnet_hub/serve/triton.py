@@ -7,6 +7,7 @@ and ``REPO/NAME/README.md`` with the ``tritonserver`` command. Other models in R
 """
 from __future__ import annotations
 
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,11 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
 def _readme(name: str, repo: Path, inputs: list[Tensor], outputs: list[Tensor], gpu: bool,
             preprocessing: str) -> str:
     shape = lambda t: "[N, " + ", ".join(map(str, t.dims)) + "]"  # noqa: E731
+    where = str(repo.resolve())
     return (f"# {name} for Triton Inference Server\n\nWritten by `nfnet-hub triton` from an nfnet-hub model. "
-            f"Serve the repository with\n\n```\ntritonserver --model-repository={repo.resolve()}\n```\n\n"
+            f"Serve the repository with\n\n```\ntritonserver --model-repository={shlex.quote(where)}\n```\n\n"
             f"or in NVIDIA's container, `docker run --rm {'--gpus all ' if gpu else ''}-p8000:8000 -p8001:8001 "
-            f"-v {repo.resolve()}:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
+            f"-v {shlex.quote(where + ':/models')} nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
             f"--model-repository=/models`.\n\nInput `{inputs[0].name}` {inputs[0].data_type} {shape(inputs[0])}: "
             f"images preprocessed with timm's eval transform as the model was trained ({preprocessing}). Output "
             f"`{outputs[0].name}` {outputs[0].data_type} {shape(outputs[0])}, with labels from labels.txt through "
