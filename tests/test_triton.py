@@ -88,6 +88,14 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     assert (repo / "mine" / "notes.txt").read_text() == "keep me"
     assert main(["triton", str(tmp_path / "missing"), "--out", str(repo)]) == 2
     assert "no bundle folder or ONNX file at" in capsys.readouterr().err  # a path: never a Hub download
+    for name in ("../beside", 'a"b', "sub/model"):  # out of the repository, or a config.pbtxt that does not parse
+        assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", name]) == 2
+        assert f"{name!r} cannot be a model name in a URL (letters, digits, '_', '.', '-'): choose another --name" \
+            in capsys.readouterr().err
+    spaced = shutil.copytree(nano_bundle, tmp_path / "my bundle")
+    assert main(["triton", str(spaced), "--out", str(repo)]) == 2 and "give --name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "my bundle", "repo"]
+    assert sorted(p.name for p in repo.iterdir()) == ["mine"]
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again"])
     assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again", "--overwrite",
                  "--instances", "2"]) == 0

@@ -22,6 +22,12 @@ from ..runtime import OnnxClassifier, parse_source, precision_file
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def check_model_name(name: str, fix: str) -> None:
+    """A model name that the protocol's URLs (/v2/models/NAME/infer) carry as it is, and a folder name (Triton's)."""
+    if not _NAME.match(name):
+        raise UsageError(f"{name!r} cannot be a model name in a URL (letters, digits, '_', '.', '-'): {fix}")
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """How models are served (the CLI's options, with the same defaults)."""
@@ -93,9 +99,8 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
             if p.name not in found:
                 log(f"note: {p} is not a bundle (config.json and model*.onnx): not served")
     for model_name in found:
-        if not _NAME.match(model_name):
-            raise UsageError(f"{model_name!r} cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
-                             + ("give --name" if len(found) == 1 else "rename its folder"))
+        check_model_name(model_name, "choose another --name" if name else "give --name" if len(found) == 1 else
+                         "rename its folder")
     return found
 
 

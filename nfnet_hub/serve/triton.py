@@ -24,6 +24,7 @@ from ..runtime import (
     read_bundle_config,
     resolve_files,
 )
+from .server import check_model_name
 
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
@@ -100,7 +101,9 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(ONNX_FILES)}")
     filename = precision_file(str(source), precision)
     lone = local and path.is_file()
+    fix = "choose another --name" if name else "give --name"
     name = name or (path.stem if lone else path.resolve().name if local else where.split("/")[1])
+    check_model_name(name, fix)  # which also keeps the model's folder inside the repository
     target = repo / name
     if target.exists():
         if not overwrite:
