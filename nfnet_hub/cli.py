@@ -16,6 +16,7 @@ from typing import Any
 
 from . import __version__
 from .argtypes import fraction, positive
+from .bundle_files import ONNX_FILES
 from .errors import NfnetHubError, UsageError, missing_package
 
 
@@ -80,8 +81,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
     from .files import check_writable_folder
-    from .preprocess import export_size
+    from .preprocess import Preprocess, export_size
 
+    args.filename = args.filename or ONNX_FILES[args.precision]
     name = Path(args.filename)
     if name.name != args.filename or name.suffix != ".onnx" or args.filename.startswith("."):
         raise UsageError(f"--filename {args.filename!r} must be a plain file name ending in .onnx; "
@@ -95,13 +97,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     size = export_size(model.pretrained_cfg, args.img_size)
     calibration = None
     if args.precision == "int8":
-        from .preprocess import Preprocess
-
         calibration = _calibration(args, Preprocess.for_model(model, img_size=size))
     print(f"folding, exporting ({args.precision}) and verifying ...", flush=True)
-    report = export_onnx(model, out / args.filename, img_size=size, precision=args.precision,
-                         opset=args.opset, calibration=calibration,
-                         min_agreement=args.min_agreement, force=args.force)
+    report = export_onnx(model, out / args.filename, img_size=size, precision=args.precision, opset=args.opset,
+                         calibration=calibration, min_agreement=args.min_agreement, force=args.force)
     h, w = report.img_size
     print(f"wrote {report.path}: {report.precision}, opset {report.opset}, {h}x{w} px, "
           f"{report.nodes} nodes, {report.file_bytes / 1e6:.1f} MB; ONNX Runtime vs PyTorch max abs error "
@@ -289,7 +288,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _export_options(s)
     s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX precision")
     s.add_argument("--opset", type=int, default=20, help="ONNX opset (20: the first with a Gelu operator)")
-    s.add_argument("--filename", default="model.onnx", help="file name inside --out")
+    s.add_argument("--filename", help="file name inside --out (default: as bundles name them, model.onnx, "
+                   "model_fp16.onnx or model_int8.onnx)")
     s.add_argument("--out", required=True, help="folder to write into")
 
     s = command("validate", _cmd_validate, "compare an ONNX file with the PyTorch model it was exported from")

@@ -200,8 +200,7 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     assert report.onnx_accuracy is None and report.accuracy_note.startswith("no accuracy: the export records no label")
     monkeypatch.setattr(int8_mod, "MAX_CALIBRATION", 4)  # a large folder: a sample of it, said
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--precision", "int8",
-                 "--calibration", str(sample_images), "--filename", "model_int8.onnx", "--out", str(out),
-                 "--force"]) == 0
+                 "--calibration", str(sample_images), "--out", str(out), "--force"]) == 0  # named as in bundles
     said = capsys.readouterr().out
     assert f"calibration: 4 of the 6 images in {sample_images}, evenly spaced" in said and "of 1 held-out" in said
     assert main(["validate", str(out / "model_int8.onnx"), "--model", "nfnet_hub_nano", "--checkpoint",
