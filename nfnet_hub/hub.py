@@ -25,7 +25,7 @@ from .errors import BundleError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
 from .int8 import MIN_AGREEMENT
-from .preprocess import IMAGE_MODE, Preprocess, data_config, export_size, readable_labels
+from .preprocess import DEFAULT_MODES, IMAGE_MODE, Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
@@ -161,7 +161,9 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
             params_m=f"{stats.params / 1e6:.3f}", gmacs=f"{stats.gmacs:.4g}", img_size="x".join(map(str, size)),
             crop_pct=record["crop_pct"], crop_mode=record["crop_mode"], interpolation=record["interpolation"],
             colour=_colour(record), image_mode=record.get(IMAGE_MODE), mean=record["mean"], std=record["std"],
-            num_classes=model.num_classes,
+            num_classes=model.num_classes, channels=channels, top_k=min(5, model.num_classes),
+            pil_mode=record.get(IMAGE_MODE) or DEFAULT_MODES.get(channels),
+            label_key=next((k for k in ("label_descriptions", "label_names") if top.get(k)), None),
             ws_form={"timm": "timm's (w - mean) / sqrt(var + eps)",
                      "deepmind": "the authors' rsqrt(max(var * fan_in, 1e-4))"}[ws],
             act=getattr(getattr(model, "cfg", None), "act", "see timm config"), dataset=dataset,

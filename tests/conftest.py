@@ -40,6 +40,22 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()))
 
 
+def run_card_code(bundle: Path, repo_id: str, image: Path, prelude: str = "") -> list[str]:
+    """The stdout of each Python block of a bundle's model card, run as a reader runs it, against the bundle on disk
+    instead of the Hub (its folder where the card names the repository, ``image`` for image.jpg)."""
+    import subprocess
+    import sys
+
+    outputs = []
+    for block in (bundle / "README.md").read_text().split("```python\n")[1:]:
+        code = block.split("```")[0].replace(f"hf-hub:{repo_id}", f"local-dir:{bundle}") \
+            .replace(f'"{repo_id}"', f'"{bundle}"').replace("image.jpg", str(image))
+        run = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        outputs.append(run.stdout)
+    return outputs
+
+
 def eight_bit_photos(sample_images: Path) -> list[Path]:
     """The sample photos that timm's loader reads as the runtime does (it clips 16-bit ones: see test_runtime)."""
     return [p for p in sorted(sample_images.iterdir()) if "16bit" not in p.name]

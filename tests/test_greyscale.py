@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import eight_bit_photos, randomise, rel_error
+from conftest import eight_bit_photos, randomise, rel_error, run_card_code
 from PIL import Image
 from serving import Server, infer
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
@@ -123,6 +123,10 @@ def test_bundle_timm_runtime_and_server_take_the_greyscale_model(grey_run, digit
     config = json.loads((bundle / "config.json").read_text())
     assert config["pretrained_cfg"]["input_size"] == [1, 32, 32] and len(config["pretrained_cfg"]["mean"]) == 1
     assert "32x32 greyscale (1 channel)" in (bundle / "README.md").read_text()
+    with_timm, with_runtime = run_card_code(bundle, "me/grey", images[0])  # the card's code reads greyscale
+    assert '.convert("L")' in (bundle / "README.md").read_text()
+    best = OnnxClassifier.from_pretrained(bundle).predict(images[0])[0][0]
+    assert with_timm.splitlines()[0].split("%  ")[1] == best.label and with_runtime.startswith(f"[[{best!r}")
     hub_model = timm.create_model(f"local-dir:{bundle}", pretrained=True).eval()
     assert hub_model.in_chans == 1
     x = _timm_eval(timm.data.resolve_data_config(model=hub_model), images)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import randomise
+from conftest import eight_bit_photos, randomise, run_card_code
 from hub_stub import HubStub
 from huggingface_hub import ModelCard
 from serving import Server
@@ -75,6 +75,17 @@ def test_bundle_contents_and_card(bundle):
     assert f"{100 * int8['top1_agreement']:.1f}% of\n{int8['held_out_images']} held-out calibration images" in card
     assert ("below that threshold" in card) == int8["below_threshold"]
     verify_bundle(bundle)
+
+
+def test_the_cards_usage_code_runs_and_timm_and_the_runtime_agree(bundle, sample_images):
+    """The card's two snippets, timm's and the torch-free runtime's, as a reader copies them: the same top five."""
+    photo = eight_bit_photos(sample_images)[0]
+    with_timm, with_runtime = run_card_code(bundle, "me/nano", photo)
+    expected = OnnxClassifier.from_pretrained(bundle).predict(photo, top_k=5)[0]
+    assert with_runtime.strip() == repr([expected])
+    shown = [line.split("%  ") for line in with_timm.splitlines()]
+    assert [label for _, label in shown] == [p.label for p in expected]
+    assert [float(value) / 100 for value, _ in shown] == pytest.approx([p.probability for p in expected], abs=1e-4)
 
 
 def test_local_dir_loads_in_timm_and_the_runtime(bundle, model):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import eight_bit_photos, randomise, rel_error
+from conftest import eight_bit_photos, randomise, rel_error, run_card_code
 from PIL import Image
 from serving import Server, infer
 from timm.data import create_transform, resolve_data_config
@@ -82,7 +82,9 @@ def test_a_model_trained_on_ycbcr_pixels_is_exported_bundled_and_served_them(ycb
     config = json.loads((bundle / "config.json").read_text())
     assert config["input_img_mode"] == "YCbCr" and "input_img_mode" not in config["pretrained_cfg"]
     card = (bundle / "README.md").read_text()
-    assert "32x32 YCbCr (3 channels)" in card and 'Image.open(path).convert("YCbCr")' in card
+    assert "32x32 YCbCr (3 channels)" in card and '.convert("YCbCr")  # the mode it was trained in' in card
+    with_timm, _ = run_card_code(bundle, "me/ycbcr", images[0])  # the reader's timm code reads YCbCr too
+    assert with_timm.splitlines()[0].endswith(f"  {expected[0].argmax().item()}")
     assert timm.create_model(f"local-dir:{bundle}", pretrained=True).in_chans == 3  # timm still loads the config
     clf = OnnxClassifier.from_pretrained(bundle)
     assert rel_error(torch.from_numpy(clf.logits(clf.preprocess.batch(images))), expected) < 1e-5
@@ -164,3 +166,9 @@ def test_a_model_that_records_no_image_mode_takes_arrays_and_refuses_images(samp
     finally:
         assert server.stop() == 0, server.output
     assert "Exception:" not in server.output, server.output
+    bundle = build_bundle(model, tmp_path / "bundle", img_size=32, repo_id="me/bands", progress=False)
+    card = (bundle / "README.md").read_text()
+    assert "It takes 5-channel arrays, not images" in card and "Image.open" not in card and "predict(" not in card
+    arrays = "import numpy as np; x = np.zeros((2, 5, 32, 32), np.float32)\n"  # what the card leaves to its reader
+    _, with_runtime = run_card_code(bundle, "me/bands", Path(photo), prelude=arrays)
+    assert with_runtime.startswith("[[") and len(with_runtime.split("]")) == 4  # two rows of logits
