@@ -17,7 +17,7 @@ def card_data(*, repo_id: str, license: str, dataset: str | None, metrics: dict[
     results = None
     if metrics and dataset:
         results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
-                              metric_type="accuracy", metric_name=f"top-{k}", metric_value=metrics[f"top{k}"])
+                              metric_type="accuracy", metric_name=f"top-{k}", metric_value=round(metrics[f"top{k}"], 2))
                    for k in (1, 5) if metrics.get(f"top{k}") is not None]
     return ModelCardData(library_name="timm", license=license, pipeline_tag="image-classification",
                          tags=["image-classification", "timm", "nfnet", "onnx", "nfnet-hub"],
