@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .argtypes import positive
+from .bundle_files import ONNX_FILES
 from .errors import UsageError
 from .files import check_writable_folder, write_atomically
 from .preprocess import list_images, load_image
-from .runtime import OnnxClassifier, Prediction
+from .runtime import OnnxClassifier, Prediction, precision_file
 
 FORMATS = (".csv", ".json", ".jsonl")
 
@@ -102,7 +103,9 @@ def add_predict_arguments(s: argparse.ArgumentParser) -> None:
                    "that nfnet-hub exported (export's out/model.onnx)")
     s.add_argument("--top-k", "--topk", type=positive, default=5, help="labels per image")
     s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")
-    s.add_argument("--filename", default="model.onnx", help="ONNX file of the bundle (model_int8.onnx, ...)")
+    s.add_argument("--precision", choices=tuple(ONNX_FILES), help="which of the bundle's ONNX models, as serve "
+                   "chooses (default: fp32)")
+    s.add_argument("--filename", help="the bundle's ONNX file by name, instead of --precision")
     s.add_argument("--results-file", help="write the predictions to this file instead of the screen, in the format "
                    "its suffix names: .csv (timm inference.py's columns), .json or .jsonl (records)")
     s.add_argument("--overwrite", action="store_true", help="replace --results-file if it exists")
@@ -111,7 +114,10 @@ def add_predict_arguments(s: argparse.ArgumentParser) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     out = check_results_file(args.results_file, overwrite=args.overwrite) if args.results_file else None
     images = [str(f) for i in args.images for f in (list_images(i) if Path(i).is_dir() else [i])]
-    clf = OnnxClassifier.from_pretrained(args.model, filename=args.filename)
+    if args.filename and args.precision:
+        raise UsageError("--filename and --precision both choose the ONNX file: give one")
+    filename = precision_file(args.model, args.precision) if args.precision else args.filename or ONNX_FILES["fp32"]
+    clf = OnnxClassifier.from_pretrained(args.model, filename=filename)
     rows, skipped, progress = [], 0, image_progress("predicted")
     for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
         batch = images[start:start + args.batch_size]

@@ -201,6 +201,11 @@ def test_predict_cli(bundle, sample_images, capsys):
     assert "not a readable image" in capsys.readouterr().err
     assert main(["predict", photos[0], "--model", str(bundle / "model.onnx"), "--top-k", "3"]) == 0  # the file alone
     assert capsys.readouterr().out.splitlines() == out_one
+    for precision in ("fp16", "int8"):  # chosen as serve chooses: the bundle's file of that precision
+        assert main(["predict", photos[0], "--model", str(bundle), "--precision", precision, "--top-k", "3"]) == 0
+        best = OnnxClassifier.from_pretrained(bundle, filename=f"model_{precision}.onnx").predict(photos[0], top_k=3)
+        assert capsys.readouterr().out.splitlines() == [photos[0], *(f"  {p.probability:7.2%}  {p.label}"
+                                                                     for p in best[0])]
 
 
 def test_predict_skips_unreadable_images_names_them_and_exits_1(bundle, sample_images, tmp_path, capsys):
