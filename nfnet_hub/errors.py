@@ -66,14 +66,16 @@ def folder_given(path: Path, what: str) -> str:
     return f"{path} is a folder, not {what}" + (f": give {found}" if found else "")
 
 
-_TORCH = ("torch, which this installation lacks (the serving installation, deploy/Dockerfile's, runs serve, predict, "
+_TORCH = ("{}, which this installation lacks (the serving installation, deploy/Dockerfile's, runs serve, predict, "
           "triton and list): install nfnet-hub with its dependencies, torch and torchvision as a matching pair: "
           'pip install torch torchvision "nfnet-hub[cpu]"')
 _INSTALLED_BY = {
     "onnxruntime": 'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for '
                    "onnxruntime-gpu; never both)",
     "kserve": 'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"',
-    **dict.fromkeys(("torch", "torchvision", "timm", "onnxscript", "safetensors", "sklearn", "tqdm"), _TORCH),
+    **{module: _TORCH.format(package) for module, package in (
+        ("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), ("onnxscript", "onnxscript"),
+        ("safetensors", "safetensors"), ("sklearn", "scikit-learn"), ("tqdm", "tqdm"))},
 }
 
 
