@@ -34,3 +34,13 @@ def non_negative_float(text: str) -> float:
 
 def fraction(text: str) -> float:
     return _number(text, float, "a number between 0 and 1", lambda v: 0.0 <= v <= 1.0)
+
+
+def split_name(text: str) -> str:
+    """A dataset split's name: an empty one reads the whole data folder (timm's train.py takes an empty --val-split
+    as no evaluation, which nfnet-hub train does not implement: it would validate on the training images)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("name the split: an empty name would read the whole data folder as it "
+                                         "(timm's train.py takes an empty --val-split as no evaluation, which "
+                                         "nfnet-hub train does not implement: it evaluates every run)")
+    return text

@@ -174,6 +174,11 @@ CASES = [
      "--epochs: must be an integer of at least 1, got 0"),
     ("train-missing-data-dir", ["train", "--data-dir", "nope"], "--data-dir nope is not a folder"),
     ("train-no-data", ["train", "--dataset", ""], "no data: give --data-dir DIR"),
+    # timm's train.py skips evaluation for an empty --val-split; here the split would be the data folder itself, and
+    # the run would validate on its training images
+    ("train-no-val-split", [*TINY_RUN, "--val-split", ""], r"argument --val-split: name the split: an empty name would "
+     r"read the whole data folder as it \(timm's train.py takes an empty --val-split as no evaluation"),
+    ("train-blank-train-split", [*TINY_RUN, "--train-split", " "], "argument --train-split: name the split"),
     ("train-data-dir-ignored-by-digits", ["train", "--dataset", "digits", "--data-dir", "images"],
      "--data-dir images and --dataset digits conflict"),
     ("train-no-train-split", ["train", "--data-dir", "images", "--output", "runs"], "no 'train' split under images"),

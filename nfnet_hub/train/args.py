@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from ..argtypes import at_least
+from ..argtypes import at_least, split_name
 from ..errors import UsageError, folder_given
 from ..files import check_writable_folder, read_text
 
@@ -77,8 +77,8 @@ OPTIONS = [
     _o("data", nargs="?", default=None, help="dataset root (train.py's deprecated positional form of --data-dir)"),
     _o("--data-dir", default=None, help="dataset root; image folders: train/ and validation/, a folder per class"),
     _o("--dataset", default="", help="'' for image folders, 'digits' (scikit-learn's, bundled), hfds/NAME, wds/NAME"),
-    _o("--train-split", default="train", help="training split (folder name for image folders)"),
-    _o("--val-split", default="validation", help="validation split (folder name for image folders)"),
+    _o("--train-split", type=split_name, default="train", help="training split (folder name for image folders)"),
+    _o("--val-split", type=split_name, default="validation", help="validation split (folder name for image folders)"),
     _o("--train-num-samples", type=int, default=None, help="samples in the training split (iterable datasets)"),
     _o("--val-num-samples", type=int, default=None, help="samples in the validation split (iterable datasets)"),
     _o("--dataset-download", action="store_true", default=False, help="let torch/ and tfds/ datasets download"),
