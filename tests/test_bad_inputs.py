@@ -590,6 +590,16 @@ def test_resumed_run_with_more_epochs_extends_its_schedule(ws, capsys):
     assert after["epoch"] == 10 and moved > 1e-4  # it learned: the weights moved
 
 
+def test_a_run_that_validates_on_its_training_split_says_so(ws, capsys):
+    code, out, err = _run(ws, capsys, [*TINY_RUN, "--val-split", "train", "--epochs", "1", "--no-progress",
+                                       "--img-size", "32", "--experiment", "same"], output="runs")
+    assert code == 0, err
+    assert f"note: both splits are {Path('tiny') / 'train'}: validation measures the images the run trains on" in out
+    code, out, err = _run(ws, capsys, [*TINY_RUN, "--epochs", "1", "--no-progress", "--img-size", "32",
+                                       "--experiment", "apart"], output="runs")
+    assert code == 0 and "both splits" not in out, err
+
+
 def test_overwrite_refusal_names_what_is_there_and_keeps_it(ws, capsys):
     (ws / "mine").mkdir()
     (ws / "mine" / "thesis.tex").write_text("years of work")

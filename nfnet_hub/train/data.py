@@ -171,6 +171,8 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     if not args.dataset:  # image folders: both splits must be there, or timm would read the root for both
         folders = (split_folder(args.data_dir, args.train_split, TRAIN_NAMES),
                    split_folder(args.data_dir, args.val_split, EVAL_NAMES))
+        if folders[0].resolve() == folders[1].resolve() and rank == 0:
+            print(f"note: both splits are {folders[0]}: validation measures the images the run trains on", flush=True)
     # image folders are read as the runtime reads them: every suffix it takes (timm's: .png, .jpg, .jpeg) for a
     # folder reader's input_key, and 16-bit images rescaled (see ReadAsRuntime)
     input_key = args.input_key or (";".join(IMAGE_SUFFIXES) if not args.dataset else None)
