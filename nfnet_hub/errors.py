@@ -72,7 +72,8 @@ _TORCH = ("{}, which this installation lacks (the serving installation, deploy/D
 _INSTALLED_BY = {
     "onnxruntime": 'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for '
                    "onnxruntime-gpu; never both)",
-    "kserve": 'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"',
+    **dict.fromkeys(("kserve", "prometheus_client", "grpc", "orjson", "fastapi", "uvicorn"),
+                    'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"'),
     **{module: _TORCH.format(package) for module, package in (
         ("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), ("onnxscript", "onnxscript"),
         ("safetensors", "safetensors"), ("sklearn", "scikit-learn"), ("tqdm", "tqdm"))},

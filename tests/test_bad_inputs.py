@@ -445,9 +445,10 @@ def test_a_system_error_without_a_message_still_says_what_it_is(ws):
     ("onnxruntime", ["predict", "images", "--model", "bundle"],
      'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for onnxruntime-gpu'),
     ("kserve", ["serve", "bundle"], 'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"'),
+    ("prometheus_client", ["serve", "bundle"], "the server's packages"),  # the first that "nfnet-hub[cpu]" lacks
     ("torch", ["export", *NANO, "--out", "o"], "torch, which this installation lacks (the serving installation"),
     ("PIL", ["predict", "images", "--model", "bundle"], None),
-], ids=["no-onnxruntime", "no-kserve", "torch-free", "a-bug"])
+], ids=["no-onnxruntime", "no-kserve", "no-prometheus-client", "torch-free", "a-bug"])
 def test_a_package_the_installation_lacks_is_named_with_what_installs_it(ws, missing, argv, needs):
     """`pip install nfnet-hub` without an ONNX Runtime extra, or the torch-free serving image, running a command that
     needs what it lacks. Stand-in: the package is hidden from the import system (None in sys.modules). Any other
