@@ -134,7 +134,8 @@ CASES = [
     ("export-missing-checkpoint", ["export", "nfnet_hub_nano", "--checkpoint", "nope.pth", "--out", "o"],
      "nope.pth does not exist"),
     ("export-checkpoint-of-another-model", ["export", "nfnet_hub_f0", "--checkpoint", "nano.pth.tar", "--out", "o"],
-     r"nano.pth.tar does not fit NFNet: missing \(\d+\)"),
+     r"nano.pth.tar does not fit nfnet_hub_f0 \(its tensors are nfnet_hub_nano's: give that model name\): missing "
+     r"\(\d+\)"),
     ("export-unknown-model", ["export", "nfnet_hub_f9", "--out", "o"],
      "unknown model 'nfnet_hub_f9'; nfnet-hub registers"),
     ("export-folder-as-model", ["export", "bundle", "--out", "o"], "name it local-dir:bundle"),

@@ -11,6 +11,7 @@ from conftest import randomise, rel_error
 from nfnet_hub.models import VARIANTS, model_cfg
 from nfnet_hub.models.checkpoint import (
     CheckpointError,
+    check_fit,
     create_model,
     load_checkpoint,
     read_state_dict,
@@ -204,6 +205,12 @@ def test_checkpoint_errors_list_every_problem(tmp_path):
     assert "missing (1): stem.conv1.weight" in text
     assert "unexpected (1): extra.weight" in text
     assert "mis-shaped (1): head.fc.bias: (3,) != (10,)" in text
+    assert text.startswith(f"{tmp_path / 'bad.pth'} does not fit nfnet_hub_nano:")  # no variant holds these tensors
+    with torch.device("meta"):  # another variant's tensors, at other class and channel counts: named
+        sd = timm.create_model("nfnet_hub_f1_plus", num_classes=7, in_chans=1).state_dict()
+    with pytest.raises(CheckpointError, match=r"^checkpoint does not fit nfnet_hub_nano \(its tensors are "
+                                              r"nfnet_hub_f1_plus's: give that model name\):"):
+        check_fit(sd, m)
 
 
 def test_pickled_checkpoints_load_weights_only(tmp_path):

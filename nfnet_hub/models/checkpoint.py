@@ -24,7 +24,7 @@ from ..errors import CheckpointError, UsageError, folder_given
 from ..files import honour_umask
 from ..preprocess import IMAGE_MODE, apply_data_config, data_config
 from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
-from .nfnet import DEEPMIND_NUMERICS
+from .nfnet import DEEPMIND_NUMERICS, NFNet
 
 __all__ = ["Checkpoint", "Provenance", "check_fit", "checkpoint_form", "convert_authors_checkpoint", "create_model",
            "load_checkpoint", "load_model", "read_checkpoint", "read_pytorch", "read_state_dict", "save_safetensors"]
@@ -129,10 +129,31 @@ def check_fit(state_dict: dict[str, torch.Tensor], model: nn.Module, source: str
     problems = [(label, items) for label, items in
                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
     if problems:
-        lines = [f"{source} does not fit {type(model).__name__}:"]
+        name = getattr(model, "pretrained_cfg", {}).get("architecture") or type(model).__name__
+        fits = _variant_of(state_dict) if isinstance(model, NFNet) else None
+        hint = f" (its tensors are {fits}'s: give that model name)" if fits and fits != name else ""
+        lines = [f"{source} does not fit {name}{hint}:"]
         lines += [f"  {label} ({len(items)}): " + ", ".join(items[:12]) + (" ..." if len(items) > 12 else "")
                   for label, items in problems]
         raise CheckpointError("\n".join(lines))
+
+
+def _variant_of(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The nfnet_hub variant whose tensors a state dict holds, key for key and shape for shape (built on the meta
+    device, with the state dict's class and channel counts), to name it when another model was given."""
+    import timm
+
+    def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        return {k: tuple(v.shape) if v.numel() != 1 else () for k, v in sd.items()}
+
+    given = shapes(state_dict)
+    counts = {"num_classes": given.get("head.fc.weight", (1000,))[0], "in_chans": given.get("stem.conv1.weight",
+                                                                                           (0, 3))[1]}
+    for name in timm.list_models("nfnet_hub_*"):
+        with torch.device("meta"):
+            if shapes(timm.create_model(name, **counts).state_dict()) == given:
+                return name
+    return None
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
