@@ -1,6 +1,7 @@
 """Model cards rendered from ``model_cards/`` templates with measured figures only."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 from importlib import resources
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .errors import UsageError
 
 TEMPLATE = "nfnet.md"
 
@@ -46,3 +49,16 @@ def card_for_repo(text: str, repo_id: str) -> tuple[str, str | None]:
         return text, None
     text = text.replace(f"\n# {built_for.split('/')[-1]}\n", f"\n# {repo_id.split('/')[-1]}\n", 1)
     return text.replace(built_for, repo_id), built_for
+
+
+def read_metrics(path: str) -> dict[str, float]:
+    """``bundle --metrics``: measured accuracies for the card, a JSON object of numbers."""
+    try:
+        metrics = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no metrics file at {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not JSON: {e}") from None
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        raise UsageError(f"{path} must hold a JSON object of numbers, e.g. {{\"top1\": 91.5, \"top5\": 99.0}}")
+    return metrics

@@ -127,10 +127,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                       progress=image_progress("compared"))
     print(f"preprocessing (from {Path(args.onnx).name}'s metadata): {r.preprocessing}")
     print(json.dumps(r.__dict__, indent=2))
+    if r.matches is False:
+        print(f"nfnet-hub validate: the export differs from the model by {r.max_rel_error:.3g} (relative), more than "
+              "its export check allows: it was not exported from these weights (check --model and --checkpoint)",
+              file=sys.stderr)
     if r.unreadable:  # as predict: the figures stand for the images read, and a script can tell
         print(f"nfnet-hub validate: {len(r.unreadable)} of {r.inputs + len(r.unreadable)} images left out (unreadable)",
               file=sys.stderr)
-    return 1 if r.unreadable else 0
+    return 1 if r.unreadable or r.matches is False else 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -158,6 +162,7 @@ def _cmd_timm_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
+    from .cards import read_metrics
     from .files import check_writable_folder
     from .hub import build_bundle, check_replaceable
     from .hubclient import check_repo_id
@@ -169,7 +174,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} exists; pass --overwrite to replace the bundle there")
     check_replaceable(out)
     check_writable_folder(out.parent)
-    metrics = _read_metrics(args.metrics) if args.metrics else None
+    metrics = read_metrics(args.metrics) if args.metrics else None
     model, _ = _say_model(args.model, args, args.img_size)
     size = export_size(model.pretrained_cfg, args.img_size)
     calibration = None
@@ -180,18 +185,6 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
                  license=args.license, overwrite=args.overwrite, min_agreement=args.min_agreement, force=args.force)
     print(f"bundle ready: {out}\npublish with: nfnet-hub publish {shlex.quote(str(out))} --repo-id {args.repo_id}")
     return 0
-
-
-def _read_metrics(path: str) -> dict[str, float]:
-    try:
-        metrics = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"no metrics file at {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not JSON: {e}") from None
-    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
-        raise UsageError(f"{path} must hold a JSON object of numbers, e.g. {{\"top1\": 91.5, \"top5\": 99.0}}")
-    return metrics
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:

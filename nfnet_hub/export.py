@@ -18,6 +18,7 @@ import io
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -276,9 +277,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
                                   f"images, below the {min_agreement:.0%} required: calibrate on more images like the "
                                   "ones it will see, or pass --force to write it anyway")
     write_atomically(data, out)
-    ops: dict[str, int] = {}
-    for n in proto.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    ops = dict(Counter(n.op_type for n in proto.graph.node))
     weight_bytes = sum(p.numel() * p.element_size() for p in folded.parameters())
     blocks = [b for stage in folded.stages for b in stage]
     return ExportReport(str(out), precision, opset, hw, len(proto.graph.node), ops, len(data), weight_bytes,
@@ -302,6 +301,8 @@ class ValidationReport:
     accuracy_change: float | None = None
     accuracy_note: str | None = None  # why no accuracy was measured on the images given
     unreadable: list[str] = field(default_factory=list)  # images left out, and why
+    max_rel_error: float = 0.0  # over the largest PyTorch logit, as export checks it
+    matches: bool | None = None  # within the export check's tolerance for its precision (None: int8's is agreement)
 
 
 def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[str | os.PathLike] | None = None,
@@ -357,13 +358,14 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
             not _unlabelled(images, ids):
         labels = ids
     note = _unlabelled(images, labels) if images else None
-    errors, onnx_pred, torch_pred = [], [], []
+    errors, onnx_pred, torch_pred, largest = [], [], [], 1e-12
     with reference_model(model) as model, torch.no_grad():
         for x in batches:
             if len(x):
                 ref = model(torch.from_numpy(x)).float().numpy()
                 out = onnx_logits(session, x)
                 errors.append(np.abs(out - ref).reshape(-1))
+                largest = max(largest, float(np.abs(ref).max()))
                 onnx_pred.append(out.argmax(-1))
                 torch_pred.append(ref.argmax(-1))
             if images and progress is not None:
@@ -371,9 +373,11 @@ def validate_onnx(path: str | os.PathLike, model: nn.Module, images: Sequence[st
     if not onnx_pred:
         raise UsageError(f"none of the {len(images)} images reads: {unreadable[0]}")
     err, onnx_pred, torch_pred = np.concatenate(errors), np.concatenate(onnx_pred), np.concatenate(torch_pred)
+    limit = TOLERANCE.get(meta.get("nfnet_hub.precision", ""))
     report = ValidationReport(len(onnx_pred), "images" if images else "random", float(err.max()), float(err.mean()),
                               float((onnx_pred == torch_pred).mean()), pre.describe(), accuracy_note=note,
-                              unreadable=unreadable)
+                              unreadable=unreadable, max_rel_error=float(err.max()) / largest,
+                              matches=None if limit is None else float(err.max()) / largest <= limit)
     if images and not note:
         targets = np.array([labels.index(Path(p).parent.name) for p in compared])
         report.onnx_accuracy = float((onnx_pred == targets).mean() * 100)

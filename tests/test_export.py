@@ -1,6 +1,7 @@
 """ONNX export: clean, small, verified graphs in fp32, fp16 and int8; clear failures, no partial files."""
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -198,6 +199,12 @@ def test_cli_export_and_validate_on_real_photos(nano, tmp_path, sample_images, c
     assert report.inputs == 6 and report.source == "images"
     assert report.top1_agreement == 1.0 and report.max_abs_error < 1e-4
     assert report.onnx_accuracy is None and report.accuracy_note.startswith("no accuracy: the export records no label")
+    assert report.matches and report.max_rel_error < 1e-4  # within the export check's fp32 tolerance
+    other = randomise(copy.deepcopy(nano), seed=99)  # weights it was not exported from: said, and exit 1
+    save_safetensors(other, tmp_path / "other.safetensors")
+    assert main(["validate", str(out / "model.onnx"), "--model", "nfnet_hub_nano", "--checkpoint",
+                 str(tmp_path / "other.safetensors")]) == 1
+    assert "it was not exported from these weights (check --model and --checkpoint)" in capsys.readouterr().err
     monkeypatch.setattr(int8_mod, "MAX_CALIBRATION", 4)  # a large folder: a sample of it, said
     assert main(["export", "nfnet_hub_nano", "--checkpoint", str(tmp_path / "nano.safetensors"), "--precision", "int8",
                  "--calibration", str(sample_images), "--out", str(out), "--force"]) == 0  # named as in bundles
