@@ -146,9 +146,9 @@ def _variant_of(state_dict: dict[str, torch.Tensor]) -> str | None:
     def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple]:
         return {k: tuple(v.shape) if v.numel() != 1 else () for k, v in sd.items()}
 
-    given = shapes(state_dict)
-    counts = {"num_classes": given.get("head.fc.weight", (1000,))[0], "in_chans": given.get("stem.conv1.weight",
-                                                                                           (0, 3))[1]}
+    given, fc, stem = shapes(state_dict), state_dict.get("head.fc.weight"), state_dict.get("stem.conv1.weight")
+    counts = {"num_classes": fc.shape[0] if fc is not None and fc.ndim == 2 else 1000,
+              "in_chans": stem.shape[1] if stem is not None and stem.ndim == 4 else 3}
     for name in timm.list_models("nfnet_hub_*"):
         with torch.device("meta"):
             if shapes(timm.create_model(name, **counts).state_dict()) == given:
