@@ -23,7 +23,7 @@ import torch
 from conftest import eight_bit_photos, randomise, run_card_code
 from hub_stub import HubStub
 from huggingface_hub import ModelCard
-from serving import Server
+from serving import Server, infer
 from tritonclient.http import InferenceServerClient, InferInput
 
 from nfnet_hub.cli import main
@@ -87,6 +87,20 @@ def test_the_cards_usage_code_runs_and_timm_and_the_runtime_agree(bundle, sample
     shown = [line.split("%  ") for line in with_timm.splitlines()]
     assert [label for _, label in shown] == [p.label for p in expected]
     assert [float(value) / 100 for value, _ in shown] == pytest.approx([p.probability for p in expected], abs=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_serve_answers_with_the_bundles_file_of_the_precision_asked(bundle, sample_images, precision):
+    """FP32 pixels and encoded images in, whatever the file's own input type; the answers are that file's."""
+    clf = OnnxClassifier.from_pretrained(bundle, filename=f"model_{precision}.onnx")
+    photos = eight_bit_photos(sample_images)[:2]
+    pixels = clf.preprocess.batch(photos)
+    with Server(str(bundle), "--name", "nano", "--precision", precision) as url:
+        for sent in (dict(pixels=pixels), dict(images=tuple(p.read_bytes() for p in photos))):
+            status, answer = infer(url, "nano", **sent)
+            assert status == 200, answer
+            np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], (2, -1)), clf.logits(pixels),
+                                       rtol=1e-5, atol=1e-6)
 
 
 def test_local_dir_loads_in_timm_and_the_runtime(bundle, model):
