@@ -199,7 +199,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         print(f"dry run: would upload {len(r['files'])} files ({r['bytes'] / 1e6:.1f} MB) to {r['repo_id']} "
               f"in one commit: {', '.join(r['files'])}")
     else:
-        print(f"published and verified: {r['commit_url']}" + (f" (pull request {r['pr_url']})" if r["pr_url"] else ""))
+        print(f"published and verified: {r['commit_url']}" + (f" (pull request {r['pr_url']})" if r["pr_url"] else "")
+              + f"\nthis version, pinned: {r['repo_id']}@{r['commit']} (for predict, serve, triton and timm's hf-hub:)")
     return 0
 
 

@@ -99,7 +99,7 @@ def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:
 
 def add_predict_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("images", nargs="+", help="image files, or folders (their images, recursively)")
-    s.add_argument("--model", required=True, help="a bundle folder, a Hub repo id ORG/NAME or an ONNX file "
+    s.add_argument("--model", required=True, help="a bundle folder, a Hub repo id ORG/NAME[@REVISION] or an ONNX file "
                    "that nfnet-hub exported (export's out/model.onnx)")
     s.add_argument("--top-k", "--topk", type=positive, default=5, help="labels per image")
     s.add_argument("--batch-size", type=positive, default=16, help="images per ONNX Runtime call")

@@ -51,9 +51,21 @@ def parse_source(name: str) -> tuple[str, bool]:
     if name.startswith(("hf-hub:", "local-dir:")):
         scheme, _, rest = name.partition(":")
         return rest, scheme == "local-dir"
-    path = Path(name).expanduser()
-    return name, (path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith("/")
-                  or os.sep != "/" and os.sep in name or (path.parent != Path(".") and path.parent.is_dir()))
+    path, repo = Path(name).expanduser(), name.partition("@")[0]  # a revision (refs/pr/1) may hold '/'
+    return name, (path.exists() or name.startswith((".", "/", "~")) or repo.count("/") != 1 or name.endswith("/")
+                  or os.sep != "/" and os.sep in repo or (path.parent != Path(".") and path.parent.is_dir()))
+
+
+def split_revision(name: str, revision: str | None = None) -> tuple[str, str | None]:
+    """A Hub name's repo id and revision: the branch, tag or commit that timm's ``ORG/NAME@REVISION`` pins, or
+    ``revision`` (both only where they agree)."""
+    repo_id, at, pinned = name.partition("@")
+    if at and not pinned:
+        raise UsageError(f"{name!r} names no revision after '@': give ORG/NAME@REVISION (a branch, tag or commit), "
+                         "or ORG/NAME for the main branch")
+    if pinned and revision and pinned != revision:
+        raise UsageError(f"{name!r} pins revision {pinned!r}, but revision {revision!r} is given too: give one")
+    return repo_id, pinned or revision
 
 
 def read_bundle_config(path: Path) -> dict[str, Any]:
@@ -139,14 +151,16 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
 
     from .hubclient import check_repo_id, hub_errors
 
+    repo_id, revision = split_revision(source, revision)
     try:
-        check_repo_id(source)
+        check_repo_id(repo_id)
     except UsageError:
-        raise UsageError(f"{source!r} is neither a bundle folder nor a Hub repo id of the form ORG/NAME") from None
+        raise UsageError(f"{source!r} is neither a bundle folder nor a Hub repo id of the form ORG/NAME"
+                         "[@REVISION]") from None
     kw = dict(revision=revision, cache_dir=cache_dir, token=token)
     with hub_errors(f"downloading {source}"):
-        config_file = Path(hf_hub_download(source, "config.json", **kw))
-        return Path(hf_hub_download(source, filename, **kw)), config_file
+        config_file = Path(hf_hub_download(repo_id, "config.json", **kw))
+        return Path(hf_hub_download(repo_id, filename, **kw)), config_file
 
 
 class OnnxClassifier:
@@ -157,7 +171,7 @@ class OnnxClassifier:
                  providers: Sequence[str] | None = None, threads: int | None = None):
         import onnxruntime as ort
 
-        model_path = Path(model_path)
+        self.model_path = model_path = Path(model_path)
         if not model_path.is_file():
             raise UsageError(f"no ONNX model at {model_path}")
         options = ort.SessionOptions()
@@ -203,7 +217,8 @@ class OnnxClassifier:
                         cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                         threads: int | None = None) -> OnnxClassifier:
         """Load from a local bundle folder or a Hub repository id (``ORG/NAME``), named as timm names them or not
-        (``local-dir:PATH``, ``hf-hub:ORG/NAME``), or from an ONNX file that nfnet-hub exported (it carries its
+        (``local-dir:PATH``, ``hf-hub:ORG/NAME``; ``ORG/NAME@REVISION`` pins a branch, tag or commit, as in timm, or
+        ``revision`` does), or from an ONNX file that nfnet-hub exported (it carries its
         preprocessing and labels), such as ``export``'s ``out/model.onnx``.
 
         A name that looks like a path (it exists, starts with ``.``, ``/`` or ``~``, has more than one

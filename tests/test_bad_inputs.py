@@ -341,6 +341,8 @@ CASES = [
                                     "--filename", "model_int8.onnx"], "--filename and --precision both choose"),
     ("predict-bad-repo-id", ["predict", "images/3/0000.png", "--model", "me/a..b"],
      "neither a bundle folder nor a Hub"),
+    ("predict-empty-revision", ["predict", "images/3/0000.png", "--model", "hf-hub:me/nano@"],
+     r"'me/nano@' names no revision after '@': give ORG/NAME@REVISION \(a branch, tag or commit\)"),
     ("predict-labels-not-the-models", ["predict", "images/3/0000.png", "--model", "edited"],
      "model.onnx scores 10 classes, but its config names 3: the config is not the one exported with this model"),
     ("predict-size-not-the-models", ["predict", "images/3/0000.png", "--model", "resized"],

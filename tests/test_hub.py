@@ -183,6 +183,25 @@ def test_publish_uploads_one_commit_and_verifies(bundle, capsys):
     assert token not in capsys.readouterr().out
 
 
+def test_the_published_version_printed_pinned_is_the_one_predict_reads(bundle, sample_images, tmp_path):
+    photo = str(eight_bit_photos(sample_images)[0])
+    with HubStub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_x", "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        cli = [sys.executable, "-m", "nfnet_hub.cli"]
+        out = subprocess.run([*cli, "publish", str(bundle), "--repo-id", "me/nano"], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        pinned = out.stdout.split("this version, pinned: ")[1].split()[0]
+        assert pinned == f"me/nano@{hub.repos['me/nano']['refs']['main']}"
+        out = subprocess.run([*cli, "predict", photo, "--model", pinned, "--top-k", "1"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    best = OnnxClassifier.from_pretrained(bundle).predict(photo, top_k=1)[0][0]
+    assert out.stdout.splitlines() == [photo, f"  {best.probability:7.2%}  {best.label}"]
+
+
 def test_a_bundle_published_to_another_repository_gets_a_card_that_names_it(bundle, tmp_path):
     """The card names the repository a bundle was built for (the quickstart's: YOUR-ORG/...); published elsewhere,
     the uploaded card names where it is, its checksums still hold, and the bundle folder is left as it is."""
@@ -316,19 +335,26 @@ def olah(tmp_path):
     proc.wait(timeout=30)
 
 
-def test_round_trip_publish_then_download_through_olah(bundle, model, olah, tmp_path):
+def test_round_trip_publish_then_download_through_olah(bundle, model, olah, sample_images, tmp_path):
     url, mirrors = olah
     with HubStub() as hub:
         publish(bundle, "me/nano", endpoint=hub.url, token="hf_x")
         uploaded = hub.files("me/nano")
     repo = mirrors / "me" / "nano"
     repo.mkdir(parents=True)
-    for name, data in uploaded.items():
-        (repo / name).write_bytes(data)
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    earlier = json.loads(uploaded["config.json"])  # tag v1: the same weights with other class names
+    earlier["label_names"] = [label.upper() for label in LABELS]
+    for name, data in {**uploaded, "config.json": json.dumps(earlier).encode()}.items():
+        (repo / name).write_bytes(data)
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "upload"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "v1"], cwd=repo, check=True)
+    subprocess.run(["git", "tag", "v1"], cwd=repo, check=True)
+    v1 = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    for name, data in uploaded.items():
+        (repo / name).write_bytes(data)
+    subprocess.run([*git, "commit", "-qam", "upload"], cwd=repo, check=True)
 
     script = """
 import json, sys, numpy as np, torch
@@ -342,13 +368,18 @@ sums = {p.name: sha256(p) for p in local.iterdir() if p.is_file()}
 model = timm.create_model("hf-hub:me/nano", pretrained=True).eval()
 clf = OnnxClassifier.from_pretrained("me/nano", cache_dir=sys.argv[1])
 prefixed = OnnxClassifier.from_pretrained("hf-hub:me/nano", cache_dir=sys.argv[1])  # as timm names it
+pinned = {"timm": timm.create_model("hf-hub:me/nano@v1", pretrained=True).pretrained_cfg["label_names"],
+          "name": OnnxClassifier.from_pretrained("hf-hub:me/nano@v1", cache_dir=sys.argv[1]).labels,
+          "argument": OnnxClassifier.from_pretrained("me/nano", revision="v1", cache_dir=sys.argv[1]).labels}
 x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32))
 with torch.no_grad():
     torch_logits = model(x).numpy()
 from nfnet_hub.serve.triton import write_repository
 triton = write_repository("me/nano", sys.argv[2])  # through huggingface_hub's cache, as serve reads the Hub
+pinned["triton"] = str(write_repository("hf-hub:me/nano@v1", sys.argv[2] + "-v1"))
 print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logits(x.numpy()).tolist(),
-                  "prefixed": prefixed.logits(x.numpy()).tolist(), "labels": clf.labels, "triton": str(triton)}))
+                  "prefixed": prefixed.logits(x.numpy()).tolist(), "labels": clf.labels, "triton": str(triton),
+                  "pinned": pinned}))
 """
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "30",
            "HF_HOME": str(tmp_path / "hf-home")}
@@ -365,6 +396,10 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
     np.testing.assert_allclose(np.array(got["onnx"]), expected, rtol=1e-4, atol=1e-5)
     assert got["prefixed"] == got["onnx"]
     assert got["labels"] == LABELS
+    pinned_triton = Path(got["pinned"].pop("triton"))
+    assert got["pinned"] == {k: [label.upper() for label in LABELS] for k in ("timm", "name", "argument")}
+    assert pinned_triton == tmp_path / "triton-v1" / "nano"
+    assert (pinned_triton / "labels.txt").read_text().split("\n")[:-1] == [label.upper() for label in LABELS]
     triton = Path(got["triton"])
     assert triton == tmp_path / "triton" / "nano"  # named after the repository, as serve names it
     assert (triton / "labels.txt").read_text().splitlines() == LABELS
@@ -377,11 +412,22 @@ print(json.dumps({"sums": sums, "timm": torch_logits.tolist(), "onnx": clf.logit
     assert "weights: pretrained weights of hf-hub:me/nano" in export.stdout
     np.testing.assert_allclose(OnnxClassifier(tmp_path / "from-hub" / "model.onnx").logits(x.numpy()), expected,
                                rtol=1e-4, atol=1e-5)  # the repository's weights
-    # nfnet-hub serve takes a repo id, through huggingface_hub's cache
-    with Server("hf-hub:me/nano", env={**env, "HF_HOME": str(tmp_path / "hf-serve")}) as url:  # as timm names it
+    # nfnet-hub serve takes a repo id, through huggingface_hub's cache, pinned to a revision as timm pins it
+    server = Server("hf-hub:me/nano@v1", env={**env, "HF_HOME": str(tmp_path / "hf-serve")})
+    with server as url:
         client = InferenceServerClient(url.removeprefix("http://"))
         pixels = InferInput("pixel_values", [2, 3, 32, 32], "FP32")
         pixels.set_data_from_numpy(x.numpy())
-        np.testing.assert_allclose(client.infer("nano", [pixels]).as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
+        result = client.infer("nano", [pixels], parameters={"top_k": 1})
+        np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=1e-4, atol=1e-5)
+        assert [row[0].decode() for row in result.as_numpy("labels")] == [LABELS[i].upper()
+                                                                         for i in expected.argmax(1)]
         client.close()
+    assert f"model nano: me/nano@v1 at commit {v1} (model.onnx" in server.output
     assert any((tmp_path / "hf-serve").rglob("model.onnx"))
+    photo = str(eight_bit_photos(sample_images)[0])
+    predicted = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "predict", photo, "--model", "me/nano@v1",
+                                "--top-k", "1"], env={**env, "HF_HOME": str(tmp_path / "hf-predict")},
+                               capture_output=True, text=True, timeout=300)
+    assert predicted.returncode == 0, predicted.stderr
+    assert "CLASS " in predicted.stdout

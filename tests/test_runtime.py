@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from nfnet_hub.errors import UsageError
 from nfnet_hub.export import export_onnx
 from nfnet_hub.preprocess import list_images
-from nfnet_hub.runtime import OnnxClassifier, Preprocess, load_image
+from nfnet_hub.runtime import OnnxClassifier, Preprocess, load_image, parse_source, split_revision
 
 
 def test_importing_the_runtime_does_not_import_torch():
@@ -147,11 +147,26 @@ def test_bad_models_and_repo_ids(tmp_path):
         OnnxClassifier.from_pretrained("not-a-folder-nor-repo")
     with pytest.raises(ValueError, match="neither a bundle folder nor a Hub repo id"):
         OnnxClassifier.from_pretrained("me/a..b")
+    with pytest.raises(ValueError, match="'me/nano@v1' pins revision 'v1', but revision 'main' is given too"):
+        OnnxClassifier.from_pretrained("hf-hub:me/nano@v1", revision="main")
     for text, words in (("{not json", "is not valid JSON"), ('{"architecture": "x"}', "has no pretrained_cfg"),
                         ("[1, 2]", "has no pretrained_cfg")):
         (tmp_path / "config.json").write_text(text)
         with pytest.raises(ValueError, match=words):
             OnnxClassifier.from_pretrained(tmp_path)
+
+
+def test_hub_names_and_revisions_are_told_from_paths(tmp_path, monkeypatch):
+    """timm's ORG/NAME@REVISION pins a branch, tag or commit (refs/pr/1 holds '/'); paths stay local."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert [parse_source(n) for n in ("me/nano@v1", "hf-hub:me/nano@refs/pr/1", "me/nano", "runs/b@v1",
+                                      "local-dir:me@x/y", "./me/nano@v1")] == [
+        ("me/nano@v1", False), ("me/nano@refs/pr/1", False), ("me/nano", False), ("runs/b@v1", True),
+        ("me@x/y", True), ("./me/nano@v1", True)]
+    assert split_revision("me/nano@refs/pr/1") == ("me/nano", "refs/pr/1")
+    assert split_revision("me/nano", "dev") == ("me/nano", "dev")
+    assert split_revision("me/nano@v1", "v1") == ("me/nano", "v1")
 
 
 def test_an_onnx_file_is_a_model_of_its_own(trained_nano, nano_bundle, digits_folders, tmp_path):

@@ -19,7 +19,7 @@ def _batching(s: argparse.ArgumentParser, instances: str) -> None:
 
 def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("source", help="a bundle folder, a folder of bundle folders (one model each, named after its "
-                   "folder), a Hub repo id ORG/NAME (through huggingface_hub's cache) or an ONNX file that "
+                   "folder), a Hub repo id ORG/NAME[@REVISION] (through huggingface_hub's cache) or an ONNX file that "
                    "nfnet-hub exported")
     s.add_argument("--name", help="model name in URLs (default: the bundle folder's, the repo's or the ONNX "
                    "file's name)")
@@ -38,8 +38,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
 
 
 def add_triton_arguments(s: argparse.ArgumentParser) -> None:
-    s.add_argument("source", help="a bundle folder, a Hub repo id ORG/NAME (through huggingface_hub's cache) or an "
-                   "ONNX file that nfnet-hub exported")
+    s.add_argument("source", help="a bundle folder, a Hub repo id ORG/NAME[@REVISION] (through huggingface_hub's "
+                   "cache) or an ONNX file that nfnet-hub exported")
     s.add_argument("--out", required=True, help="Triton model repository to add the model to (created if needed)")
     s.add_argument("--name", help="model name (default: the bundle folder's, the repo's or the ONNX file's name)")
     _batching(s, "--instances")

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, parse_source, precision_file
+from ..runtime import OnnxClassifier, parse_source, precision_file, split_revision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -79,7 +79,7 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
     source, local = parse_source(source)
     path = Path(source).expanduser()
     if not local:
-        found = {name or source.split("/")[1]: source}
+        found = {name or split_revision(source)[0].split("/")[1]: source}
     elif path.is_file() and path.suffix.lower() == ".onnx":
         found = {name or path.stem: str(path)}
     elif not path.is_dir():
@@ -121,7 +121,10 @@ def load_classifiers(bundles: dict[str, str], options: ServeOptions, *, provider
         clf = OnnxClassifier.from_pretrained(where, filename=filename, providers=providers, threads=threads)
         h, w = clf.preprocess.input_size
         clf.logits(np.zeros((1, clf.preprocess.channels, h, w), np.float32))
-        log(f"model {model_name}: {where} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
+        snapshot = clf.model_path.parent  # huggingface_hub's cache: snapshots/COMMIT/FILE
+        commit = f" at commit {snapshot.name}" if not parse_source(where)[1] and snapshot.parent.name == "snapshots" \
+            else ""
+        log(f"model {model_name}: {where}{commit} ({filename}, {clf.device}), input {clf.preprocess.channels}x{h}x{w}, "
             f"{len(clf.labels)} classes, {clf.preprocess.describe()}")
         classifiers[model_name] = clf
     return classifiers

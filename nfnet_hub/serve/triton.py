@@ -23,6 +23,7 @@ from ..runtime import (
     precision_file,
     read_bundle_config,
     resolve_files,
+    split_revision,
 )
 from .server import check_model_name
 
@@ -102,7 +103,7 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
     filename = precision_file(str(source), precision)
     lone = local and path.is_file()
     fix = "choose another --name" if name else "give --name"
-    name = name or (path.stem if lone else path.resolve().name if local else where.split("/")[1])
+    name = name or (path.stem if lone else path.resolve().name if local else split_revision(where)[0].split("/")[1])
     check_model_name(name, fix)  # which also keeps the model's folder inside the repository
     target = repo / name
     if target.exists():
