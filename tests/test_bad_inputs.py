@@ -182,7 +182,12 @@ CASES = [
     ("train-blank-train-split", [*TINY_RUN, "--train-split", " "], "argument --train-split: name the split"),
     ("train-data-dir-ignored-by-digits", ["train", "--dataset", "digits", "--data-dir", "images"],
      "--data-dir images and --dataset digits conflict"),
-    ("train-no-train-split", ["train", "--data-dir", "images", "--output", "runs"], "no 'train' split under images"),
+    ("train-no-train-split", ["train", "--data-dir", "images", "--output", "runs"],
+     r"no 'train' split under images: .*; images holds class folders of images, as one split does: --data-dir names "
+     r"the folder that holds the splits \(DIR/train/CLASS/... and DIR/validation/CLASS/...\)"),
+    ("train-data-dir-is-the-train-split", ["train", "--data-dir", "trainonly/train", "--output", "runs"],
+     r"no 'train' split under trainonly/train: .*; trainonly/train looks like a split itself: give the folder above "
+     "it, --data-dir trainonly$"),
     ("train-no-validation-split", ["train", "--data-dir", "trainonly", "--output", "runs"],
      "no 'validation' split under trainonly"),
     ("train-validation-class-not-in-training", ["train", "--data-dir", "strayclass", "--output", "runs", "--workers",

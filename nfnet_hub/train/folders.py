@@ -135,4 +135,16 @@ def split_folder(root: str, split: str, synonyms: tuple[str, ...]) -> Path:
             return Path(root) / name
     raise UsageError(f"no {split!r} split under {root}: expected {Path(root) / split}/CLASS/... "
                      f"(one folder per class; set --{'train' if synonyms is TRAIN_NAMES else 'val'}-split "
-                     "to the folder's name)")
+                     f"to the folder's name){_split_given(Path(root), names)}")
+
+
+def _split_given(root: Path, names: tuple[str, ...]) -> str:
+    """Where --data-dir names a split itself (its class folders hold the images), the folder it should name."""
+    classes = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if not any(f.suffix.lower() in IMAGE_SUFFIXES for c in classes[:20] for f in c.iterdir()):
+        return ""
+    parent = root.resolve().parent
+    if any((parent / n).is_dir() for n in names):
+        return f"; {root} looks like a split itself: give the folder above it, --data-dir {root.parent}"
+    return (f"; {root} holds class folders of images, as one split does: --data-dir names the folder that holds the "
+            "splits (DIR/train/CLASS/... and DIR/validation/CLASS/...)")
