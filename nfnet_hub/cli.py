@@ -281,7 +281,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _model_options(s)
     _export_options(s)
     s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX precision")
-    s.add_argument("--opset", type=int, default=20, help="ONNX opset (20: the first with a Gelu operator)")
+    s.add_argument("--opset", type=int, default=20, help="ONNX opset: 20 is the first with a Gelu operator (ONNX "
+                   "Runtime 1.17 and later); 17 to 19 write GELU as its formula, for older runtimes")
     s.add_argument("--filename", help="file name inside --out (default: as bundles name them, model.onnx, "
                    "model_fp16.onnx or model_int8.onnx)")
     s.add_argument("--out", required=True, help="folder to write into")

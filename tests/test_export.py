@@ -17,6 +17,7 @@ from conftest import randomise, rel_error
 
 import nfnet_hub.export as export_mod
 import nfnet_hub.int8 as int8_mod
+import nfnet_hub.onnx_graph as onnx_graph
 from nfnet_hub.cli import main
 from nfnet_hub.export import ExportError, export_onnx, validate_onnx
 from nfnet_hub.models.checkpoint import save_safetensors
@@ -113,7 +114,7 @@ def _relu_before(proto: onnx.ModelProto) -> onnx.ModelProto:
     ([2, 3, 5, 7], [2, 3], 0, False), ([2, 3, 5, 7], [1, 2], 1, False), ([2, 3, 5], [-2, -1], 1, False)])
 def test_spatial_means_become_global_pools_and_nothing_else_does(shape, axes, keepdims, pooled):
     original = _relu_before(_mean_graph(shape, axes, keepdims))
-    rewritten = export_mod._global_pools(onnx.ModelProto.FromString(original.SerializeToString()))
+    rewritten = onnx_graph._global_pools(onnx.ModelProto.FromString(original.SerializeToString()))
     ops = [n.op_type for n in rewritten.graph.node]
     assert ops == ["Relu", "GlobalAveragePool" if pooled else "ReduceMean"]
     assert [i.name for i in rewritten.graph.initializer] == ([] if pooled else ["axes"])
@@ -153,6 +154,36 @@ def test_fp16_and_int8(nano, trained_nano, digits_folders, tmp_path):
     assert inits[convs[0].input[1]].dtype == np.float32  # the stem conv sees raw pixels: kept in fp32
     gemm = next(n for n in proto.graph.node if n.op_type == "Gemm")
     assert gemm.output[0] == "logits" and inits[gemm.input[1]].dtype == np.float32  # so is the classifier
+
+
+@pytest.mark.parametrize("opset", [17, 18, 19])
+@pytest.mark.parametrize("numerics", [{}, {"ws": "deepmind", "act": "gelu_tanh"}], ids=["timm", "authors"])
+def test_opsets_before_gelu_write_its_formula_for_older_runtimes(tmp_path, opset, numerics):
+    """ONNX Runtime runs opset 20 (the first with Gelu) from 1.17: older runtimes get 17 to 19. onnx's reference
+    evaluator, which implements each operator as of its opset, runs the file as such a runtime would."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10, **numerics), seed=5)
+    report = export_onnx(model, tmp_path / "model.onnx", opset=opset)
+    proto = onnx.load(tmp_path / "model.onnx")
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [opset] and report.opset == opset
+    ops = {n.op_type for n in proto.graph.node}
+    assert "Gelu" not in ops and ("Tanh" if numerics else "Erf") in ops
+    assert report.max_rel_error < 1e-4
+    x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+    got = ReferenceEvaluator(proto).run(None, {"pixel_values": x})[0]
+    assert rel_error(torch.from_numpy(got), expected) < 1e-4
+
+
+def test_fp16_and_int8_at_the_oldest_opset(trained_nano, digits_folders, tmp_path):
+    r16 = export_onnx(trained_nano["model"], tmp_path / "fp16.onnx", precision="fp16", opset=17)
+    r8 = export_onnx(trained_nano["model"], tmp_path / "int8.onnx", precision="int8", opset=17,
+                     calibration=_digits(digits_folders, "train", 100))
+    for name in ("fp16.onnx", "int8.onnx"):
+        assert [o.version for o in onnx.load(tmp_path / name).opset_import if o.domain == ""] == [17]
+    assert r16.max_rel_error < 3e-2 and r8.int8["top1_agreement"] >= 0.95
 
 
 def test_int8_below_the_agreement_threshold_is_refused_unless_forced(trained_nano, digits_folders, tmp_path):
