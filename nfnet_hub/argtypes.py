@@ -44,3 +44,16 @@ def split_name(text: str) -> str:
                                          "(timm's train.py takes an empty --val-split as no evaluation, which "
                                          "nfnet-hub train does not implement: it evaluates every run)")
     return text
+
+
+def opset(text: str) -> int:
+    """An ONNX opset that export writes (``onnx_graph.check_opset`` says which), refused before any work starts."""
+    from .errors import UsageError
+    from .onnx_graph import check_opset
+
+    value = _number(text, int, "an integer", lambda v: True)
+    try:
+        check_opset(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value

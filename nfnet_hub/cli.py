@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .argtypes import fraction, positive
+from .argtypes import fraction, opset, positive
 from .bundle_files import ONNX_FILES
 from .errors import NfnetHubError, UsageError, missing_package
 
@@ -180,7 +180,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     calibration = None
     if "int8" in args.precision:
         calibration = _calibration(args, Preprocess.for_model(model, img_size=size))
-    build_bundle(model, out, img_size=size, precisions=["fp32", *args.precision],
+    build_bundle(model, out, img_size=size, precisions=["fp32", *args.precision], opset=args.opset,
                  calibration=calibration, metrics=metrics, dataset=args.dataset, repo_id=args.repo_id,
                  license=args.license, overwrite=args.overwrite, min_agreement=args.min_agreement, force=args.force)
     print(f"bundle ready: {out}\npublish with: nfnet-hub publish {shlex.quote(str(out))} --repo-id {args.repo_id}")
@@ -242,6 +242,8 @@ def _export_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--min-agreement", type=fraction, default=0.95, help="int8's least top-1 agreement with fp32 on "
                    "held-out calibration images")
     s.add_argument("--force", action="store_true", help="write int8 even below --min-agreement (the record says so)")
+    s.add_argument("--opset", type=opset, default=20, help="ONNX opset: 20 is the first with a Gelu operator (ONNX "
+                   "Runtime 1.17 and later); 17 to 19 write GELU as its formula, for older runtimes")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -281,8 +283,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _model_options(s)
     _export_options(s)
     s.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="ONNX precision")
-    s.add_argument("--opset", type=int, default=20, help="ONNX opset: 20 is the first with a Gelu operator (ONNX "
-                   "Runtime 1.17 and later); 17 to 19 write GELU as its formula, for older runtimes")
     s.add_argument("--filename", help="file name inside --out (default: as bundles name them, model.onnx, "
                    "model_fp16.onnx or model_int8.onnx)")
     s.add_argument("--out", required=True, help="folder to write into")

@@ -32,7 +32,7 @@ from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
 from .folding import fold
 from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
-from .onnx_graph import DEFAULT_OPSET, check_clean, check_opset, half_precision, to_onnx
+from .onnx_graph import DEFAULT_OPSET, HalfPrecision, check_clean, check_opset, to_onnx
 from .preprocess import Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
@@ -162,7 +162,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
     _check_target(out)
     with reference_model(model) as model:  # the caller's model is left as it was
         folded = fold(model, img_size=hw)
-        proto = to_onnx(half_precision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
+        proto = to_onnx(HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
         if held_out is not None:
             proto = quantize_int8(proto, calibrate_on)
             check_no_saturation(proto)

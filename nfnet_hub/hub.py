@@ -25,6 +25,7 @@ from .errors import BundleError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
 from .int8 import MIN_AGREEMENT
+from .onnx_graph import DEFAULT_OPSET, ORT_RUNS_FROM, check_opset
 from .preprocess import DEFAULT_MODES, IMAGE_MODE, Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
@@ -101,12 +102,13 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
                  calibration: np.ndarray | None = None, metrics: dict[str, float] | None = None,
                  dataset: str | None = None, repo_id: str = "ORG/NAME", license: str = "apache-2.0",
                  overwrite: bool = False, min_agreement: float = MIN_AGREEMENT, force: bool = False,
-                 progress: bool = True) -> Path:
+                 opset: int = DEFAULT_OPSET, progress: bool = True) -> Path:
     """Write a verified Hub bundle for ``model`` to the folder ``out`` (built aside, then moved in place).
 
     ``img_size`` (one side, or (height, width); default: the model's test size) is the size of the ONNX files and
     of the preprocessing recorded in ``config.json``; ``calibration`` must be preprocessed at that size (int8 only).
-    ``overwrite`` replaces ``out`` only if it is a bundle (see ``check_replaceable``).
+    ``overwrite`` replaces ``out`` only if it is a bundle (see ``check_replaceable``). ``opset``: of every ONNX file
+    (17 to 19 for runtimes older than ONNX Runtime 1.17).
     """
     from timm.models import save_for_hf
 
@@ -120,6 +122,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
         raise UsageError("a bundle always holds the fp32 model.onnx: include 'fp32' in precisions")
     if unknown := sorted(set(precisions) - set(ONNX_FILES)):
         raise UsageError(f"unknown precisions {', '.join(unknown)}: choose from {', '.join(ONNX_FILES)}")
+    check_opset(opset)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace a bundle there")
     check_replaceable(out)
@@ -146,7 +149,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)
             r = export_onnx(model, tmp / ONNX_FILES[precision], img_size=size, precision=precision, label_names=labels,
-                            calibration=calibration, min_agreement=min_agreement, force=force)
+                            calibration=calibration, min_agreement=min_agreement, force=force, opset=opset)
             exports.append({**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
                             "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], (channels, *size))})
         (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset,
@@ -172,7 +175,8 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
             exports=[dict(file=e["file"], precision=e["precision"], size_mb=f"{e['file_bytes'] / 1e6:.2f}",
                           max_abs_error=f"{e['max_abs_error']:.2g}", max_rel_error=f"{e['max_rel_error']:.2g}",
                           latency_ms=f"{e['latency_ms']:.2f}") for e in exports],
-            int8=next((e["int8"] for e in exports if e.get("int8")), None))
+            int8=next((e["int8"] for e in exports if e.get("int8")), None), opset=opset,
+            ort_from=ORT_RUNS_FROM.get(opset))
         (tmp / "README.md").write_text(render_card(fields, card_data(repo_id=repo_id, license=license,
                                                                      dataset=dataset, metrics=metrics)))
         _write_checksums(tmp)

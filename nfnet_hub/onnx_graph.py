@@ -13,15 +13,17 @@ from torch import nn
 
 from .errors import ExportError, UsageError
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "check_clean", "check_opset", "half_precision", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ORT_RUNS_FROM", "HalfPrecision", "check_clean", "check_opset",
+           "to_onnx"]
 
 DEFAULT_OPSET = 20  # the first opset with a Gelu operator: one node per activation
-MIN_OPSET = 17  # for older runtimes: ONNX Runtime runs opset 20 from 1.17, 19 from 1.15, 18 from 1.14, 17 from 1.13
+MIN_OPSET = 17  # for older runtimes
+ORT_RUNS_FROM = {17: "1.13", 18: "1.14", 19: "1.15", 20: "1.17"}  # the first ONNX Runtime release of each opset
 _TORCH_MIN_OPSET = 18  # the oldest torch.onnx's exporter writes
 _FORBIDDEN_OPS = {"BatchNormalization", "Identity", "InstanceNormalization"}
 
 
-class _HalfPrecision(nn.Module):
+class HalfPrecision(nn.Module):
     """fp16 weights and compute, fp32 inputs and outputs (one Cast at each end of the graph)."""
 
     def __init__(self, model: nn.Module):
@@ -33,15 +35,11 @@ class _HalfPrecision(nn.Module):
         return self.model(x.half()).float()
 
 
-def half_precision(model: nn.Module) -> nn.Module:
-    """``model`` in fp16, taking and giving fp32 (one Cast at each end of the graph)."""
-    return _HalfPrecision(model)
-
-
 def check_opset(opset: int) -> None:
+    """Refuse an opset the export cannot write: torch writes none older than 18 (17 is converted down from it)."""
     newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise UsageError(f"opset {opset} is not supported: choose one from {MIN_OPSET} (what ONNX Runtime 1.13 "
+    if type(opset) is not int or not MIN_OPSET <= opset <= newest:
+        raise UsageError(f"opset {opset!r} is not supported: choose one from {MIN_OPSET} (what ONNX Runtime 1.13 "
                          f"runs) to {newest} (the newest this onnx {onnx.__version__} knows); {DEFAULT_OPSET}, the "
                          "default, is the first with a Gelu operator")
 

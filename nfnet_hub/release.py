@@ -19,10 +19,11 @@ from .files import read_text, write_atomically
 from .hub import build_bundle, publish, sha256, verify_bundle
 from .hubclient import check_repo_id
 from .int8 import MIN_AGREEMENT
+from .onnx_graph import DEFAULT_OPSET, check_opset
 
 STATE = "release-state.json"
 _STRINGS = ("repo_id", "model", "weights", "calibration", "labels", "license", "dataset")
-_ENTRY_KEYS = {*_STRINGS, "img_size", "precisions", "private", "min_agreement"}
+_ENTRY_KEYS = {*_STRINGS, "img_size", "precisions", "private", "min_agreement", "opset"}
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -93,6 +94,10 @@ def _entry_problems(entry: dict[str, Any]) -> list[str]:
     if not (isinstance(low := entry["min_agreement"], int | float) and not isinstance(low, bool) and 0 <= low <= 1):
         problems.append(f"'min_agreement' (int8's least top-1 agreement with fp32) must be a number between 0 and 1, "
                         f"got {low!r}")
+    try:
+        check_opset(entry.get("opset", DEFAULT_OPSET))
+    except UsageError as e:
+        problems.append(str(e))
     if "img_size" in entry and _img_size(entry["img_size"]) is None:
         problems.append(f"'img_size' must be a side or [height, width] in pixels, got {entry['img_size']!r}")
     if isinstance(repo_id := entry.get("repo_id", ""), str) and repo_id:
@@ -195,7 +200,8 @@ def _build(entry: dict[str, Any], folder: Path, say: Callable[[str], Any], force
         set_class_names(model, str(entry["labels"]))
     build_bundle(model, folder, img_size=size, precisions=entry["precisions"], calibration=calibration,
                  dataset=entry.get("dataset"), repo_id=entry["repo_id"], license=entry["license"],
-                 min_agreement=entry["min_agreement"], force=force, overwrite=folder.exists())
+                 min_agreement=entry["min_agreement"], force=force, overwrite=folder.exists(),
+                 opset=entry.get("opset", DEFAULT_OPSET))
 
 
 def release(manifest: str | os.PathLike, *, out: str | os.PathLike = "artifacts/release", dry_run: bool = False,

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import timm
 import torch
@@ -75,7 +76,22 @@ def test_bundle_contents_and_card(bundle):
     int8 = next(e["int8"] for e in record["exports"] if e["precision"] == "int8")  # forced: noise calibration
     assert f"{100 * int8['top1_agreement']:.1f}% of\n{int8['held_out_images']} held-out calibration images" in card
     assert ("below that threshold" in card) == int8["below_threshold"]
+    assert "The ONNX files are opset 20 (ONNX Runtime 1.17 or later)." in card
     verify_bundle(bundle)
+
+
+def test_a_bundle_for_older_runtimes_has_every_onnx_file_at_its_opset(model, tmp_path, capsys):
+    calib = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
+    out = build_bundle(model, tmp_path / "bundle", precisions=("fp32", "fp16", "int8"), calibration=calib,
+                       progress=False, force=True, opset=17)
+    for name in ("model.onnx", "model_fp16.onnx", "model_int8.onnx"):
+        assert [o.version for o in onnx.load(out / name).opset_import if o.domain == ""] == [17], name
+    assert "The ONNX files are opset 17 (ONNX Runtime 1.13 or later)." in (out / "README.md").read_text()
+    verify_bundle(out)
+    with pytest.raises(SystemExit, match="2"):  # argparse's exit, before any work
+        main(["bundle", "nfnet_hub_nano", "--opset", "16", "--out", str(tmp_path / "b16")])
+    assert "argument --opset: opset 16 is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "b16").exists()
 
 
 def test_the_cards_usage_code_runs_and_timm_and_the_runtime_agree(bundle, sample_images):

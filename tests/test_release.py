@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import onnx
 import pytest
 import timm
 import torch
@@ -35,7 +36,8 @@ def _published_weights(hub: HubStub, repo_id: str) -> torch.Tensor:
 def test_release_builds_publishes_and_resumes(tmp_path, capsys):
     save_safetensors(_nano(11), tmp_path / "nano.safetensors")
     manifest = tmp_path / "release.toml"
-    manifest.write_text('[defaults]\nprecisions = ["fp32"]\ndataset = "digits"\n\n' + ENTRIES + "img_size = 64\n")
+    manifest.write_text('[defaults]\nprecisions = ["fp32"]\ndataset = "digits"\nopset = 17\n\n' + ENTRIES
+                        + "img_size = 64\n")
     run = dict(out=tmp_path / "rel", endpoint=None, token="hf_x")
     with HubStub() as hub:
         run["endpoint"] = hub.url
@@ -46,6 +48,7 @@ def test_release_builds_publishes_and_resumes(tmp_path, capsys):
         assert "reusing the verified bundle" in capsys.readouterr().out  # built by the dry run
         pretrained_cfg = json.loads(hub.files("me/nano-b")["config.json"])["pretrained_cfg"]
         assert pretrained_cfg["input_size"] == [3, 64, 64] and "test_input_size" not in pretrained_cfg
+        assert onnx.load_from_string(hub.files("me/nano-b")["model.onnx"]).opset_import[0].version == 17
         commits = len(_commits(hub))
         again = release(manifest, **run)
         assert all(r["skipped"] for r in again) and len(_commits(hub)) == commits
@@ -114,6 +117,8 @@ def test_release_failure_names_the_model_and_keeps_what_was_done(tmp_path, capsy
     ('[[model]]\nrepo_id = "me/a"\nmodel = "nfnet_hub_nano"\nweights = "w"\nprecisions = ["fp16"]\n'
      'img_size = [32, 0]\n', ["that holds fp32", "got [32, 0]"]),
     (ENTRIES.replace("nano-b", "nano-a"), ["repo_id me/nano-a is listed by models 0, 1"]),
+    (ENTRIES + "opset = 16\n", ["model 1: opset 16 is not supported: choose one from 17"]),
+    ('[defaults]\nopset = "20"\n\n' + ENTRIES, ["model 0: opset '20' is not supported", "model 1: opset '20'"]),
     ('[[model]]\nrepo_id = "me/a"\nmodel = "nfnet_hub_f0"\nweights = "timm:nope"\n',
      ["nfnet_hub_f0 has no pretrained tag 'nope'; it has: dm_in1k"]),
     ('[[model]]\nrepo_id = "me/a"\nmodel = "nfnet_hub_f0"\nweights = "timm:deepmind_in1k"\n',
