@@ -177,6 +177,26 @@ def test_opsets_before_gelu_write_its_formula_for_older_runtimes(tmp_path, opset
     assert rel_error(torch.from_numpy(got), expected) < 1e-4
 
 
+@pytest.mark.parametrize("name, numerics, opset, precision", [
+    ("nfnet_hub_nano", {}, 20, "fp32"), ("nfnet_hub_nano", {"ws": "deepmind", "act": "gelu_tanh"}, 20, "fp32"),
+    ("nfnet_hub_nano", {}, 17, "fp32"), ("nfnet_hub_nano", {}, 20, "fp16"), ("nfnet_hub_f0", {}, 20, "fp32")],
+    ids=["nano", "authors", "opset17", "fp16", "f0"])
+def test_exports_run_in_openvino(tmp_path, name, numerics, opset, precision):
+    """A second runtime, Intel's, runs the files as exported (timm's export failed there on its standardisation ops:
+    OpenVINO model zoo #2218). Its f32 inference precision is asked for: on CPUs with bf16 it would compute in bf16."""
+    import openvino
+
+    size = 64 if name == "nfnet_hub_f0" else 32
+    model = randomise(timm.create_model(name, num_classes=10, **numerics), seed=6)
+    export_onnx(model, tmp_path / "model.onnx", img_size=size, opset=opset, precision=precision)
+    core = openvino.Core()
+    compiled = core.compile_model(core.read_model(tmp_path / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    x = np.random.default_rng(4).standard_normal((3, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x))
+    assert rel_error(torch.from_numpy(compiled(x)[0]), expected) < (3e-2 if precision == "fp16" else 1e-4)
+
+
 def test_fp16_and_int8_at_the_oldest_opset(trained_nano, digits_folders, tmp_path):
     r16 = export_onnx(trained_nano["model"], tmp_path / "fp16.onnx", precision="fp16", opset=17)
     r8 = export_onnx(trained_nano["model"], tmp_path / "int8.onnx", precision="int8", opset=17,
