@@ -27,6 +27,22 @@ def imagenet_subset(name: str) -> str | None:
     return next((s for s in IMAGENET_SUBSETS if s.replace("-", "") == key), None)
 
 
+def not_utf8(names: Any) -> list[str]:
+    """The names that UTF-8 cannot write, shown by their bytes (``caf\\xe9``): a folder named in another encoding,
+    which Python reads as surrogates. The checkpoint keeps them, but JSON, ONNX metadata and the Hub hold UTF-8 only."""
+    bad = []
+    for name in map(str, names):
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                raw = name.encode("utf-8", "surrogateescape")  # the bytes of the folder's name
+            except UnicodeEncodeError:
+                raw = name.encode("utf-8", "backslashreplace")
+            bad.append(raw.decode("utf-8", "backslashreplace"))
+    return bad
+
+
 def imagenet_classes(subset: str) -> dict[str, Any]:
     """timm's ``label_names`` (WordNet ids) and ``label_descriptions`` of an ImageNet subset."""
     from timm.data import ImageNetInfo

@@ -28,6 +28,7 @@ import onnx
 import torch
 from torch import nn
 
+from .classes import not_utf8
 from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
 from .folding import fold
@@ -158,6 +159,9 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
         label_names = recorded if len(recorded or ()) == num_classes else None
     if label_names is not None and len(label_names) != num_classes:
         raise UsageError(f"{len(label_names)} label names for a model with {num_classes} classes")
+    if label_names is not None and (undecodable := not_utf8(label_names)):
+        raise UsageError(f"class names that UTF-8 cannot write ({', '.join(undecodable[:5])}: folders named in another "
+                         "encoding?) cannot go into ONNX metadata: give the names in a UTF-8 file (--labels FILE)")
     out = Path(out)
     _check_target(out)
     with reference_model(model) as model:  # the caller's model is left as it was

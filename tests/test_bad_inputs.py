@@ -71,6 +71,8 @@ def workspace_template(trained_nano, nano_bundle, digits_folders, tmp_path_facto
     (root / "heiconly" / "train" / "1" / "IMG_0001.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
     shutil.copytree(tiny, root / "hiddenclass")
     shutil.copytree(tiny / "train" / "1", root / "hiddenclass" / "train" / ".ipynb_checkpoints")
+    shutil.copytree(tiny, root / "latin1class")  # a class folder named in Latin-1, as some zip tools leave them
+    os.rename(root / "latin1class" / "train" / "1", os.fsencode(root / "latin1class" / "train") + b"/caf\xe9")
     shutil.copytree(tiny, root / "subfolder")
     shutil.copytree(tiny / "train" / "1", root / "subfolder" / "train" / "1" / "more")
     shutil.copytree(tiny / "validation", root / "samename" / "validation")
@@ -247,6 +249,10 @@ CASES = [
      "Dataset not found or corrupted.*; --dataset-download lets torchvision download it there"),
     ("train-webdataset-without-the-split", ["train", "--dataset", "wds/shards", "--data-dir", "noimages", "--output",
                                             "runs"], "--dataset wds/shards, split 'train'.*: split train not found"),
+    ("train-class-folder-not-utf8", ["train", "--data-dir", "latin1class", "--output", "runs", "--workers", "0"],
+     r"class folders of the 'train' split are not named in UTF-8 \(caf\\xe9\): class names travel with the weights "
+     r"into ONNX metadata and the Hub's config.json, which hold UTF-8 only: rename them \(convmv -f cp1252 -t utf-8 "
+     r"-r --notest .*latin1class/train, or by hand\)"),
     ("train-hidden-class-folder", ["train", "--data-dir", "hiddenclass", "--output", "runs", "--workers", "0"],
      r"hidden folders of the 'train' split hold images and would be classes \(.ipynb_checkpoints\)"),
     ("export-checkpoint-is-a-bundle-folder", ["export", "nfnet_hub_nano", "--checkpoint", "bundle", "--out", "o"],

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,10 @@ def test_bad_arguments(nano, tmp_path):
         export_onnx(nano, tmp_path / "m.onnx", precision="int8")
     with pytest.raises(ValueError, match="3 label names for a model with 10 classes"):
         export_onnx(nano, tmp_path / "m.onnx", label_names=["a", "b", "c"])
+    latin1 = os.fsdecode(b"caf\xe9")  # a folder named in Latin-1, as Python reads it: no UTF-8 writes it
+    with pytest.raises(ValueError, match=r"class names that UTF-8 cannot write \(caf\\xe9: folders named in another "
+                                         r"encoding\?\) cannot go into ONNX metadata: give the names in a UTF-8 file"):
+        export_onnx(nano, tmp_path / "m.onnx", label_names=[latin1, *"bcdefghij"])
     with pytest.raises(ValueError, match=r"calibration images of shape \(3, 64, 64\) for an export at 32x32"):
         export_onnx(nano, tmp_path / "m.onnx", precision="int8", calibration=np.zeros((4, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="at least 2 calibration images"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..classes import not_utf8
 from ..errors import UsageError
 from ..files import read_text
 from ..preprocess import IMAGE_SUFFIXES
@@ -45,6 +46,11 @@ def check_class_folders(ds: Dataset, split: str, rank: int) -> None:
     if hidden:
         raise UsageError(f"hidden folders of the {split!r} split hold images and would be classes ({some(hidden)}): "
                          "remove them, or name the classes with --class-map")
+    if undecodable := not_utf8(class_to_idx):
+        root = getattr(getattr(ds, "reader", None), "root", None) or "FOLDER"
+        raise UsageError(f"class folders of the {split!r} split are not named in UTF-8 ({some(undecodable)}): class "
+                         "names travel with the weights into ONNX metadata and the Hub's config.json, which hold UTF-8 "
+                         f"only: rename them (convmv -f cp1252 -t utf-8 -r --notest {root}, or by hand)")
     reader = getattr(ds, "reader", None)
     if not isinstance(getattr(reader, "samples", None), list) or not getattr(reader, "root", None):
         return  # not a folder of images
