@@ -355,6 +355,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if getattr(sys.stdout, "errors", None) == "strict":  # a file name in another encoding prints as its bytes, as ls
+        sys.stdout.reconfigure(errors="surrogateescape")
     command = next((a for a in argv if not a.startswith("-")), "")
     debug = os.environ.get("NFNET_HUB_DEBUG", "") not in ("", "0") or "--debug" in argv
     try:

@@ -65,7 +65,7 @@ def write_results(path: Path, rows: Sequence[tuple[str, Sequence[Prediction]]]) 
         text = json.dumps([_record(f, p) for f, p in rows], indent=2) + "\n"
     else:
         text = "".join(json.dumps(_record(f, p)) + "\n" for f, p in rows)
-    write_atomically(text.encode(), path)
+    write_atomically(text.encode("utf-8", "surrogateescape"), path)  # file names in another encoding: their bytes
 
 
 def image_progress(verb: str) -> Callable[[int, int], None]:

@@ -6,6 +6,7 @@ labelled digit images and an unrelated file of the user's.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -526,6 +527,26 @@ def test_a_hub_name_under_hf_hub_offline_says_the_cache_lacks_it_at_once(ws, tmp
     assert p.returncode == 2 and err.strip().splitlines() == [
         "nfnet-hub predict: error: downloading me/nano: HF_HUB_OFFLINE is set and huggingface_hub's cache does not "
         "hold it (unset HF_HUB_OFFLINE to download it)"], err
+
+def test_file_names_in_another_encoding_are_printed_and_written_as_their_bytes(ws):
+    """A Latin-1 name (as an old zip leaves it) under a terminal whose encoding is strict UTF-8 (Python's default
+    outside the C locale) is printed as ls prints it; a CSV results file holds its bytes, JSON its escape, so both
+    give back a path that opens."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict"}
+    folder = os.fsencode(ws / "latin1class" / "train")
+    run = [sys.executable, "-m", "nfnet_hub.cli", "predict", folder, "--model", "bundle", "--top-k", "1"]
+    out = subprocess.run(run, cwd=ws, env=env, capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == folder + b"/caf\xe9/" + sorted(os.listdir(folder + b"/caf\xe9"))[0]
+    for suffix in ("csv", "json"):
+        out = subprocess.run([*run, "--results-file", f"latin1.{suffix}"], cwd=ws, env=env, capture_output=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+    with open(ws / "latin1.csv", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        from_csv = [row["filename"] for row in csv.DictReader(f)]
+    from_json = [r["filename"] for r in json.loads((ws / "latin1.json").read_text())]
+    assert from_csv == from_json and len(from_csv) == 3 and all(os.path.isfile(n) for n in from_csv)
+
 
 def test_a_reader_that_leaves_early_ends_the_command_quietly(ws):
     """`nfnet-hub predict folder | head`: a closed pipe stops the command as it stops Unix tools (status 141, no
