@@ -255,5 +255,5 @@ def _release_one(entry: dict[str, Any], tag: str, out: Path, state: dict[str, di
     result = publish(folder, repo_id, private=entry["private"], dry_run=dry_run, endpoint=endpoint, token=token)
     if not dry_run:
         record.update(commit=result["commit"], commit_url=result["commit_url"], published=settings)
-        say(f"published {result['commit_url']}")
+        say(f"published {result['commit_url']}; pinned: {repo_id}@{result['commit']}")
     return result

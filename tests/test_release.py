@@ -45,7 +45,8 @@ def test_release_builds_publishes_and_resumes(tmp_path, capsys):
         assert all(r["dry_run"] for r in dry) and not _commits(hub)
         first = release(manifest, **run)
         assert [r["verified"] for r in first] == [True, True]
-        assert "reusing the verified bundle" in capsys.readouterr().out  # built by the dry run
+        first_out = capsys.readouterr().out
+        assert "reusing the verified bundle" in first_out  # built by the dry run
         pretrained_cfg = json.loads(hub.files("me/nano-b")["config.json"])["pretrained_cfg"]
         assert pretrained_cfg["input_size"] == [3, 64, 64] and "test_input_size" not in pretrained_cfg
         assert onnx.load_from_string(hub.files("me/nano-b")["model.onnx"]).opset_import[0].version == 17
@@ -53,6 +54,7 @@ def test_release_builds_publishes_and_resumes(tmp_path, capsys):
         again = release(manifest, **run)
         assert all(r["skipped"] for r in again) and len(_commits(hub)) == commits
         assert "[2/2] me/nano-b: already published" in capsys.readouterr().out
+        assert all(f"pinned: {r['repo_id']}@{r['commit']}" in first_out for r in first)
 
         # an edited entry is built and published again (it was skipped, and its old bundle reused)
         manifest.write_text(manifest.read_text().replace("img_size = 64", "img_size = [48, 40]"))
