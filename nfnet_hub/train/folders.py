@@ -146,8 +146,11 @@ def split_folder(root: str, split: str, synonyms: tuple[str, ...]) -> Path:
 
 def _split_given(root: Path, names: tuple[str, ...]) -> str:
     """Where --data-dir names a split itself (its class folders hold the images), the folder it should name."""
-    classes = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
-    if not any(f.suffix.lower() in IMAGE_SUFFIXES for c in classes[:20] for f in c.iterdir()):
+    try:
+        classes = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+        if not any(f.suffix.lower() in IMAGE_SUFFIXES for c in classes[:20] for f in c.iterdir()):
+            return ""
+    except OSError:  # a folder it may not read: no hint, the error above stands
         return ""
     parent = root.resolve().parent
     if any((parent / n).is_dir() for n in names):
