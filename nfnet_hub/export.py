@@ -31,7 +31,7 @@ from torch import nn
 from .classes import not_utf8
 from .errors import ExportError, UsageError, folder_given
 from .files import write_atomically
-from .folding import fold
+from .folding import FoldedNFNet, fold
 from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
 from .onnx_graph import DEFAULT_OPSET, HalfPrecision, check_clean, check_opset, to_onnx
 from .preprocess import Preprocess, data_config, export_size, readable_labels
@@ -142,6 +142,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
         raise UsageError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     channels = getattr(model, "in_chans", 3)
     cfg = getattr(model, "pretrained_cfg", None) or {}
+    if isinstance(model, FoldedNFNet) and img_size is None:  # already folded: at the size it was folded for
+        img_size = model.img_size
     hw = export_size(cfg, img_size)
     held_out = None
     if precision == "int8":

@@ -79,6 +79,7 @@ class FoldedNFNet(nn.Module):
         self.stem, self.stages, self.final, self.head = stem, stages, final, head
         self.img_size, self.size_dependent = img_size, size_dependent
         self.pretrained_cfg, self.num_classes = pretrained_cfg, num_classes
+        self.in_chans = next(m.in_channels for m in stem.modules() if isinstance(m, nn.Conv2d))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if self.size_dependent:
@@ -269,11 +270,13 @@ def fold(model: nn.Module, *, img_size: int | tuple[int, int] | None = None) -> 
     ``img_size`` (default: the model's test size) fixes the static SAME padding of strided
     convolutions; the folded model refuses other sizes where that padding depends on the size.
     """
+    if isinstance(img_size, int):
+        img_size = (img_size, img_size)
+    if isinstance(model, FoldedNFNet):
+        return _refold(model, img_size)
     missing = [a for a in ("stem", "stages", "final_conv", "final_act", "head") if not hasattr(model, a)]
     if missing:
         raise FoldError(f"cannot fold {type(model).__name__}: not an NFNet (missing {', '.join(missing)})")
-    if isinstance(img_size, int):
-        img_size = (img_size, img_size)
     img_size = tuple(img_size or eval_size(getattr(model, "pretrained_cfg", None) or {}))
     was_training = model.training
     model.eval()
@@ -304,3 +307,14 @@ def fold(model: nn.Module, *, img_size: int | tuple[int, int] | None = None) -> 
     folded = FoldedNFNet(stem, nn.Sequential(*stages), nn.Sequential(*final), head, img_size, dynamic,
                          dict(getattr(model, "pretrained_cfg", {}) or {}), getattr(model, "num_classes", 0))
     return folded.eval().requires_grad_(False)
+
+
+def _refold(folded: FoldedNFNet, img_size: tuple[int, int] | None) -> FoldedNFNet:
+    """A folded model folds to itself, at any size its padding allows (fold(fold(m)) is fold(m))."""
+    size = tuple(img_size or folded.img_size)
+    if folded.size_dependent and size != folded.img_size:
+        raise FoldError(f"this model was folded for {folded.img_size[0]}x{folded.img_size[1]} inputs (its SAME "
+                        f"padding is static), not {size[0]}x{size[1]}: fold the original model with img_size=...")
+    again = copy.deepcopy(folded)
+    again.img_size = size
+    return again

@@ -19,6 +19,7 @@ from conftest import randomise, rel_error
 import nfnet_hub.export as export_mod
 import nfnet_hub.int8 as int8_mod
 import nfnet_hub.onnx_graph as onnx_graph
+from nfnet_hub import fold
 from nfnet_hub.cli import main
 from nfnet_hub.export import ExportError, export_onnx, validate_onnx
 from nfnet_hub.models.checkpoint import save_safetensors
@@ -82,6 +83,27 @@ def test_export_leaves_the_callers_model_as_it_was(tmp_path, dtype):
     assert report.max_rel_error < 1e-4 and rel_error(torch.from_numpy(got), expected) < 1e-4
     model.train()
     assert validate_onnx(tmp_path / "model.onnx", model).top1_agreement == 1.0 and model.training
+
+
+def test_a_folded_model_exports_at_its_folded_size(tmp_path):
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10, in_chans=1), seed=4)
+    report = export_onnx(fold(model, img_size=48), tmp_path / "model.onnx")  # as the README's Python tour folds
+    assert report.img_size == (48, 48)
+    x = torch.randn(2, 1, 48, 48)
+    session, got = _run(tmp_path / "model.onnx", x.numpy())
+    with torch.no_grad():
+        assert rel_error(torch.from_numpy(got), model.eval()(x)) < 1e-5
+    assert json.loads(session.get_modelmeta().custom_metadata_map["nfnet_hub.preprocessing"])["input_size"] == \
+        [1, 48, 48]
+
+
+def test_a_compiled_model_exports_its_weights(tmp_path):
+    model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=5)
+    export_onnx(torch.compile(model), tmp_path / "model.onnx")  # what a notebook trained holds
+    x = torch.randn(2, 3, 32, 32)
+    _, got = _run(tmp_path / "model.onnx", x.numpy())
+    with torch.no_grad():
+        assert rel_error(torch.from_numpy(got), model.eval()(x)) < 1e-5
 
 
 def test_f0_graph_is_small(tmp_path):

@@ -114,6 +114,23 @@ def test_the_folded_size_is_enforced_where_padding_depends_on_it():
     assert folded(torch.randn(5, 3, 64, 64)).shape == (5, 1000)
 
 
+def test_a_folded_model_folds_to_itself():
+    """fold(fold(m)) is fold(m) (a user folds, then hands the result to export_onnx, which folds), at the size
+    it was folded for where padding depends on the size, at any size otherwise."""
+    model = randomise(timm.create_model("nfnet_hub_nano", in_chans=1))
+    folded = fold(model, img_size=64)
+    again = fold(folded)
+    assert again is not folded and again.img_size == (64, 64) and again.in_chans == 1
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), folded(x), rtol=0, atol=0)
+        assert rel_error(again(x), model.eval()(x)) <= 1e-5
+    with pytest.raises(FoldError, match=r"folded for 64x64 inputs .* not 96x96: fold the original model"):
+        fold(folded, img_size=96)
+    resnet = fold(randomise(timm.create_model("nf_resnet26")), img_size=32)  # symmetric padding: any size
+    assert not resnet.size_dependent and fold(resnet, img_size=48).img_size == (48, 48)
+
+
 def test_unknown_modules_are_named():
     model = randomise(timm.create_model("nfnet_hub_nano"))  # a zero skip gain would drop the branch unread
     model.stages[1][0].act2 = nn.Tanh()

@@ -231,6 +231,32 @@ def test_pickled_checkpoints_load_weights_only(tmp_path):
         read_state_dict(tmp_path / "nope.safetensors")
 
 
+def test_state_dicts_of_wrapped_models_load_as_timm_loads_them(tmp_path):
+    """torch.save(torch.compile(model).state_dict()) and DDP's keys: prefixes timm's loader strips."""
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
+
+    m = randomise(timm.create_model("nfnet_hub_nano", num_classes=10))
+    compiled = torch.compile(m).state_dict()  # the real wrapper's keys (nothing compiles before a call)
+    assert all(k.startswith("_orig_mod.") for k in compiled)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.compile(DistributedDataParallel(m)).state_dict()  # "_orig_mod.module.stem..."
+    finally:
+        dist.destroy_process_group()
+    torch.save({"state_dict": compiled}, tmp_path / "compiled.pth")
+    torch.save(ddp, tmp_path / "ddp.pth")
+    save_file({k: v.contiguous() for k, v in compiled.items()}, tmp_path / "compiled.safetensors")
+    for name in ("compiled.pth", "ddp.pth", "compiled.safetensors"):
+        loaded = create_model("nfnet_hub_nano", tmp_path / name)
+        torch.testing.assert_close(loaded.state_dict(), m.state_dict())
+    save_file({k: v.bfloat16().contiguous() for k, v in m.state_dict().items()}, tmp_path / "bf16.safetensors")
+    loaded = create_model("nfnet_hub_nano", tmp_path / "bf16.safetensors")  # weights saved from a bf16 model
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, m.state_dict()[k].bfloat16().float())
+
+
 def test_import_order_does_not_matter():
     import subprocess
     import sys

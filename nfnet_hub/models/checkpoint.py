@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 from ..errors import CheckpointError, UsageError, folder_given
@@ -97,7 +98,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
         record = json.loads(metadata[DATA_CONFIG_KEY]) if DATA_CONFIG_KEY in metadata else None
-        return Checkpoint(path, form, sd, record, metadata)
+        return Checkpoint(path, form, clean_state_dict(sd), record, metadata)
     raw = read_pytorch(path)
     record = raw.get("data_config") if isinstance(raw, dict) else None
     train_args = raw.get("args") if isinstance(raw, dict) and record is None else None
@@ -109,7 +110,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
-    return Checkpoint(path, form, {k.removeprefix("module."): v for k, v in sd.items()}, record, entry=entry,
+    # the prefixes DDP and torch.compile put on keys (a compiled model's own state_dict), as timm strips them
+    return Checkpoint(path, form, clean_state_dict(sd), record, entry=entry,
                       train_args=train_args)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.models import clean_state_dict
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
@@ -106,7 +107,7 @@ def check_resumable(model: nn.Module, state: dict[str, Any], path: Path) -> None
     from ..models.checkpoint import check_fit
 
     try:
-        check_fit({k.removeprefix("module."): v for k, v in state["state_dict"].items()}, model, str(path))
+        check_fit(clean_state_dict(state["state_dict"]), model, str(path))
     except CheckpointError as e:
         first = str(e).splitlines()[1].strip()
         first = first if len(first) <= 100 else first[:100] + " ..."
@@ -146,7 +147,7 @@ class ModelState:
         if self.fsdp:
             self.dcp.set_model_state_dict(model, state, options=self.scatter)
         else:
-            model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+            model.load_state_dict(clean_state_dict(state))
 
     def optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return self.dcp.get_optimizer_state_dict(model, optimizer, options=self.gather) if self.fsdp \
