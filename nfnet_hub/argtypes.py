@@ -19,6 +19,10 @@ def positive(text: str) -> int:
     return _number(text, int, "a positive integer", lambda v: v >= 1)
 
 
+def port(text: str) -> int:
+    return _number(text, int, "a TCP port, 1 to 65535", lambda v: 1 <= v <= 65535)
+
+
 def at_least(low: int):
     """A parser of integers from ``low`` up (argparse names it in its errors)."""
     def parse(text: str) -> int:

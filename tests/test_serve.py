@@ -430,6 +430,8 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
             ([str(tmp_path / "odd")], "'not ok' cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
                                       "rename its folder"),
             ([str(nano_bundle), "--grpc-port", "8080", "--port", "8080"], "is the HTTP port"),
+            ([str(nano_bundle), "--port", "99999"], "--port: must be a TCP port, 1 to 65535, got 99999"),
+            ([str(nano_bundle), "--grpc-port", "0"], "--grpc-port: must be a TCP port, 1 to 65535, got 0"),
             ([str(nano_bundle / "config.json")], "give the folder that holds the bundle's files, or an .onnx file"),
             ([str(nano_bundle / "model.onnx"), "--precision", "int8"], "is one file: give it without --precision"),
             ([str(nano_bundle), "--workers", "0"], "--workers: must be a positive integer"),
@@ -442,6 +444,11 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
                                  capture_output=True, text=True, timeout=120)
             assert run.returncode == 2 and words in run.stderr and run.stderr.count("\n") == 1, (args, run.stderr)
             assert "serving" not in run.stdout
+    from nfnet_hub.errors import UsageError
+    from nfnet_hub.serve.server import ServeOptions, serve
+
+    with pytest.raises(UsageError, match=r"^port 70000 is not a TCP port \(1 to 65535\)$"):  # from Python too
+        serve(str(nano_bundle), options=ServeOptions(port=70000))
 
 
 def test_the_readme_client_snippet_runs_as_written(server, digit_files, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..argtypes import non_negative_float, positive
+from ..argtypes import non_negative_float, port, positive
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -24,8 +24,8 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--name", help="model name in URLs (default: the bundle folder's, the repo's or the ONNX "
                    "file's name)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    s.add_argument("--port", type=positive, default=8080, help="HTTP port")
-    s.add_argument("--grpc-port", type=positive, help="also serve the protocol's gRPC API on this port (default: off)")
+    s.add_argument("--port", type=port, default=8080, help="HTTP port")
+    s.add_argument("--grpc-port", type=port, help="also serve the protocol's gRPC API on this port (default: off)")
     _batching(s, "--workers")
     s.add_argument("--threads", type=positive, help="ONNX Runtime threads per batch (default: the CPUs this process "
                    "may use, container limits included, shared by the --workers batches; ONNX Runtime's own, one per "

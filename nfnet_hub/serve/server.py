@@ -146,6 +146,8 @@ def load_models(bundles: dict[str, str], options: ServeOptions, *, providers=Non
 
 
 def _check_port(host: str, port: int) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"port {port!r} is not a TCP port (1 to 65535)")
     try:
         with socket.create_server((host, port)):
             pass
