@@ -192,6 +192,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
     r = publish(args.bundle, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr,
                 dry_run=args.dry_run)
+    if r["card_edited"]:
+        print("README.md was edited since the bundle was built: the card goes up as edited, with its own checksum")
     if r["card_built_for"]:
         print(f"the model card is uploaded for {r['repo_id']} (the bundle was built for {r['card_built_for']}); "
               "the bundle folder is left as it is")

@@ -215,7 +215,7 @@ def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle folder")
-    problems = []
+    problems, card_edited = [], False
     files = {p.name for p in folder.iterdir() if p.is_file()}
     allowed = set(REQUIRED) | set(ONNX_FILES.values()) | {CHECKSUMS}
     if missing := sorted(set(REQUIRED) - files):
@@ -230,7 +230,10 @@ def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
             if name not in sums:
                 problems.append(f"{name} is not in {CHECKSUMS}")
             elif sha256(folder / name) != sums[name]:
-                problems.append(f"{name} does not match its checksum")
+                card_problem = _card_problem(folder / name) if name == "README.md" else None
+                card_edited = name == "README.md" and card_problem is None  # the one file meant to be edited
+                if not card_edited:
+                    problems.append(card_problem or f"{name} does not match its checksum")
     except BundleError as e:
         problems.append(str(e))
     config: dict[str, Any] = {}
@@ -256,7 +259,21 @@ def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
             problems.append(f"{name} is not a valid ONNX model: {str(e).splitlines()[0]}")
     if problems:
         raise BundleError(f"bundle {folder} failed verification: " + "; ".join(problems))
-    return {"config": config, "record": record, "files": sorted(files)}
+    return {"config": config, "record": record, "files": sorted(files), "card_edited": card_edited}
+
+
+def _card_problem(path: Path) -> str | None:
+    """Why a model card edited since bundling cannot be published (the Hub refuses front matter it cannot parse)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=False)
+    except UnicodeDecodeError:
+        return "README.md (edited since bundling) is not UTF-8 text"
+    except Exception as e:  # yaml's errors and huggingface_hub's ValueError: front matter the Hub refuses
+        reason = " ".join(str(e).split())
+        return f"README.md (edited since bundling) has front matter the Hub refuses: {reason[:200]}"
+    return None
 
 
 def _record_problems(record: dict[str, Any], files: set[str], tolerance: dict[str, float]) -> list[str]:
@@ -306,13 +323,13 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
     sums = read_checksums(folder)
     uploads: dict[str, str | bytes] = {name: str(folder / name) for name in info["files"]}
     card, built_for = card_for_repo((folder / "README.md").read_text(), repo_id)
-    if built_for:  # the card as it reads in repo_id; the bundle folder stays as it is
+    if built_for or info["card_edited"]:  # the card as it reads in repo_id; the bundle folder stays as it is
         uploads["README.md"] = card.encode()
         sums["README.md"] = hashlib.sha256(uploads["README.md"]).hexdigest()
         uploads[CHECKSUMS] = _checksum_text(sums).encode()
     plan = {"repo_id": repo_id, "files": info["files"], "private": private, "revision": revision,
             "create_pr": create_pr, "bytes": sum((folder / f).stat().st_size for f in info["files"]),
-            "card_built_for": built_for}
+            "card_built_for": built_for, "card_edited": info["card_edited"]}
     if dry_run:
         return {**plan, "dry_run": True}
     api = HfApi(endpoint=endpoint, token=token)

@@ -235,13 +235,16 @@ def _release_one(entry: dict[str, Any], tag: str, out: Path, state: dict[str, di
 
     repo_id = entry["repo_id"]
     settings, record = _settings(entry), state.setdefault(repo_id, {})
+    folder = out / repo_id.replace("/", "__")
+    card = folder / "README.md"
+    card_edited = "card" in record and card.is_file() and sha256(card) != record["card"]  # by hand, since
     if "commit" in record and not dry_run:
-        if record.get("published") == settings:
+        if record.get("published") == settings and not card_edited:
             say(f"already published as {record['commit']}, skipped")
             return {"repo_id": repo_id, "skipped": True, "commit": record["commit"], "commit_url": record["commit_url"]}
-        say(f"published as {record['commit']} before ({_changes(record.get('published'), settings)}): "
-            f"publishing it again")
-    folder = out / repo_id.replace("/", "__")
+        why = "its model card edited" if record.get("published") == settings else \
+            _changes(record.get("published"), settings)
+        say(f"published as {record['commit']} before ({why}): publishing it again")
     if record.get("built") == settings and _is_bundle(folder):
         say(f"reusing the verified bundle in {folder}")
     else:
@@ -253,7 +256,9 @@ def _release_one(entry: dict[str, Any], tag: str, out: Path, state: dict[str, di
         record["built"] = settings
     say("checking (dry run)" if dry_run else "publishing")
     result = publish(folder, repo_id, private=entry["private"], dry_run=dry_run, endpoint=endpoint, token=token)
+    if result["card_edited"]:
+        say(f"its model card (README.md) was edited by hand: {'it would go' if dry_run else 'it went'} up as edited")
     if not dry_run:
-        record.update(commit=result["commit"], commit_url=result["commit_url"], published=settings)
+        record.update(commit=result["commit"], commit_url=result["commit_url"], published=settings, card=sha256(card))
         say(f"published {result['commit_url']}; pinned: {repo_id}@{result['commit']}")
     return result

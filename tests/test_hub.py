@@ -167,6 +167,9 @@ def test_a_non_square_model_is_bundled_at_its_size(sample_images, tmp_path):
     (lambda d: (d / "model.safetensors").write_bytes(b"tampered"), "model.safetensors does not match its checksum"),
     (lambda d: (d / "config.json").write_text(json.dumps({"architecture": 3})), "'architecture' must be a str"),
     (lambda d: (d / "model_int8.onnx").write_bytes(b"\x00corrupt"), "model_int8.onnx is not a valid ONNX model"),
+    (lambda d: (d / "README.md").write_text("---\nlicense: [mit\n---\n# nano\n"),
+     r"README.md \(edited since bundling\) has front matter the Hub refuses: while parsing a flow sequence"),
+    (lambda d: (d / "README.md").write_bytes(b"# caf\xe9\n"), r"README.md \(edited since bundling\) is not UTF-8"),
     (lambda d: (d / "export.json").write_text(json.dumps({"exports": [
         {"file": "model.onnx", "precision": "fp32", "max_rel_error": 0.5}]})), "parity 0.5 exceeds"),
 ])
@@ -235,6 +238,30 @@ def test_a_bundle_published_to_another_repository_gets_a_card_that_names_it(bund
         (tmp_path / name).write_bytes(data)
     verify_bundle(tmp_path)  # its checksums hold
     assert {p.name: sha256(p) for p in bundle.iterdir()} == before
+
+
+def test_a_card_edited_after_bundling_is_published_as_edited(bundle, tmp_path, capsys):
+    """The model card is the one file a user edits before publishing (a description, intended uses): it goes up as
+    edited with its new checksum; the weights, config and ONNX files must still match theirs."""
+    edited = _copy(bundle, tmp_path)
+    card = (edited / "README.md").read_text().replace("\n## ", "\n## Intended use\n\nReading digits.\n\n## ", 1)
+    (edited / "README.md").write_text(card)
+    assert verify_bundle(edited)["card_edited"] and not verify_bundle(bundle)["card_edited"]
+    before = {p.name: sha256(p) for p in edited.iterdir()}
+    with HubStub() as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_x", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        out = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "publish", str(edited), "--repo-id", "me/nano"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        stored = hub.files("me/nano")
+    assert out.returncode == 0, out.stderr
+    assert "README.md was edited since the bundle was built" in out.stdout
+    assert stored["README.md"].decode() == card
+    for name, data in stored.items():
+        (tmp_path / "hub" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "hub" / name).write_bytes(data)
+    assert not verify_bundle(tmp_path / "hub")["card_edited"]  # the uploaded checksums hold the edited card's
+    assert {p.name: sha256(p) for p in edited.iterdir()} == before  # the folder is left as it is
 
 
 def test_predict_cli(bundle, sample_images, capsys):

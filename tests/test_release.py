@@ -66,7 +66,16 @@ def test_release_builds_publishes_and_resumes(tmp_path, capsys):
         pretrained_cfg = json.loads(hub.files("me/nano-b")["config.json"])["pretrained_cfg"]
         assert pretrained_cfg["input_size"] == [3, 48, 40]
 
-        (tmp_path / "rel" / "me__nano-a" / "README.md").write_text("edited by hand")
+        card = tmp_path / "rel" / "me__nano-a" / "README.md"  # the one file meant to be edited: published again
+        card.write_text(card.read_text() + "\n## Intended use\n\nDigits.\n")
+        assert [bool(r.get("skipped")) for r in release(manifest, **run)] == [False, True]
+        out = capsys.readouterr().out
+        assert "me/nano-a: published as" in out and "(its model card edited): publishing it again" in out
+        assert "reusing the verified bundle" in out and "edited by hand: it went up as edited" in out
+        assert hub.files("me/nano-a")["README.md"].decode() == card.read_text()
+        assert all(r["skipped"] for r in release(manifest, **run))  # published as edited: nothing left to do
+
+        (tmp_path / "rel" / "me__nano-a" / "config.json").write_text("{}")
         assert release(manifest, dry_run=True, **run)[0]["dry_run"]
         assert "(altered or incomplete): building it again" in capsys.readouterr().out
 
@@ -81,7 +90,7 @@ def test_release_builds_publishes_and_resumes(tmp_path, capsys):
         # a state that does not record settings (or a bundle put there by hand) is not trusted
         state = tmp_path / "rel" / STATE
         recorded = json.loads(state.read_text())
-        assert set(recorded["me/nano-a"]) == {"built", "published", "commit", "commit_url"}
+        assert set(recorded["me/nano-a"]) == {"built", "published", "commit", "commit_url", "card"}
         state.write_text(json.dumps({r: {"commit": v["commit"], "commit_url": v["commit_url"]}
                                      for r, v in recorded.items()}))
         release(manifest, **run)
