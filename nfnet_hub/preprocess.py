@@ -109,8 +109,9 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
     return img
 
 
-ImageSource = str | os.PathLike | bytes | np.ndarray | Image.Image
-"""An image as the runtime takes it: a file path, an encoded file's bytes, a PIL image, or a uint8 array of RGB
+ImageSource = str | os.PathLike | bytes | IO[bytes] | np.ndarray | Image.Image
+"""An image as the runtime takes it: a file path, an encoded file's bytes (or a binary file object open on them, as
+``open(path, "rb")``, ``io.BytesIO`` or a web framework's upload), a PIL image, or a uint8 array of RGB
 (HxWx3), RGBA (HxWx4) or grey (HxW) pixels; OpenCV's arrays are BGR and must be converted first. It is read in the
 model's image mode (RGB, L ...), as timm's loader reads files."""
 
@@ -133,14 +134,19 @@ def _image(source: ImageSource) -> Image.Image:
         return _from_array(source)
     if isinstance(source, (str, os.PathLike)):
         return open_image(source)
-    raise UsageError(f"an image is a file path, an encoded file's bytes, a PIL image or a uint8 pixel array, not "
-                     f"{type(source).__name__}")
+    if callable(getattr(source, "read", None)):
+        name = getattr(source, "name", "") or f"an image read from a {type(source).__name__}"
+        return open_image(source, name=str(name))
+    raise UsageError(f"an image is a file path, an encoded file's bytes or a binary file object, a PIL image or a "
+                     f"uint8 pixel array, not {type(source).__name__}")
 
 
 def load_image(source: ImageSource, mode: str = "RGB") -> Image.Image:
     """An image in PIL ``mode`` (RGB, L for greyscale ...), converted as timm's loader converts (``input_img_mode``:
     alpha dropped for RGB, palettes expanded), 16-bit and 32-bit integer images rescaled to 8 bits, not clipped."""
     img = _image(source)
+    if 0 in img.size:  # Pillow resizes an empty image to the input size: a confident answer about nothing
+        raise UsageError(f"an image of {img.size[0]}x{img.size[1]} pixels has none to classify")
     if img.mode in WIDE_MODES:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0

@@ -240,7 +240,11 @@ class OnnxClassifier:
         if isinstance(images, np.ndarray):
             raise UsageError("predict takes images, and a bare array could be one image or several: pass [array] "
                              "for one HxWx3 image, a list of them for several, or a preprocessed batch to logits()")
-        one = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image))
+        one = isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
+            callable(getattr(images, "read", None))  # a file object is one image, not an iterable of its lines
+        if not one and not isinstance(images, Iterable):
+            raise UsageError(f"predict takes an image or a list of them (file paths, encoded bytes, file objects, PIL "
+                             f"images, uint8 arrays), not {type(images).__name__}")
         images = [images] if one else list(images)
         if not images:
             raise UsageError("no images given")

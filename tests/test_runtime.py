@@ -1,6 +1,7 @@
 """The torch-free runtime: timm's eval preprocessing in numpy, and logits equal to timm's model."""
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import subprocess
@@ -124,10 +125,17 @@ def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_p
     for images in ([p.read_bytes() for p in paths], [Image.open(p) for p in paths], arrays):
         assert clf.predict(images, top_k=3, batch_size=4) == preds
     assert clf.predict(paths[0], top_k=3) == preds[:1] == clf.predict(str(paths[0]), top_k=3)
+    with open(paths[0], "rb") as f:  # a binary file object (an upload) is one image, not an iterable of its lines
+        assert clf.predict(f, top_k=3) == preds[:1]
+    assert clf.predict([io.BytesIO(p.read_bytes()) for p in paths], top_k=3, batch_size=4) == preds
     for bad, words in ((arrays[0], "a bare array could be one image or several"),
                        ([arrays[0].astype(np.float32)], r"uint8 pixels.*got float32 of shape"),
                        ([arrays[0].transpose(2, 0, 1)], r"got uint8 of shape \[3, "), ([7], "not int"),
                        ([b"not an image"], "12 bytes is not a readable image: cannot identify image file$"),
+                       (io.BytesIO(b"not an image"), "an image read from a BytesIO is not a readable image"),
+                       ([arrays[0][:0]], r"an image of \d+x0 pixels has none to classify"),
+                       (Image.new("RGB", (0, 5)), "an image of 0x5 pixels has none to classify"),
+                       (None, r"an image or a list of them \(file paths, .*\), not NoneType"),
                        (paths[0].parent, r"is a folder, not an image: pass its images \(list_images\(folder\)")):
         with pytest.raises(ValueError, match=words):
             clf.predict(bad)
