@@ -241,6 +241,9 @@ def _request(name="pixel_values", shape=(1, 3, 32, 32), datatype="FP32", data=No
 
 def _bad_requests():
     x = np.zeros((1, 3, 32, 32), np.float32).tobytes()
+    nan = np.zeros((1, 3, 32, 32), np.float32)
+    nan[0, 0, 0, :2] = np.nan, np.inf
+    nan = nan.tobytes()  # binary data: JSON has no NaN
     spec = {"name": "pixel_values", "shape": [1, 3, 32, 32], "datatype": "FP32"}
     return {
         "wrong shape": ("nano", _request(shape=(1, 3, 16, 16)), {}, "shape"),
@@ -252,6 +255,9 @@ def _bad_requests():
         "malformed JSON": ("nano", b'{"inputs": [', {}, "not an inference request"),
         "no inputs field": ("nano", b'{"outputs": []}', {}, "inputs"),
         "data shorter than shape": ("nano", _request(data=[0.0] * 10), {}, "shape"),
+        "NaN pixels": ("nano", *_binary({"inputs": [{**spec, "parameters": {"binary_data_size": len(nan)}}],
+                                          "parameters": {"top_k": 2}}, nan),
+                       "input 'pixel_values' holds 2 NaN or infinite values"),
         "non-image bytes": ("nano", _request(name="image", shape=(1,), datatype="BYTES",
                                               data=[base64.b64encode(b"not an image").decode()]), {},
                             "input 'image' element 0 is not a readable image"),

@@ -161,6 +161,9 @@ class BundleModel(Model):
                 raise InvalidInput(f"input 'pixel_values' data does not match its shape {shape}: {e}") from None
             if pixels.dtype != np.float32 or list(pixels.shape) != shape:
                 raise InvalidInput(f"input 'pixel_values' data does not match its shape {shape}")
+            if not np.isfinite(pixels).all():  # else NaN logits, and top_k would name classes for them
+                raise InvalidInput(f"input 'pixel_values' holds {np.count_nonzero(~np.isfinite(pixels))} NaN or "
+                                   "infinite values: preprocessed pixels are finite")
             return pixels
         if self.classifier.preprocess.image_mode is None:
             raise InvalidInput(f"this model takes {self.channels}-channel input and records no image mode to read "
