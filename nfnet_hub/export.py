@@ -113,6 +113,54 @@ def reference_model(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def available_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still allocate: the system's available memory, capped by a container's limit
+    (cgroup v2); None where neither can be read."""
+    free = []
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return min(free) if free else None
+
+
+def _check_memory(model: nn.Module, shape: tuple[int, int, int]) -> None:
+    """Refuse a size whose verification cannot fit in memory (the kernel would kill the process without a word):
+    the largest activation at the largest verification batch, with the input it came from, is a lower bound.
+    Shapes come from fake tensors: nothing is computed or allocated."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    largest = 0
+
+    def record(_module: nn.Module, args: tuple, output: Any) -> None:
+        nonlocal largest
+        tensors = [t for t in (*args, output) if isinstance(t, torch.Tensor)]
+        largest = max(largest, sum(t.numel() for t in tensors))
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper would compile for the fake input
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            model(torch.empty(1, *shape))
+    except Exception:  # a model fake tensors cannot run: left to the export itself (this is a guard only)
+        return
+    finally:
+        for h in hooks:
+            h.remove()
+    needed, free = largest * 4 * max(VERIFY_BATCHES), available_memory()
+    if free is not None and needed > free:
+        raise UsageError(f"verifying an export at {shape[1]}x{shape[2]} px needs at least {needed / 2**30:.1f} GiB "
+                         f"(one layer at batch {max(VERIFY_BATCHES)}), more than the {free / 2**30:.1f} GiB free here: "
+                         "export at a smaller size (--img-size)")
+
+
 def _check_target(out: Path) -> None:
     """Refuse to replace what nfnet-hub did not write: a folder, or a file that is not our ONNX."""
     if out.is_dir():
@@ -167,6 +215,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
     out = Path(out)
     _check_target(out)
     with reference_model(model) as model:  # the caller's model is left as it was
+        _check_memory(model, (channels, *hw))
         folded = fold(model, img_size=hw)
         proto = to_onnx(HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
         if held_out is not None:

@@ -21,6 +21,7 @@ import nfnet_hub.int8 as int8_mod
 import nfnet_hub.onnx_graph as onnx_graph
 from nfnet_hub import fold
 from nfnet_hub.cli import main
+from nfnet_hub.errors import UsageError
 from nfnet_hub.export import ExportError, export_onnx, validate_onnx
 from nfnet_hub.models.checkpoint import save_safetensors
 
@@ -104,6 +105,30 @@ def test_a_compiled_model_exports_its_weights(tmp_path):
     _, got = _run(tmp_path / "model.onnx", x.numpy())
     with torch.no_grad():
         assert rel_error(torch.from_numpy(got), model.eval()(x)) < 1e-5
+
+
+def test_a_size_whose_verification_cannot_fit_in_memory_is_refused_before_any_work(nano, tmp_path, monkeypatch):
+    """--img-size 20000 on nano needs 36 GiB to verify: the kernel would kill the export without a word."""
+    free = {"bytes": 8 << 30}
+    monkeypatch.setattr(export_mod, "available_memory", lambda: free["bytes"])
+    monkeypatch.setattr(export_mod, "fold", lambda *a, **k: pytest.fail("folded before the memory check"))
+    with pytest.raises(UsageError, match=r"^verifying an export at 20000x20000 px needs at least 35\.8 GiB \(one "
+                                         r"layer at batch 3\), more than the 8\.0 GiB free here: export at a smaller"):
+        export_onnx(nano, tmp_path / "model.onnx", img_size=20000)
+    free["bytes"] = 40 << 30  # the same lower bound, with room: the check lets it through (to fold, here refused)
+    with pytest.raises(pytest.fail.Exception, match="folded before the memory check"):
+        export_onnx(nano, tmp_path / "model.onnx", img_size=20000)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_free_memory_is_the_lesser_of_the_systems_and_the_containers(tmp_path):
+    system = export_mod.available_memory(tmp_path)  # no cgroup files there: the system's figure
+    assert system is not None and system > 0
+    (tmp_path / "memory.max").write_text(f"{3 << 30}\n")
+    (tmp_path / "memory.current").write_text(f"{1 << 30}\n")
+    assert export_mod.available_memory(tmp_path) == min(system, 2 << 30)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert export_mod.available_memory(tmp_path) == system
 
 
 def test_f0_graph_is_small(tmp_path):
