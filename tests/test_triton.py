@@ -71,9 +71,13 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     repo = tmp_path / "repo"
     (repo / "mine").mkdir(parents=True)
     (repo / "mine" / "notes.txt").write_text("keep me")
+    (repo / "theirs" / "1").mkdir(parents=True)  # a model of the user's, laid out as Triton wants, as ours are
+    (repo / "theirs" / "config.pbtxt").write_text('name: "theirs"\nbackend: "onnxruntime"\n')
+    (repo / "theirs" / "1" / "model.onnx").write_bytes(b"their model")
     cases = [
         (["--name", "mine"], "exists: pass --overwrite"),
         (["--name", "mine", "--overwrite"], "not a model folder this command wrote"),
+        (["--name", "theirs", "--overwrite"], "refusing to replace"),
         (["--accelerator", "tensorrt"], "needs --gpu"),
         (["--precision", "fp16"], "model_fp16.onnx"),
     ]
@@ -86,6 +90,7 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     assert main(["triton", str(broken), "--out", str(repo)]) == 2
     assert "is not an ONNX model" in capsys.readouterr().err and not (repo / "broken").exists()
     assert (repo / "mine" / "notes.txt").read_text() == "keep me"
+    assert (repo / "theirs" / "1" / "model.onnx").read_bytes() == b"their model"
     assert main(["triton", str(tmp_path / "missing"), "--out", str(repo)]) == 2
     assert "no bundle folder or ONNX file at" in capsys.readouterr().err  # a path: never a Hub download
     for name in ("../beside", 'a"b', "sub/model"):  # out of the repository, or a config.pbtxt that does not parse
@@ -95,7 +100,7 @@ def test_refusals(nano_bundle, tmp_path, capsys):
     spaced = shutil.copytree(nano_bundle, tmp_path / "my bundle")
     assert main(["triton", str(spaced), "--out", str(repo)]) == 2 and "give --name" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "my bundle", "repo"]
-    assert sorted(p.name for p in repo.iterdir()) == ["mine"]
+    assert sorted(p.name for p in repo.iterdir()) == ["mine", "theirs"]
     main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again"])
     assert main(["triton", str(nano_bundle), "--out", str(repo), "--name", "again", "--overwrite",
                  "--instances", "2"]) == 0

@@ -30,6 +30,7 @@ from .server import check_model_name
 _TYPES = {1: "TYPE_FP32", 10: "TYPE_FP16", 11: "TYPE_FP64", 7: "TYPE_INT64", 6: "TYPE_INT32", 3: "TYPE_INT8",
           2: "TYPE_UINT8", 9: "TYPE_BOOL"}
 _OURS = {"config.pbtxt", "labels.txt", "README.md", "1"}
+_SIGNATURE = "Written by `nfnet-hub triton`"  # in the README of every model folder this command writes
 ACCELERATORS = ("onnxruntime", "tensorrt")
 
 
@@ -109,8 +110,7 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
     if target.exists():
         if not overwrite:
             raise UsageError(f"{target} exists: pass --overwrite to replace it")
-        if not target.is_dir() or not (target / "config.pbtxt").is_file() or set(
-                p.name for p in target.iterdir()) - _OURS:
+        if not _written_here(target):  # a Triton model folder of the user's looks like ours but for the README
             raise UsageError(f"refusing to replace {target}: it is not a model folder this command wrote")
     check_writable_folder(repo)
     onnx_file, config_file = resolve_files(str(source), filename=filename)
@@ -130,11 +130,20 @@ def write_repository(source: str | Path, repo: str | Path, *, name: str | None =
     return target
 
 
+def _written_here(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and {p.name for p in folder.iterdir()} <= _OURS and \
+            (folder / "config.pbtxt").is_file() and _SIGNATURE in (folder / "README.md").read_text(errors="replace") \
+            and [p.name for p in (folder / "1").iterdir()] == ["model.onnx"]
+    except OSError:
+        return False
+
+
 def _readme(name: str, repo: Path, inputs: list[Tensor], outputs: list[Tensor], gpu: bool,
             preprocessing: str) -> str:
     shape = lambda t: "[N, " + ", ".join(map(str, t.dims)) + "]"  # noqa: E731
     where = str(repo.resolve())
-    return (f"# {name} for Triton Inference Server\n\nWritten by `nfnet-hub triton` from an nfnet-hub model. "
+    return (f"# {name} for Triton Inference Server\n\n{_SIGNATURE} from an nfnet-hub model. "
             f"Serve the repository with\n\n```\ntritonserver --model-repository={shlex.quote(where)}\n```\n\n"
             f"or in NVIDIA's container, `docker run --rm {'--gpus all ' if gpu else ''}-p8000:8000 -p8001:8001 "
             f"-v {shlex.quote(where + ':/models')} nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver "
