@@ -114,10 +114,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .export import validate_onnx
-    from .models.checkpoint import names_saved_model
+    from .models.checkpoint import check_model_name, names_saved_model
     from .predict import image_progress
     from .preprocess import list_images
 
+    check_model_name(args.model)  # first: a bundle folder's path is told how to name it
     if args.checkpoint is None and not (args.pretrained or args.random_weights or names_saved_model(args.model)):
         raise UsageError("no --checkpoint: comparing the export with a freshly initialised model says nothing; "
                          "pass --checkpoint FILE, --pretrained, a saved model (local-dir:PATH, hf-hub:ORG/NAME), or "

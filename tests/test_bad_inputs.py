@@ -164,6 +164,7 @@ CASES = [
      "--out exports/nano.onnx names a file, but --out is the folder to write into: --out exports --filename nano.onnx"),
     ("export-bad-local-dir", ["export", "local-dir:nowhere", "--out", "o"], "local-dir:nowhere: no such folder"),
     # validate
+    ("validate-folder-as-model", ["validate", "bundle/model.onnx", "--model", "bundle"], "name it local-dir:bundle"),
     ("validate-random-weights", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_nano"],
      "no --checkpoint: comparing the export with a freshly initialised model says nothing"),
     ("validate-wrong-model", ["validate", "bundle/model.onnx", "--model", "nfnet_hub_f0", "--random-weights"],
