@@ -105,6 +105,15 @@ def file_config(model_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
                      "config.json beside it: load it from its bundle folder, whose config.json says how to preprocess")
 
 
+def refuse_timm_saved(path: Path, source: str) -> None:
+    """A folder of a model timm saved (``save_for_hf``: config.json and weights, no ONNX) is told how to bundle it."""
+    held = {p.name for p in path.iterdir()}
+    if not any(n.lower().endswith(".onnx") for n in held) and "config.json" in held and \
+            {"model.safetensors", "pytorch_model.bin"} & held:
+        raise UsageError(f"{path} holds a model timm saved (config.json and weights), not an ONNX export: "
+                         f"bundle it first, `nfnet-hub bundle local-dir:{source} --out BUNDLE`")
+
+
 def precision_file(source: str, precision: str) -> str:
     """The ONNX file that ``--precision`` (of serve and triton) chooses in a source: among a bundle folder's files
     (saying which precisions it has), the file itself for a lone ONNX file (which has one precision only)."""
@@ -116,6 +125,7 @@ def precision_file(source: str, precision: str) -> str:
                              "--precision, or give its bundle folder")
         return path.name
     if local and path.is_dir() and not (path / filename).is_file():
+        refuse_timm_saved(path, where)
         have = sorted(p for p, f in ONNX_FILES.items() if (path / f).is_file())
         raise UsageError(f"bundle {where} has no {precision} model ({filename}); it has: {', '.join(have) or 'none'}")
     return filename
@@ -139,11 +149,8 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
         if not path.is_dir():
             raise UsageError(f"no bundle folder or ONNX file at {source}")
         if not (path / filename).is_file():
+            refuse_timm_saved(path, source)
             held = sorted(p.name for p in path.iterdir())
-            onnx = any(n.lower().endswith(".onnx") for n in held)
-            if not onnx and "config.json" in held and {"model.safetensors", "pytorch_model.bin"} & set(held):
-                raise UsageError(f"{path} holds a model timm saved (config.json and weights), not an ONNX export: "
-                                 f"bundle it first, `nfnet-hub bundle local-dir:{source} --out BUNDLE`")
             raise UsageError(f"{path} holds no {filename}: is it a bundle folder? (it holds: "
                              f"{', '.join(held) or 'nothing'})")
         return path / filename, path / "config.json"
@@ -157,10 +164,18 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
     except UsageError:
         raise UsageError(f"{source!r} is neither a bundle folder nor a Hub repo id of the form ORG/NAME"
                          "[@REVISION]") from None
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
     kw = dict(revision=revision, cache_dir=cache_dir, token=token)
     with hub_errors(f"downloading {source}"):
         config_file = Path(hf_hub_download(repo_id, "config.json", **kw))
-        return Path(hf_hub_download(repo_id, filename, **kw)), config_file
+        try:
+            return Path(hf_hub_download(repo_id, filename, **kw)), config_file
+        except RemoteEntryNotFoundError:
+            if filename != "model.onnx":
+                raise UsageError(f"{source} on the Hub has no {filename}: that precision was not published") from None
+            raise UsageError(f"{source} on the Hub has no model.onnx, so it is not an nfnet-hub bundle (a model timm "
+                             f"saved?): bundle it first, `nfnet-hub bundle hf-hub:{source} --out BUNDLE`") from None
 
 
 class OnnxClassifier:

@@ -338,6 +338,8 @@ CASES = [
     ("predict-timm-saved-folder", ["predict", "images/3/0000.png", "--model", "timmsaved"],
      r"timmsaved holds a model timm saved \(config.json and weights\), not an ONNX export: bundle it first, "
      r"`nfnet-hub bundle local-dir:timmsaved --out BUNDLE`"),
+    ("serve-timm-saved-folder", ["serve", "timmsaved"], "timmsaved holds a model timm saved"),
+    ("triton-timm-saved-folder", ["triton", "timmsaved", "--out", "repo"], "timmsaved holds a model timm saved"),
     ("predict-not-an-image", ["predict", "notes.txt", "--model", "bundle"], "notes.txt is not a readable image"),
     ("predict-decompression-bomb", ["predict", "bomb.png", "--model", "bundle"],
      "bomb.png is not a readable image: Image size \\(400000000 pixels\\) exceeds limit"),
@@ -402,7 +404,8 @@ def _timm_saved(ws: Path) -> None:
 
 
 SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine"),
-           "predict-timm-saved-folder": _timm_saved,
+           "predict-timm-saved-folder": _timm_saved, "serve-timm-saved-folder": _timm_saved,
+           "triton-timm-saved-folder": _timm_saved,
            "train-into-an-earlier-run": _earlier_run, "train-into-a-run-that-saved-nothing": _run_without_checkpoint}
 MESSAGES = {
     "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",

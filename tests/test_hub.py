@@ -221,6 +221,35 @@ def test_the_published_version_printed_pinned_is_the_one_predict_reads(bundle, s
     assert out.stdout.splitlines() == [photo, f"  {best.probability:7.2%}  {best.label}"]
 
 
+def test_a_hub_repository_without_the_onnx_file_says_what_it_lacks(bundle, sample_images, tmp_path):
+    """A model timm saved on the Hub (config.json and weights: what timm's own repositories hold) is told how to
+    bundle it; a repository without the precision asked for is told that (a 404 page's first line before)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from timm.models import save_for_hf
+
+    save_for_hf(timm.create_model("nfnet_hub_nano", num_classes=10), tmp_path / "saved", safe_serialization=True)
+    photo = str(eight_bit_photos(sample_images)[0])
+    with HubStub() as hub:
+        api = HfApi(endpoint=hub.url, token="hf_x")
+        api.create_repo("me/saved")
+        api.create_commit("me/saved", [CommitOperationAdd(p.name, str(p)) for p in (tmp_path / "saved").iterdir()],
+                          commit_message="timm's save_for_hf")
+        api.create_repo("me/fp32")  # an fp32 export with its config, no other precision
+        api.create_commit("me/fp32", [CommitOperationAdd(n, str(bundle / n)) for n in ("config.json", "model.onnx")],
+                          commit_message="fp32 only")
+        env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_x", "HF_HOME": str(tmp_path / "hf"),
+               "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_HUB_OFFLINE", None)
+        runs = {args[-1]: subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "predict", photo, "--model", *args],
+                                         env=env, capture_output=True, text=True, timeout=300)
+                for args in (["me/saved"], ["me/fp32", "--precision", "fp16"])}
+    assert runs["me/saved"].returncode == 2 and runs["me/saved"].stderr.endswith(
+        "me/saved on the Hub has no model.onnx, so it is not an nfnet-hub bundle (a model timm saved?): bundle it "
+        "first, `nfnet-hub bundle hf-hub:me/saved --out BUNDLE`\n")
+    assert runs["fp16"].returncode == 2 and runs["fp16"].stderr.endswith(
+        "me/fp32 on the Hub has no model_fp16.onnx: that precision was not published\n")
+
+
 def test_a_bundle_published_to_another_repository_gets_a_card_that_names_it(bundle, tmp_path):
     """The card names the repository a bundle was built for (the quickstart's: YOUR-ORG/...); published elsewhere,
     the uploaded card names where it is, its checksums still hold, and the bundle folder is left as it is."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, parse_source, precision_file, split_revision
+from ..runtime import OnnxClassifier, parse_source, precision_file, refuse_timm_saved, split_revision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -91,6 +91,7 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
         folders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         found = {p.name: str(p) for p in folders if _is_bundle(p)}
         if not found:
+            refuse_timm_saved(path, source)
             raise UsageError(f"{source} is neither a bundle folder (config.json and model.onnx) nor a folder of them")
         if name:
             raise UsageError(f"--name names one model, but {source} holds {len(found)} bundles, each served under "
