@@ -22,6 +22,7 @@ from nfnet_hub.cli import main
 from nfnet_hub.train import loop, parse_args, train
 from nfnet_hub.train.build import build, create_ema, learning_rate
 from nfnet_hub.train.loop import optimizer_step
+from nfnet_hub.train.values import check_ranges
 
 FIXTURE = Path(__file__).parent / "fixtures" / "timm-train-args.yaml"  # written by timm's own train.py
 # the command line that wrote it (timm's train.py, main branch, timm 1.0.x)
@@ -65,6 +66,41 @@ def test_options_nfnet_hub_does_not_implement_are_refused_by_name_before_any_wor
                                                                 "--kd-model-name 'resnet18'"]
     assert not list(tmp_path.iterdir())
 
+
+
+def test_values_out_of_range_are_refused_by_name_before_any_work(tmp_path, capsys):
+    """train.py takes them, then fails in a timm assertion or torch (--mean of two values, --smoothing 1.5,
+    --color-jitter -0.4, --drop 1.5) or trains on nonsense (--std 0: NaN; --scale max min)."""
+    code = main(["train", *QUICK, "--data-dir", str(tmp_path), "--dataset", "", "--mean", "0.5", "0.5", "--std", "0",
+                 "--drop", "1.5", "--smoothing", "1", "--color-jitter", "-0.4", "--scale", "0.9", "0.1",
+                 "--weight-decay", "-1", "--hflip", "0.5", "--output", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and err[0] == "nfnet-hub train: error: 7 option value(s) out of range:", err
+    assert [line.strip() for line in err[1:]] == [
+        "--drop 1.5: must be a probability, 0 to 1", "--smoothing 1.0: must be at least 0 and below 1",
+        "--color-jitter -0.4: must be 0 or more", "--weight-decay -1.0: must be 0 or more",
+        "--std 0.0: must be above 0 (pixels are divided by it)",
+        "--scale 0.9 0.1: must be two values, the smaller first (min max)",
+        "--mean 0.5 0.5: must be one value, or one per input channel (3)"]
+    assert not (tmp_path / "runs").exists()
+    one = parse_args(["--input-size", "1", "32", "32", "--mean", "0.5", "0.5", "0.5", "--std", "0.2"])
+    check_ranges(one)  # three for one channel (timm's loader averages them), one for every channel
+
+
+def test_a_configs_values_are_typed_as_the_command_line_types_them(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("lr: '0.1'\nmean: 0.5\nepochs: 10.5\nmodel: [a, b]\ninput_size: 32\namp: 'yes'\n"
+                      "opt_kwargs: {foo: 1}\n")
+    assert main(["train", "--config", str(config), "--output", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"nfnet-hub train: error: {config}: 4 value(s) that the option(s) do not take:"
+    assert [line.strip() for line in err[1:]] == [
+        "epochs: 10.5: expected an integer of at least 1, got '10.5'",
+        "model: ['a', 'b']: expected one value, got a list", "input_size: 32: expected a list of 3",
+        "amp: 'yes': expected true or false"]
+    config.write_text("lr: '0.1'\nmean: 0.5\nopt_kwargs: {foo: 1}\n")
+    args = parse_args(["--config", str(config)])
+    assert (args.lr, args.mean, args.opt_kwargs) == (0.1, [0.5], {"foo": 1})  # as --lr 0.1 --mean 0.5 give them
 
 
 def test_image_options_the_digits_would_ignore_are_refused_by_name(tmp_path, capsys):

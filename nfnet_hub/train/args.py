@@ -19,6 +19,7 @@ import yaml
 from ..argtypes import at_least, split_name
 from ..errors import UsageError, folder_given
 from ..files import check_writable_folder, read_text
+from .values import check_ranges, typed_config
 
 DIGITS = "digits"
 # what reads and transforms images: the bundled digits are arrays scaled to the input size, and take none of it
@@ -325,8 +326,8 @@ def apply_config(parser: argparse.ArgumentParser, name: str) -> None:
     if unset and os.environ.get("RANK", "0") == "0":
         print(f"note: {name}: {', '.join(unset)}: not options nfnet-hub train knows, and unset there: ignored",
               flush=True)
-    parser.set_defaults(**{k.replace("-", "_"): v for k, v in cfg.items()
-                           if k not in RECORDED and k not in unset and k != "config"})
+    given = {k.replace("-", "_"): v for k, v in cfg.items() if k not in RECORDED and k not in unset and k != "config"}
+    parser.set_defaults(**typed_config(parser, given, name))
 
 
 def _unset(value: Any) -> bool:
@@ -336,8 +337,7 @@ def _unset(value: Any) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse like timm's train.py: YAML defaults first, then the command line on top."""
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config:
+    if (pre := parser.parse_known_args(argv)[0]).config:
         apply_config(parser, pre.config)
     return parser.parse_args(argv)
 
@@ -394,5 +394,6 @@ def check_args(args: argparse.Namespace) -> None:
                          "weights from the checkpoint it resumes")
     if args.torchscript and args.torchcompile:
         raise UsageError("--torchscript and --torchcompile conflict (as in train.py): choose one")
+    check_ranges(args)
     if args.eval_metric not in ("top1", "top5", "loss"):
         raise UsageError(f"--eval-metric {args.eval_metric!r}: choose top1, top5 or loss")
