@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from .bundle_files import CHECKSUMS, ONNX_FILES, REQUIRED
-from .errors import BundleError, UsageError
+from .errors import BundleError, HubError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors
 from .int8 import MIN_AGREEMENT
@@ -335,6 +335,9 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(f"publishing to {repo_id}", endpoint):
         api.create_repo(repo_id, private=private, exist_ok=True)
+        if private and not api.repo_info(repo_id).private:  # create_repo leaves an existing repository as it is
+            raise HubError(f"{repo_id} exists and is public, and --private does not change that: nothing was "
+                              "uploaded (make it private in its settings on the Hub, or publish without --private)")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in uploads.items()]

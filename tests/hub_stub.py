@@ -1,7 +1,7 @@
 """A stand-in for the Hugging Face Hub's upload endpoints, on loopback, for tests only.
 
 olah (the real mirror used for downloads in the tests) cannot receive uploads, so this server
-implements only what huggingface_hub's ``create_repo``, ``create_branch`` and ``create_commit``
+implements only what huggingface_hub's ``create_repo``, ``repo_info``, ``create_branch`` and ``create_commit``
 (card YAML validation, preupload, one NDJSON commit with files sent inline) need, plus ``resolve`` so the publisher can
 download back what it uploaded. It stores every commit in memory.
 """
@@ -114,6 +114,12 @@ class HubStub:
                 self._resolve(head=True)
 
             def do_GET(self):
+                info = re.match(r"^/api/models/([^/]+/[^/]+)$", self.path.split("?")[0])
+                if info:  # repo_info: its visibility
+                    stub.requests.append(("GET", self.path))
+                    repo = stub.repos.get(info.group(1))
+                    return self._json(200, {"id": info.group(1), "private": repo["private"],
+                                            "sha": repo["refs"]["main"]}) if repo else self._json(404, {})
                 self._resolve(head=False)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

@@ -28,6 +28,7 @@ from serving import Server, infer
 from tritonclient.http import InferenceServerClient, InferInput
 
 from nfnet_hub.cli import main
+from nfnet_hub.errors import HubError
 from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
 from nfnet_hub.runtime import OnnxClassifier
 
@@ -199,6 +200,12 @@ def test_publish_uploads_one_commit_and_verifies(bundle, capsys):
         assert pr["pr_url"] and "refs/pr/1" in hub.repos["me/nano"]["refs"]
         dev = publish(bundle, "me/nano", endpoint=hub.url, token=token, revision="dev")
         assert hub.repos["me/nano"]["refs"]["dev"] == dev["commit"]
+        publish(bundle, "me/public", endpoint=hub.url, token=token)
+        commits = len(hub.repos["me/public"]["commits"])
+        with pytest.raises(HubError, match=r"^me/public exists and is public, and --private does not change that: "
+                                           "nothing was uploaded"):
+            publish(bundle, "me/public", endpoint=hub.url, token=token, private=True)  # would stay public, silently
+        assert len(hub.repos["me/public"]["commits"]) == commits
     assert token not in capsys.readouterr().out
 
 
