@@ -5,7 +5,7 @@ products in 16 bits with saturation, so the same int8 file can lose points there
 with VNNI. For each setting this trains the quickstart's model (nano on digits) with several seeds,
 quantises it, and measures accuracy on the held-out digits here and on an emulated EPYC-Milan (qemu
 user mode, `apt-get install qemu-user`; skipped without it). Then it times F0 at 256 px, fp32 against
-the settings, here.
+the settings, here, and the export's fp32 and int8 at opset 17 (older runtimes: GELU written as its formula).
 
     python benchmarks/int8.py            # about 15 minutes on 2 cores; writes benchmarks/results/int8.json
     python benchmarks/int8.py --smoke    # every step, small (one seed, one epoch, nano): what the tests run
@@ -31,6 +31,7 @@ from common import RESULTS, median_s, save, trained_like  # noqa: E402
 import nfnet_hub  # noqa: E402,F401
 from nfnet_hub.export import export_onnx  # noqa: E402
 from nfnet_hub.int8 import quantize_int8  # noqa: E402
+from nfnet_hub.onnx_graph import MIN_OPSET  # noqa: E402
 from nfnet_hub.quickstart import CALIBRATION, train_args  # noqa: E402
 from nfnet_hub.train import parse_args, train  # noqa: E402
 from nfnet_hub.train.data import digits_split, digits_to_tensor  # noqa: E402
@@ -107,13 +108,16 @@ def speed(name: str = "nfnet_hub_f0", size: int = 256) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         export_onnx(model, tmp / "fp32.onnx", img_size=size)
-        fp32 = onnx.load(tmp / "fp32.onnx")
+        export_onnx(model, tmp / "fp32_old.onnx", img_size=size, opset=MIN_OPSET)  # GELU as its formula
         calibration = rng.standard_normal((16, 3, size, size)).astype(np.float32)  # speed does not depend on it
         files = {"fp32": tmp / "fp32.onnx"}
         for i, setting_name in enumerate(SPEED):
             setting = {k: v for k, v in SETTINGS[setting_name].items() if k != "images"}
-            onnx.save(quantize_int8(fp32, calibration, **setting), tmp / f"{i}.onnx")
+            onnx.save(quantize_int8(onnx.load(tmp / "fp32.onnx"), calibration, **setting), tmp / f"{i}.onnx")
             files[setting_name] = tmp / f"{i}.onnx"
+        files[f"fp32, opset {MIN_OPSET}"] = tmp / "fp32_old.onnx"  # for runtimes before ONNX Runtime 1.17
+        onnx.save(quantize_int8(onnx.load(tmp / "fp32_old.onnx"), calibration), tmp / "int8_old.onnx")
+        files[f"{SPEED[-1]}, opset {MIN_OPSET}"] = tmp / "int8_old.onnx"
         sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for k, p in files.items()}
         out: dict = {}
         for batch, runs in ((1, 10), (8, 3)):

@@ -16,7 +16,7 @@ from .bundle_files import ONNX_FILES
 from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, NfnetHubError, UsageError
 from .files import read_text, write_atomically
-from .hub import build_bundle, publish, sha256, verify_bundle
+from .hub import build_bundle, publish, read_checksums, sha256, verify_bundle
 from .hubclient import check_repo_id
 from .int8 import MIN_AGREEMENT
 from .onnx_graph import DEFAULT_OPSET, check_opset
@@ -173,6 +173,21 @@ def _read_state(path: Path) -> dict[str, dict[str, Any]]:
     return state
 
 
+def _keep_edited_card(folder: Path, say: Callable[[str], Any]) -> None:
+    """A card edited by hand is copied beside its bundle before a rebuild replaces it (with new figures)."""
+    card = folder / "README.md"
+    try:
+        edited = card.is_file() and read_checksums(folder).get("README.md") != sha256(card)
+    except BundleError:
+        return
+    if edited:
+        n = 1
+        while (kept := folder.parent / f"{folder.name}.README.edited-{n}.md").exists():
+            n += 1
+        write_atomically(card.read_bytes(), kept)
+        say(f"its model card was edited by hand: the edit is kept in {kept}, for the rebuilt card")
+
+
 def _is_bundle(folder: Path) -> bool:
     try:
         verify_bundle(folder)
@@ -252,6 +267,7 @@ def _release_one(entry: dict[str, Any], tag: str, out: Path, state: dict[str, di
             built = record.get("built")
             why = "altered or incomplete" if built == settings else _changes(built, settings)
             say(f"the bundle in {folder} is not this entry's ({why}): building it again")
+            _keep_edited_card(folder, say)
         _build(entry, folder, say, force)
         record["built"] = settings
     say("checking (dry run)" if dry_run else "publishing")

@@ -79,11 +79,19 @@ def test_release_builds_publishes_and_resumes(tmp_path, capsys):
         assert release(manifest, dry_run=True, **run)[0]["dry_run"]
         assert "(altered or incomplete): building it again" in capsys.readouterr().out
 
-        # weights retrained in place are another model: both entries are rebuilt from them
+        # weights retrained in place are another model: both entries are rebuilt from them (a card edited by hand
+        # in the meantime is kept beside its bundle: the rebuilt card has new figures)
+        card_b = tmp_path / "rel" / "me__nano-b" / "README.md"
+        card_b.write_text(card_b.read_text() + "\nNotes of mine.\n")
+        edited_b = card_b.read_text()
         retrained = _nano(12)
         save_safetensors(retrained, tmp_path / "nano.safetensors")
         assert not all(r.get("skipped") for r in release(manifest, **run))
-        assert "(weights changed): building it again" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "(weights changed): building it again" in out
+        kept = tmp_path / "rel" / "me__nano-b.README.edited-1.md"
+        assert f"edited by hand: the edit is kept in {kept}" in out and kept.read_text() == edited_b
+        assert "Notes of mine" not in card_b.read_text()
         for repo_id in ("me/nano-a", "me/nano-b"):
             assert torch.equal(_published_weights(hub, repo_id), retrained.state_dict()["head.fc.weight"])
 
