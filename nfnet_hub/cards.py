@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,17 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .errors import UsageError
 
 TEMPLATE = "nfnet.md"
+
+
+def check_license(license: str) -> None:
+    """A license the Hub takes in a card's front matter: one of its lower-case identifiers (apache-2.0, mit,
+    cc-by-4.0 ..., or other); it refuses the upload of a card with anything else."""
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        hint = f" (the Hub writes it {license.lower()!r})" if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.+-]*", license) \
+            else ""
+        raise UsageError(f"license {license!r} is not a license identifier the Hub takes{hint}: give one of its "
+                         "identifiers (apache-2.0, mit, cc-by-4.0 ..., https://huggingface.co/docs/hub/"
+                         "repositories-licenses) or 'other', then name yours in the card")
 
 
 def card_data(*, repo_id: str, license: str, dataset: str | None, metrics: dict[str, float] | None) -> ModelCardData:

@@ -112,7 +112,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     """
     from timm.models import save_for_hf
 
-    from .cards import card_data, render_card
+    from .cards import card_data, check_license, render_card
     from .export import VERIFY_BATCHES, export_onnx, reference_model
     from .models.checkpoint import save_safetensors
     from .models.stats import model_stats
@@ -123,6 +123,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     if unknown := sorted(set(precisions) - set(ONNX_FILES)):
         raise UsageError(f"unknown precisions {', '.join(unknown)}: choose from {', '.join(ONNX_FILES)}")
     check_opset(opset)
+    check_license(license)
     if out.exists() and not overwrite:
         raise BundleError(f"{out} exists; pass overwrite=True (--overwrite) to replace a bundle there")
     check_replaceable(out)
@@ -266,8 +267,12 @@ def _card_problem(path: Path) -> str | None:
     """Why a model card edited since bundling cannot be published (the Hub refuses front matter it cannot parse)."""
     from huggingface_hub import ModelCard
 
+    from .cards import check_license
+
     try:
-        ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=False)
+        license = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=False).data.license
+        if isinstance(license, str):
+            check_license(license)
     except UnicodeDecodeError:
         return "README.md (edited since bundling) is not UTF-8 text"
     except Exception as e:  # yaml's errors and huggingface_hub's ValueError: front matter the Hub refuses

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle_files import ONNX_FILES
+from .cards import check_license
 from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, NfnetHubError, UsageError
 from .files import read_text, write_atomically
@@ -96,6 +97,8 @@ def _entry_problems(entry: dict[str, Any]) -> list[str]:
                         f"got {low!r}")
     try:
         check_opset(entry.get("opset", DEFAULT_OPSET))
+        if isinstance(entry["license"], str) and entry["license"]:
+            check_license(entry["license"])
     except UsageError as e:
         problems.append(str(e))
     if "img_size" in entry and _img_size(entry["img_size"]) is None:

@@ -314,6 +314,8 @@ CASES = [
     ("bundle-overwrite-a-parent", ["bundle", *NANO, "--out", "..", "--overwrite"], "it holds the working folder"),
     ("bundle-overwrite-home", ["bundle", *NANO, "--out", "home", "--overwrite"], "it is or holds the home folder"),
     ("bundle-overwrite-a-file", ["bundle", *NANO, "--out", "notes.txt", "--overwrite"], "it is a file"),
+    ("bundle-license-not-an-identifier", ["bundle", *NANO, "--out", "b2", "--license", "My License"],
+     "license 'My License' is not a license identifier the Hub takes: give one of its identifiers"),
     ("bundle-exists", ["bundle", *NANO, "--out", "bundle"], "bundle exists; pass --overwrite"),
     ("bundle-bad-repo-id", ["bundle", *NANO, "--repo-id", "me/a..b", "--out", "b2"], "not of the form ORG/NAME"),
     ("bundle-missing-metrics", ["bundle", *NANO, "--metrics", "nope.json", "--out", "b2"],

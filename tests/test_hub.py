@@ -171,6 +171,8 @@ def test_a_non_square_model_is_bundled_at_its_size(sample_images, tmp_path):
     (lambda d: (d / "README.md").write_text("---\nlicense: [mit\n---\n# nano\n"),
      r"README.md \(edited since bundling\) has front matter the Hub refuses: while parsing a flow sequence"),
     (lambda d: (d / "README.md").write_bytes(b"# caf\xe9\n"), r"README.md \(edited since bundling\) is not UTF-8"),
+    (lambda d: (d / "README.md").write_text("---\nlicense: My License\n---\n# nano\n"),
+     r"front matter the Hub refuses: license 'My License' is not a license identifier the Hub takes"),
     (lambda d: (d / "export.json").write_text(json.dumps({"exports": [
         {"file": "model.onnx", "precision": "fp32", "max_rel_error": 0.5}]})), "parity 0.5 exceeds"),
 ])

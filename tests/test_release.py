@@ -137,6 +137,8 @@ def test_release_failure_names_the_model_and_keeps_what_was_done(tmp_path, capsy
      'img_size = [32, 0]\n', ["that holds fp32", "got [32, 0]"]),
     (ENTRIES.replace("nano-b", "nano-a"), ["repo_id me/nano-a is listed by models 0, 1"]),
     (ENTRIES + "opset = 16\n", ["model 1: opset 16 is not supported: choose one from 17"]),
+    (ENTRIES + 'license = "MIT"\n', ["model 1: license 'MIT' is not a license identifier the Hub takes (the Hub "
+                                     "writes it 'mit')"]),
     ('[defaults]\nopset = "20"\n\n' + ENTRIES, ["model 0: opset '20' is not supported", "model 1: opset '20'"]),
     ('[[model]]\nrepo_id = "me/a"\nmodel = "nfnet_hub_f0"\nweights = "timm:nope"\n',
      ["nfnet_hub_f0 has no pretrained tag 'nope'; it has: dm_in1k"]),
