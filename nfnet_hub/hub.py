@@ -342,7 +342,7 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
         api.create_repo(repo_id, private=private, exist_ok=True)
         if private and not api.repo_info(repo_id).private:  # create_repo leaves an existing repository as it is
             raise HubError(f"{repo_id} exists and is public, and --private does not change that: nothing was "
-                              "uploaded (make it private in its settings on the Hub, or publish without --private)")
+                           "uploaded (make it private in its settings on the Hub, or publish without --private)")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in uploads.items()]
