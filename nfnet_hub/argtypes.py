@@ -36,6 +36,10 @@ def non_negative_float(text: str) -> float:
     return _number(text, float, "a finite number of at least 0", lambda v: math.isfinite(v) and v >= 0)
 
 
+def positive_float(text: str) -> float:
+    return _number(text, float, "a finite number above 0", lambda v: math.isfinite(v) and v > 0)
+
+
 def fraction(text: str) -> float:
     return _number(text, float, "a number between 0 and 1", lambda v: 0.0 <= v <= 1.0)
 

@@ -443,6 +443,7 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
             ([str(nano_bundle), "--workers", "0"], "--workers: must be a positive integer"),
             ([str(nano_bundle), "--max-delay-ms", "-1"], "--max-delay-ms: must be a finite number of at least 0"),
             ([str(nano_bundle), "--device", "cuda"], "has no CUDA provider"),
+            ([str(nano_bundle), "--max-request-mb", "0"], "--max-request-mb: must be a finite number above 0, got 0"),
         ]
         for args, words in cases:  # as a user runs it: a process each, which must not listen
             run = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "serve", *args, "--port", str(free_port())]
@@ -455,6 +456,8 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
 
     with pytest.raises(UsageError, match=r"^port 70000 is not a TCP port \(1 to 65535\)$"):  # from Python too
         serve(str(nano_bundle), options=ServeOptions(port=70000))
+    with pytest.raises(UsageError, match=r"^max_request_mb 0 would refuse every request"):
+        serve(str(nano_bundle), options=ServeOptions(max_request_mb=0))
 
 
 def test_the_readme_client_snippet_runs_as_written(server, digit_files, tmp_path, monkeypatch):

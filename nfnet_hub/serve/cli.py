@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from ..argtypes import non_negative_float, port, positive
+from ..argtypes import non_negative_float, port, positive, positive_float
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -30,7 +30,7 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=positive, help="ONNX Runtime threads per batch (default: the CPUs this process "
                    "may use, container limits included, shared by the --workers batches; ONNX Runtime's own, one per "
                    "core, where one batch has the whole machine)")
-    s.add_argument("--max-request-mb", type=non_negative_float, default=64.0,
+    s.add_argument("--max-request-mb", type=positive_float, default=64.0,
                    help="largest request body, in MiB; larger ones get HTTP 400")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA where onnxruntime-gpu can use it, else CPU")

@@ -161,6 +161,9 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
     """Serve the bundles of ``source`` until SIGTERM or Ctrl-C, then drain in-flight requests and return."""
     if options.precision not in ONNX_FILES:
         raise UsageError(f"unknown precision {options.precision!r}: choose one of {', '.join(ONNX_FILES)}")
+    if not (isinstance(options.max_request_mb, int | float) and 0 < options.max_request_mb < float("inf")):
+        raise UsageError(f"max_request_mb {options.max_request_mb!r} would refuse every request: give a size in MiB "
+                         "above 0")
     if options.grpc_port == options.port:
         raise UsageError(f"--grpc-port {options.grpc_port} is the HTTP port: give another")
     for port in (options.port, options.grpc_port):
