@@ -292,6 +292,10 @@ CASES = [
      "--in-chans 1 and --input-size 3 32 32 disagree: the first value of --input-size is the channel count"),
     ("train-into-an-earlier-run", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output", "old"],
      r"old/nfnet_hub_nano-digits holds an earlier run \(last.pth.tar, summary.csv\): continue it with --resume auto"),
+    ("train-resume-into-another-run", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--resume",
+                                       "nano.pth.tar", "--epochs", "20", "--output", "old"],
+     r"old/nfnet_hub_nano-digits holds another run \(last.pth.tar, summary.csv\), which resuming nano.pth.tar "
+     r"would write over: go on in the checkpoint's own folder \(\.: name it"),
     ("train-into-a-run-that-saved-nothing", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output",
                                              "old"], r"old/nfnet_hub_nano-digits holds the args.yaml of a run that "
      r"saved no checkpoint .*: start afresh in it with --resume auto"),
@@ -408,7 +412,8 @@ def _timm_saved(ws: Path) -> None:
 SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine"),
            "predict-timm-saved-folder": _timm_saved, "serve-timm-saved-folder": _timm_saved,
            "triton-timm-saved-folder": _timm_saved,
-           "train-into-an-earlier-run": _earlier_run, "train-into-a-run-that-saved-nothing": _run_without_checkpoint}
+           "train-into-an-earlier-run": _earlier_run, "train-resume-into-another-run": _earlier_run,
+           "train-into-a-run-that-saved-nothing": _run_without_checkpoint}
 MESSAGES = {
     "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",
     "quickstart-bundle-folder-not-a-bundle": "refusing to replace bundle: it is not a bundle",

@@ -489,20 +489,38 @@ def test_resuming_on_other_classes_or_another_input_size_is_said(trained_nano, d
     from nfnet_hub.train.loop import resume
 
     path = Path(trained_nano["output"]) / "last.pth.tar"
-    same = build(parse_args([*QUICK, "--epochs", "20", "--output", str(tmp_path / "same")]))
+    recipe = ["--lr", "0.2", "--clip-grad", "0.02", "--clip-mode", "agc"]  # trained_nano's
+    same = build(parse_args([*QUICK, *recipe, "--epochs", "20", "--output", str(tmp_path / "same")]))
     resume(same, load_training_state(path), path)
     assert "warning" not in capsys.readouterr().out
     for split in ("train", "validation"):
         for digit in range(10):
             (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
             (tmp_path / "data" / split / f"digit{digit}").symlink_to(digits_folders / split / str(digit))
-    other = build(parse_args([*QUICK, "--dataset", "", "--data-dir", str(tmp_path / "data"), "--img-size", "64",
-                              "--input-img-mode", "YCbCr", "--epochs", "20", "--output", str(tmp_path / "other")]))
+    other = build(parse_args([*QUICK, *recipe, "--dataset", "", "--data-dir", str(tmp_path / "data"), "--img-size",
+                              "64", "--input-img-mode", "YCbCr", "--epochs", "20",
+                              "--output", str(tmp_path / "other")]))
     resume(other, load_training_state(path), path)
     out = capsys.readouterr().out
     assert f"warning: {path} was trained on classes 0, 1, 2, 3, 4, 5 ...; the data now have digit0, digit1, " in out
     assert f"warning: {path} was trained with input_size [3, 32, 32]; this run uses [3, 64, 64]" in out
     assert f"warning: {path} was trained with image mode RGB; this run uses YCbCr" in out
+    assert f"warning: {path}'s run trained with --lr 0.2" not in out  # the recipe was given again
+
+
+def test_resuming_without_the_runs_own_recipe_is_said(trained_nano, tmp_path, capsys):
+    """A resume takes the options given now, as train.py's does: a run of AGC resumed without it (the way an NFNet
+    diverges) says which optimisation options changed and how to give the run's own."""
+    from nfnet_hub.train.checkpoints import load_training_state
+    from nfnet_hub.train.loop import resume
+
+    path = Path(trained_nano["output"]) / "last.pth.tar"
+    plain = build(parse_args([*QUICK, "--epochs", "20", "--output", str(tmp_path)]))
+    resume(plain, load_training_state(path), path)
+    out = capsys.readouterr().out
+    assert (f"warning: {path}'s run trained with --lr 0.2, --clip-mode agc, --clip-grad 0.02; this run with --lr None, "
+            f"--clip-mode norm, --clip-grad None (a resumed run takes the options given now, as train.py's does: to "
+            f"resume the run as it was, give --config {path.parent / 'args.yaml'})") in out
 
 
 def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path):

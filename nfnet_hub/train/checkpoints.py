@@ -81,6 +81,17 @@ def check_new_run_folder(out_dir: Path) -> None:
                          "or start a new one elsewhere with --experiment NAME (or --output DIR)")
 
 
+def check_resume_folder(out_dir: Path, path: Path) -> None:
+    """A run resumed from a checkpoint goes on in that checkpoint's folder, or in one no other run has written to:
+    resuming one run into another's folder (ours is MODEL-DATASET by default) would write over that run's files."""
+    if _restarted() or out_dir.resolve() == path.resolve().parent:
+        return
+    if others := sorted(p.name for p in run_files(out_dir)):
+        raise UsageError(f"{out_dir} holds another run ({', '.join(others)}), which resuming {path} would write over: "
+                         f"go on in the checkpoint's own folder ({path.parent}: name it with --output and "
+                         "--experiment), or in a new one (--experiment NAME)")
+
+
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """A training checkpoint of this trainer or of timm's train.py (its ``args`` Namespace is admitted)."""
     path = Path(path)

@@ -32,6 +32,7 @@ from .checkpoints import (
     History,
     check_new_run_folder,
     check_resumable,
+    check_resume_folder,
     load_training_state,
     resume_path,
     rng_state,
@@ -187,6 +188,8 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     if run.main:
         for line in _data_changes(state.get("data_config"), run.loaders.data_config, path):
             print(f"warning: {line}", flush=True)
+        if line := _recipe_changes(saved_args(state), args, path):
+            print(f"warning: {line}", flush=True)
     if args.sched_on_updates:
         run.scheduler.step_update(global_step)
     else:
@@ -222,6 +225,23 @@ def _data_changes(before: dict[str, Any] | None, now: dict[str, Any], path: Path
             f"{path} was trained with {k} {old}; this run uses {new}" for k, old, new in changed]
 
 
+_RECIPE = ("opt", "lr", "lr_base", "batch_size", "momentum", "weight_decay", "clip_mode", "clip_grad")
+
+
+def _recipe_changes(before: dict[str, Any], args: argparse.Namespace, path: Path) -> str:
+    """The optimisation options a resumed run changes: a resume takes the options given now, as in train.py, so a
+    run resumed without its own (an NFNet that trained under AGC and resumes without it can diverge) is said."""
+    changed = [k for k in _RECIPE if k in before and before[k] != getattr(args, k)]
+    if not changed:
+        return ""
+    shown = lambda options: ", ".join(f"--{k.replace('_', '-')} {options(k)}" for k in changed)  # noqa: E731
+    run_args = path.parent / "args.yaml"
+    again = f"--config {run_args}" if run_args.is_file() else "its options"
+    return (f"{path}'s run trained with {shown(before.get)}; this run with {shown(lambda k: getattr(args, k))} "
+            f"(a resumed run takes the options given now, as train.py's does: to resume the run as it was, give "
+            f"{again})")
+
+
 def _brief(names: list | None) -> str:
     return "(none recorded)" if not names else ", ".join(map(str, names[:6])) + (" ..." if len(names) > 6 else "")
 
@@ -254,6 +274,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     state = load_training_state(path) if path is not None else None  # read before any work: errors come first
     if state is None and args.resume != "auto":  # auto: the folder is this run's, whatever it holds
         check_new_run_folder(out_dir)
+    elif state is not None and args.resume != "auto":
+        check_resume_folder(out_dir, path)
     run = build(args)
     args = run.args
     start_epoch, step_in_epoch, global_step, best, kept = 0, 0, 0, None, None
