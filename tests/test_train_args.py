@@ -521,6 +521,11 @@ def test_resuming_without_the_runs_own_recipe_is_said(trained_nano, tmp_path, ca
     assert (f"warning: {path}'s run trained with --lr 0.2, --clip-mode agc, --clip-grad 0.02; this run with --lr None, "
             f"--clip-mode norm, --clip-grad None (a resumed run takes the options given now, as train.py's does: to "
             f"resume the run as it was, give --config {path.parent / 'args.yaml'})") in out
+    state = load_training_state(path)  # train.py saves the rate it resolved from --lr-base 0.1 at batch 64 as --lr
+    state["args"] = {**state["args"], "lr": 0.1 * 64 / 256, "clip_mode": "norm", "clip_grad": None}
+    again = build(parse_args([*QUICK, "--epochs", "20", "--output", str(tmp_path / "again")]))
+    resume(again, state, path)
+    assert "'s run trained with" not in capsys.readouterr().out
 
 
 def test_resume_without_the_optimiser_or_at_another_epoch(trained_nano, tmp_path):

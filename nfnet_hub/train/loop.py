@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,7 +26,7 @@ from ..agc import adaptive_clip_grad_
 from ..errors import TrainingError
 from ..preprocess import DEFAULT_MODES, IMAGE_MODE
 from .args import check_args
-from .build import Run, build
+from .build import Run, build, learning_rate
 from .checkpoints import (
     LAST,
     VERSION,
@@ -188,7 +189,7 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     if run.main:
         for line in _data_changes(state.get("data_config"), run.loaders.data_config, path):
             print(f"warning: {line}", flush=True)
-        if line := _recipe_changes(saved_args(state), args, path):
+        if line := _recipe_changes(saved_args(state), args, path, learning_rate(args, run.world)):
             print(f"warning: {line}", flush=True)
     if args.sched_on_updates:
         run.scheduler.step_update(global_step)
@@ -228,10 +229,12 @@ def _data_changes(before: dict[str, Any] | None, now: dict[str, Any], path: Path
 _RECIPE = ("opt", "lr", "lr_base", "batch_size", "momentum", "weight_decay", "clip_mode", "clip_grad")
 
 
-def _recipe_changes(before: dict[str, Any], args: argparse.Namespace, path: Path) -> str:
+def _recipe_changes(before: dict[str, Any], args: argparse.Namespace, path: Path, lr: float) -> str:
     """The optimisation options a resumed run changes: a resume takes the options given now, as in train.py, so a
-    run resumed without its own (an NFNet that trained under AGC and resumes without it can diverge) is said."""
-    changed = [k for k in _RECIPE if k in before and before[k] != getattr(args, k)]
+    run resumed without its own (an NFNet that trained under AGC and resumes without it can diverge) is said.
+    train.py saves the learning rate it resolved from --lr-base as --lr: the same rate is no change."""
+    same_lr = isinstance(before.get("lr"), float | int) and math.isclose(before["lr"], lr, rel_tol=1e-9)
+    changed = [k for k in _RECIPE if k in before and before[k] != getattr(args, k) and not (k == "lr" and same_lr)]
     if not changed:
         return ""
     shown = lambda options: ", ".join(f"--{k.replace('_', '-')} {options(k)}" for k in changed)  # noqa: E731
