@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, Shard
 
 from nfnet_hub import agc_triton
@@ -111,10 +112,14 @@ def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipp
     """
     if method not in METHODS:
         raise ValueError(f"unknown AGC method {method!r}: choose one of {METHODS}")
+    _check_settings(clipping, eps)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = defaultdict(lambda: ([], []))
     for p in parameters:
+        if isinstance(p, tuple):
+            raise TypeError("adaptive_clip_grad_ takes parameters (agc_parameters(model), model.parameters()), not "
+                            "(name, parameter) pairs")
         if (g := p.grad) is not None:
             weights, grads = groups[(g.device, p.dtype, g.dtype)]
             weights.append(p)
@@ -162,6 +167,17 @@ def adaptive_clip_grad_(parameters: Iterable[torch.Tensor] | torch.Tensor, clipp
             g.index_copy_(0, rows, g.index_select(0, rows) * scale[idx].reshape(-1, *([1] * (g.ndim - 1))))
 
 
+def _check_settings(clipping: float, eps: float) -> None:
+    """A negative clipping flips every gradient it clips, and NaN clips none: both train on without a word."""
+    if not (math.isfinite(clipping) and clipping >= 0):
+        raise ValueError(f"AGC clipping={clipping!r}: a finite number >= 0 (the ratio of gradient to weight norm "
+                         "allowed per unit: the authors use 0.01 at batch size 4096, more for smaller batches; 0 "
+                         "clips every gradient to zero)")
+    if not (math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"AGC eps={eps!r}: a finite number >= 0 (the least weight norm, so that units whose weights "
+                         "are zero still train; the authors use 1e-3)")
+
+
 def agc_parameters(model: nn.Module, partition: str = "exclude_classifier") -> list[nn.Parameter]:
     """The parameters AGC should clip.
 
@@ -169,9 +185,16 @@ def agc_parameters(model: nn.Module, partition: str = "exclude_classifier") -> l
     classifier, found by module identity through ``model.get_classifier()``, not by parameter order.
     ``"authors"``: as the authors' optimiser groups them: the classifier weight is not clipped,
     its bias is (it falls into their gains-and-biases group).
+    A model wrapped by DDP or DataParallel (which share its parameters) is looked into.
     """
     if partition not in PARTITIONS:
         raise ValueError(f"unknown AGC partition {partition!r}: choose one of {PARTITIONS}")
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    if isinstance(model, FullyShardedDataParallel):
+        raise ValueError("FullyShardedDataParallel (FSDP1) flattens parameters into shards that cut across units: "
+                         "shard with fully_shard (FSDP2, as `nfnet-hub train --fsdp` does), whose parameters AGC "
+                         "clips unit-wise")
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if head is None or not isinstance(head, nn.Module):
         raise ValueError(f"{type(model).__name__} has no get_classifier(): cannot tell which parameters to exclude")

@@ -190,6 +190,44 @@ def test_classifier_is_found_by_identity_not_order():
     assert not [names[id(p)] for p in agc_parameters(nano) if names[id(p)].startswith("head.")]
 
 
+def test_wrapped_models_are_looked_into(tmp_path):
+    """A DDP loop calls agc_parameters(ddp_model): the wrapper shares the model's parameters, so the same ones."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    nano = timm.create_model("nfnet_hub_nano", num_classes=10)
+    expected = [id(p) for p in agc_parameters(nano)]
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for wrapped in (DistributedDataParallel(nano), nn.DataParallel(DistributedDataParallel(nano)),
+                        torch.compile(nano)):
+            assert [id(p) for p in agc_parameters(wrapped)] == expected
+        with pytest.raises(ValueError, match=r"FSDP1\) flattens parameters .* fully_shard \(FSDP2"):
+            # its one flat parameter, clipped as one unit, would be a silent wrong result
+            agc_parameters(FullyShardedDataParallel(timm.create_model("nfnet_hub_nano"), device_id=torch.device("cpu")))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("clipping,eps,message", [
+    (-0.01, 1e-3, "clipping=-0.01: a finite number >= 0"),  # would flip the sign of every clipped gradient
+    (math.nan, 1e-3, "clipping=nan"),  # would clip nothing
+    (0.01, -1e-3, "eps=-0.001: a finite number >= 0"),
+    (0.01, math.inf, "eps=inf"),
+])
+def test_settings_that_would_train_on_quietly_are_refused(clipping, eps, message):
+    params = _params(_cases())
+    grads = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        adaptive_clip_grad_(params, clipping, eps)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
+    adaptive_clip_grad_(params, 0.0)  # the formula's limit, allowed: every gradient clipped to zero
+    assert all(not p.grad.any() for p in params)
+    with pytest.raises(TypeError, match=r"not \(name, parameter\) pairs"):
+        adaptive_clip_grad_(nn.Linear(2, 2).named_parameters())
+
+
 def test_after_unscaling_under_mixed_precision():
     torch.manual_seed(0)
     model = randomise(timm.create_model("nfnet_hub_nano", num_classes=10, drop_rate=0.0)).train()
