@@ -204,6 +204,11 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
         calibrate_on, held_out = split_calibration(calibration)
     check_opset(opset)
     num_classes = getattr(model, "num_classes", 0)
+    if hasattr(model, "num_classes") and not num_classes:  # predict, serve and the Hub would read features as scores
+        name = cfg.get("architecture", type(model).__name__)
+        raise UsageError(f"{name} has no classifier (num_classes=0): export_onnx writes classifiers, whose outputs "
+                         "predict, serve and bundles read as class scores; give it one (model.reset_classifier(N)), "
+                         "or export its features yourself: torch.onnx.export(fold(model), ...)")
     if label_names is None:  # the class names the weights were trained with, where recorded
         recorded = readable_labels(cfg)
         label_names = recorded if len(recorded or ()) == num_classes else None

@@ -289,6 +289,10 @@ def test_bad_arguments(nano, tmp_path):
         export_onnx(nano, tmp_path / "m.onnx", precision="int8", calibration=np.zeros((4, 3, 64, 64), np.float32))
     with pytest.raises(ValueError, match="at least 2 calibration images"):
         export_onnx(nano, tmp_path / "m.onnx", precision="int8", calibration=np.zeros((1, 3, 32, 32), np.float32))
+    headless = copy.deepcopy(nano)
+    headless.reset_classifier(0)  # pooled features, which predict and serve would rank as classes 0..255
+    with pytest.raises(ValueError, match=r"nfnet_hub_nano has no classifier \(num_classes=0\)"):
+        export_onnx(headless, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
 
 
