@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import gzip
 import http.client
 import io
 import json
@@ -283,6 +284,11 @@ def _bad_requests():
         "classification not a count": ("nano", _request(outputs=[
             {"name": "logits", "parameters": {"classification": "2"}}]), {}, "classification must be a count"),
         "oversized body": ("nano", b" " * (2 << 20) + _request(), {}, "--max-request-mb"),
+        "gzip body above the limit once decompressed": (
+            "nano", gzip.compress(b" " * (2 << 20) + _request()), {"Content-Encoding": "gzip"}, "--max-request-mb"),
+        "truncated gzip body": ("nano", gzip.compress(_request())[:-30], {"Content-Encoding": "gzip"}, "truncated"),
+        "body not as its encoding says": ("nano", _request(), {"Content-Encoding": "deflate"}, "not deflate data"),
+        "unknown encoding": ("nano", _request(), {"Content-Encoding": "br"}, "takes gzip and deflate"),
     }
 
 
@@ -472,6 +478,22 @@ def test_the_readme_client_snippet_runs_as_written(server, digit_files, tmp_path
     code = snippet.replace("127.0.0.1:8080", server.removeprefix("http://")).replace('"nano-digits"', '"nano"')
     exec(compile(code, "README.md", "exec"), {"print": lambda *a: printed.write(" ".join(map(str, a)))})
     assert printed.getvalue().endswith("(1, 10)")
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_compressed_requests_are_answered_as_triton_answers_them(client, clf, digit_files, algorithm, binary):
+    """tritonclient's request_compression_algorithm, which Triton takes (the HTTP gzip and deflate encodings)."""
+    x = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    result = client.infer("nano", [_pixels_input(x, binary)], request_compression_algorithm=algorithm,
+                          response_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), rtol=0, atol=1e-5)
+    png = _encoded(digit_files[0], "PNG")
+    image = tritonclient_http.InferInput("image", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png], dtype=object))  # tritonclient sends bytes in binary only
+    result = client.infer("nano", [image], request_compression_algorithm=algorithm)
+    expected = clf.logits(clf.preprocess.batch([Image.open(io.BytesIO(png))]))
+    np.testing.assert_allclose(result.as_numpy("logits"), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("content_type", [None, "application/json", "text/plain"])

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the server, the request-size limit and model versions, as one ASGI middleware.
+"""Prometheus metrics of the server, the request-size limit, compressed requests and model versions, as one ASGI
+middleware.
 
 The metrics go to prometheus_client's default registry, which KServe's ``/metrics`` route exposes
 beside its own. The middleware sees every inference request, including those KServe refuses before
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import zlib
 
 from prometheus_client import Counter, Histogram
 
@@ -94,6 +96,18 @@ class InferenceGate:
                 return await _error(send, 400, too_big)
             if not message.get("more_body"):
                 break
+        if encoding := dict(scope["headers"]).get(b"content-encoding", b"").decode("latin-1").strip().lower():
+            try:
+                body = decompressed(bytes(body), encoding, self.max_body_bytes)
+            except ValueError as e:
+                FAILURES.labels(model, "400").inc()
+                return await _error(send, 400, str(e))
+            if len(body) > self.max_body_bytes:
+                FAILURES.labels(model, "400").inc()
+                return await _error(send, 400, too_big)
+            scope = dict(scope, headers=[(k, v) for k, v in scope["headers"]
+                                         if k not in (b"content-encoding", b"content-length")]
+                         + [(b"content-length", str(len(body)).encode())])
         replayed = False
 
         async def replay():
@@ -113,6 +127,25 @@ class InferenceGate:
             REQUEST_SECONDS.labels(model).observe(time.perf_counter() - started)
             if status[0] >= 400:
                 FAILURES.labels(model, str(status[0])).inc()
+
+
+def decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """A body sent with ``Content-Encoding`` gzip or deflate (tritonclient's ``request_compression_algorithm``,
+    which Triton takes), decompressed no further than ``limit`` + 1 bytes: a small body may expand beyond any limit."""
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ValueError(f"Content-Encoding {encoding!r}: this server takes gzip and deflate bodies, as Triton does")
+    inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # a gzip or zlib header, whichever the body has
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as e:
+        raise ValueError(f"the body is not {encoding} data, as its Content-Encoding says ({e})") from None
+    if len(out) > limit:
+        return out
+    if not inflater.eof:
+        raise ValueError(f"the {encoding} body ends before its data do (truncated?)")
+    return out
 
 
 async def _error(send, status: int, message: str) -> None:
