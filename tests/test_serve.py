@@ -347,6 +347,24 @@ def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_fil
                      _metrics(servers[0]))
 
 
+def test_no_client_can_unload_a_served_model(servers, client, clf):
+    """KServe's repository extension let any client unload a model for good (loading it back failed)."""
+    grpc_client = pytest.importorskip("tritonclient.grpc")
+    from tritonclient.utils import InferenceServerException
+
+    g = grpc_client.InferenceServerClient(servers[1])
+    for call, status in [(lambda: client.unload_model("nano"), "501"), (lambda: client.load_model("nano"), "501"),
+                         (lambda: g.unload_model("nano"), "UNIMPLEMENTED"), (lambda: g.load_model("nano"),
+                                                                             "UNIMPLEMENTED")]:
+        with pytest.raises(InferenceServerException, match="loads its models when it starts and keeps them") as e:
+            call()
+        assert status in str(e.value.status())
+    g.close()
+    assert client.is_model_ready("nano")
+    x = np.ones((1, 3, 32, 32), np.float32)
+    np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+
+
 def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):
     server = Server(str(nano_bundle), "--name", "nano", "--max-delay-ms", "1500")
     url = server.__enter__()

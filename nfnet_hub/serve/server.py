@@ -213,10 +213,13 @@ def _client_errors_in_one_line() -> None:
     from kserve.errors import InvalidInput, ModelNotFound
     from kserve.logging import logger
 
+    from .repository import ModelControlRefused
+
+    kinds = {InvalidInput: "bad request", ModelNotFound: "unknown model", ModelControlRefused: "model control"}
+
     def one_line(record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (InvalidInput, ModelNotFound)):
-            kind = "unknown model" if isinstance(error, ModelNotFound) else "bad request"
+        if kind := next((kind for cls, kind in kinds.items() if isinstance(error, cls)), None):
             record.msg, record.args = f"{kind}, refused: {error}", ()
             record.exc_info = record.exc_text = None
         return True
@@ -229,17 +232,17 @@ def _servers(models: list, options: ServeOptions):
     from fastapi.exceptions import RequestValidationError
     from kserve.model_repository import ModelRepository
     from kserve.model_server import app  # imported (sys.argv set aside) by .model, which every caller loads first
-    from kserve.protocol.model_repository_extension import ModelRepositoryExtension
     from kserve.protocol.rest.server import RESTServer
 
     from .binary import BinaryDataPlane
     from .metrics import InferenceGate
+    from .repository import FixedModels
 
     repository = ModelRepository()
     for model in models:
         repository.update(model)
     dataplane = BinaryDataPlane(model_registry=repository)
-    extension = ModelRepositoryExtension(model_registry=repository)
+    extension = FixedModels(model_registry=repository)
     rest = RESTServer("kserve.model_server:app", dataplane, extension, options.port,
                       grace_period=options.grace_period_s)
     rest.config.host = options.host
