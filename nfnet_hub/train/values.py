@@ -84,7 +84,7 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # option -> (holds f
     "color_jitter": (_non_negative, "0 or more"),
     "mixup": (_non_negative, "0 or more (0: off)"),
     "cutmix": (_non_negative, "0 or more (0: off)"),
-    "momentum": (_non_negative, "0 or more"),
+    "momentum": (lambda v: 0.0 <= v < 1.0, "at least 0 and below 1 (at 1 and above no gradient is ever forgotten)"),
     "weight_decay": (_non_negative, "0 or more"),
     "clip_grad": (_non_negative, "0 or more (0: no clipping)"),
     "lr": (_non_negative, "0 or more"),
@@ -96,7 +96,20 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # option -> (holds f
     "ratio": (_positive, "above 0"),
     "crop_pct": (_non_negative, "0 or more (0: the model's)"),
     "model_ema_decay": (_probability, "0 to 1"),
+    # schedules: a negative factor makes the learning rate negative (gradient ascent, without a word); timm divides
+    # by the decay interval and takes logarithms of the cycle length; its noise is redrawn until it is below the limit
+    "decay_rate": (_non_negative, "0 or more (the factor each decay multiplies the rate by; poly's power)"),
+    "decay_epochs": (_positive, "above 0"),
+    "lr_cycle_mul": (_positive, "above 0 (each cycle's length, relative to the one before)"),
+    "lr_cycle_decay": (_non_negative, "0 or more (the factor each cycle's peak rate is multiplied by)"),
+    "lr_k_decay": (_positive, "above 0 (1: the plain schedule)"),
+    "lr_noise_pct": (_positive, "above 0 (the noise's limit, a fraction of the rate)"),
+    "lr_noise_std": (_non_negative, "0 or more"),
+    "layer_decay": (_non_negative, "0 or more (each layer's rate is the next one's times it)"),
+    "bce_pos_weight": (_positive, "above 0"),
+    "seed": (lambda v: 0 <= v < 2**31, "0 to 2147483647 (numpy seeds each process with seed + rank)"),
 }
+REMODES = ("const", "rand", "pixel")  # timm's random erasing modes (it asserts on others)
 
 
 def check_ranges(args: argparse.Namespace) -> None:
@@ -119,5 +132,12 @@ def check_ranges(args: argparse.Namespace) -> None:
         if value is not None and len(value) not in counts:
             problems.append(f"--{key} {' '.join(map(str, value))}: must be one value, or one per input channel "
                             f"({channels or 3})")
+    if args.remode.lower() not in (*REMODES, ""):
+        problems.append(f"--remode {args.remode}: must be one of {', '.join(REMODES)}")
+    if args.torchcompile_mode is not None:
+        from torch._inductor import list_mode_options
+
+        if args.torchcompile_mode not in (modes := list(list_mode_options())):
+            problems.append(f"--torchcompile-mode {args.torchcompile_mode}: must be one of {', '.join(modes)}")
     if problems:
         raise UsageError(f"{len(problems)} option value(s) out of range:", details=problems)
