@@ -30,7 +30,10 @@ from .preprocess import eval_size
 __all__ = ["FoldError", "FoldedBlock", "FoldedNFNet", "fold"]
 
 _PLAIN_ACTS = {"gelu": nn.GELU, "gelu_tanh": partial(nn.GELU, approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU,
-               "swish": nn.SiLU}
+               "swish": nn.SiLU, "elu": nn.ELU, "celu": nn.CELU, "selu": nn.SELU, "leaky_relu": nn.LeakyReLU,
+               "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}  # timm's activations with an NF gamma
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.ELU, nn.CELU, nn.SELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh,
+                nn.Softplus, nn.Softsign, nn.Hardswish, nn.Hardsigmoid, nn.Mish)  # kept as they are
 _PASS_THROUGH = (nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)  # commute with a positive scalar
 
 
@@ -143,7 +146,7 @@ def _split_act(act: nn.Module | None, name: str) -> tuple[nn.Module, float]:
         if kind not in _PLAIN_ACTS:
             raise FoldError(f"{name}: activation function {kind!r} has no plain module")
         return _PLAIN_ACTS[kind](), act.gamma
-    if isinstance(act, (nn.ReLU, nn.SiLU, nn.GELU)) or type(act).__module__.startswith("timm.layers.activations"):
+    if isinstance(act, _ELEMENTWISE) or type(act).__module__.startswith("timm.layers.activations"):
         return copy.deepcopy(act), 1.0
     raise FoldError(f"{name}: cannot fold activation of type {type(act).__name__}")
 

@@ -81,6 +81,17 @@ def test_fold_is_exact_in_double_precision(name):
         assert rel_error(fold(model, img_size=64)(x), model(x)) <= 1e-12
 
 
+@pytest.mark.parametrize("act", ["elu", "celu", "selu", "leaky_relu", "relu6", "sigmoid", "tanh"])
+def test_every_activation_timm_has_a_gamma_for_folds_exactly(act):
+    """timm builds NF models with any activation of its gamma table: the gamma in the convolution (nf_resnet) or in
+    the activation (dm_nfnet's GammaAct); both were refused for all but relu, silu and gelu."""
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for name in ("nf_resnet26", "dm_nfnet_f0"):
+        model = randomise(timm.create_model(name, num_classes=16, act_layer=act)).double()
+        with torch.no_grad():
+            assert rel_error(fold(model, img_size=64)(x), model(x)) <= 1e-12, name
+
+
 def test_full_size_f0_at_test_resolution_folds_every_constant():
     folded = _check("nfnet_hub_f0", size=256)
     for m in folded.modules():
