@@ -18,6 +18,7 @@ from PIL import Image
 from .bundle_files import ONNX_FILES
 from .errors import UsageError
 from .preprocess import IMAGE_MODE, ImageSource, Preprocess, list_images, load_image, readable_labels
+from .runs import best_checkpoint, is_weights_file, run_model
 
 __all__ = ["ImageSource", "OnnxClassifier", "Preprocess", "Prediction", "list_images", "load_image"]
 
@@ -105,13 +106,23 @@ def file_config(model_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
                      "config.json beside it: load it from its bundle folder, whose config.json says how to preprocess")
 
 
-def refuse_timm_saved(path: Path, source: str) -> None:
-    """A folder of a model timm saved (``save_for_hf``: config.json and weights, no ONNX) is told how to bundle it."""
+def refuse_unexported(path: Path, source: str) -> None:
+    """Weights not yet exported to ONNX (a model timm saved with ``save_for_hf``, a training run's folder, a
+    checkpoint file) are told the command that bundles them."""
+    if is_weights_file(path):
+        raise UsageError(f"{path} holds weights, not an ONNX export: bundle them first, `nfnet-hub bundle "
+                         f"{run_model(path.parent)} --checkpoint {path} --out BUNDLE`")
+    if not path.is_dir():
+        return
     held = {p.name for p in path.iterdir()}
-    if not any(n.lower().endswith(".onnx") for n in held) and "config.json" in held and \
-            {"model.safetensors", "pytorch_model.bin"} & held:
+    if any(n.lower().endswith(".onnx") for n in held):
+        return
+    if "config.json" in held and {"model.safetensors", "pytorch_model.bin"} & held:
         raise UsageError(f"{path} holds a model timm saved (config.json and weights), not an ONNX export: "
                          f"bundle it first, `nfnet-hub bundle local-dir:{source} --out BUNDLE`")
+    if best := best_checkpoint(path):
+        raise UsageError(f"{path} is a training run (args.yaml and checkpoints), not an ONNX export: bundle its best "
+                         f"weights first, `nfnet-hub bundle {run_model(path)} --checkpoint {best} --out BUNDLE`")
 
 
 def precision_file(source: str, precision: str) -> str:
@@ -125,7 +136,7 @@ def precision_file(source: str, precision: str) -> str:
                              "--precision, or give its bundle folder")
         return path.name
     if local and path.is_dir() and not (path / filename).is_file():
-        refuse_timm_saved(path, where)
+        refuse_unexported(path, where)
         have = sorted(p for p, f in ONNX_FILES.items() if (path / f).is_file())
         raise UsageError(f"bundle {where} has no {precision} model ({filename}); it has: {', '.join(have) or 'none'}")
     return filename
@@ -140,6 +151,7 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
     path = Path(source).expanduser()
     if local and path.is_file():
         if path.suffix.lower() != ".onnx":
+            refuse_unexported(path, source)
             raise UsageError(f"{path} is a file but not an ONNX model: give a bundle folder or a .onnx file")
         if filename not in ("model.onnx", path.name):
             raise UsageError(f"{path} is one ONNX file, so it cannot also be {filename}: give the bundle folder "
@@ -149,7 +161,7 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
         if not path.is_dir():
             raise UsageError(f"no bundle folder or ONNX file at {source}")
         if not (path / filename).is_file():
-            refuse_timm_saved(path, source)
+            refuse_unexported(path, source)
             held = sorted(p.name for p in path.iterdir())
             raise UsageError(f"{path} holds no {filename}: is it a bundle folder? (it holds: "
                              f"{', '.join(held) or 'nothing'})")

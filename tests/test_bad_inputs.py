@@ -346,6 +346,20 @@ CASES = [
      r"`nfnet-hub bundle local-dir:timmsaved --out BUNDLE`"),
     ("serve-timm-saved-folder", ["serve", "timmsaved"], "timmsaved holds a model timm saved"),
     ("triton-timm-saved-folder", ["triton", "timmsaved", "--out", "repo"], "timmsaved holds a model timm saved"),
+    # a training run, or a checkpoint, where an export or a model name belongs: the command that takes it
+    ("predict-a-training-run", ["predict", "images/3/0000.png", "--model", "myrun"],
+     r"myrun is a training run \(args.yaml and checkpoints\), not an ONNX export: bundle its best weights first, "
+     r"`nfnet-hub bundle nfnet_hub_nano --checkpoint myrun/model_best.pth.tar --out BUNDLE`"),
+    ("serve-a-checkpoint-file", ["serve", "nano.pth.tar"], r"nano.pth.tar holds weights, not an ONNX export: bundle "
+     r"them first, `nfnet-hub bundle MODEL --checkpoint nano.pth.tar --out BUNDLE`"),
+    ("triton-a-training-run", ["triton", "myrun", "--out", "repo"], r"myrun is a training run"),
+    ("export-a-training-run-as-the-model", ["export", "myrun", "--out", "o"],
+     r"unknown model 'myrun': that folder is a training run: give its model and its best checkpoint, "
+     r"`nfnet_hub_nano --checkpoint myrun/model_best.pth.tar`"),
+    ("train-a-checkpoint-as-the-model", ["train", "--dataset", "digits", "--model", "myrun/model_best.pth.tar"],
+     r"that file holds weights: .*`nfnet_hub_nano --initial-checkpoint myrun/model_best.pth.tar`"),
+    ("train-a-hub-id-without-hf-hub", ["train", "--dataset", "digits", "--model", "me/nano"],
+     r"a model on the Hub is hf-hub:me/nano"),
     ("predict-not-an-image", ["predict", "notes.txt", "--model", "bundle"], "notes.txt is not a readable image"),
     ("predict-decompression-bomb", ["predict", "bomb.png", "--model", "bundle"],
      "bomb.png is not a readable image: Image size \\(400000000 pixels\\) exceeds limit"),
@@ -402,6 +416,12 @@ def _run_without_checkpoint(ws: Path) -> None:
     (ws / "old" / "nfnet_hub_nano-digits" / "args.yaml").write_text("model: nfnet_hub_nano\n")
 
 
+def _training_run(ws: Path) -> None:
+    (ws / "myrun").mkdir()
+    (ws / "myrun" / "args.yaml").write_text("model: nfnet_hub_nano\nepochs: 10\n")
+    shutil.copy(ws / "nano.pth.tar", ws / "myrun" / "model_best.pth.tar")
+
+
 def _timm_saved(ws: Path) -> None:
     """A folder as timm's save_for_hf leaves it: config.json and weights, no ONNX."""
     (ws / "timmsaved").mkdir()
@@ -413,7 +433,9 @@ SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("min
            "predict-timm-saved-folder": _timm_saved, "serve-timm-saved-folder": _timm_saved,
            "triton-timm-saved-folder": _timm_saved,
            "train-into-an-earlier-run": _earlier_run, "train-resume-into-another-run": _earlier_run,
-           "train-into-a-run-that-saved-nothing": _run_without_checkpoint}
+           "train-into-a-run-that-saved-nothing": _run_without_checkpoint,
+           **dict.fromkeys(("predict-a-training-run", "triton-a-training-run", "export-a-training-run-as-the-model",
+                            "train-a-checkpoint-as-the-model"), _training_run)}
 MESSAGES = {
     "export-not-our-file": "notes.onnx exists and was not written by nfnet-hub",
     "quickstart-bundle-folder-not-a-bundle": "refusing to replace bundle: it is not a bundle",

@@ -24,6 +24,7 @@ from torch import nn
 from ..errors import CheckpointError, UsageError, folder_given
 from ..files import honour_umask
 from ..preprocess import IMAGE_MODE, apply_data_config, data_config
+from ..runs import best_checkpoint, is_weights_file, run_model
 from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
 from .nfnet import DEEPMIND_NUMERICS, NFNet
 
@@ -167,8 +168,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def check_model_name(name: str) -> None:
-    """Refuse a model name timm would not know, naming ours; pretrained tags, hf-hub: and local-dir: pass."""
+def check_model_name(name: str, weights_option: str = "--checkpoint") -> None:
+    """Refuse a model name timm would not know, naming ours; pretrained tags, hf-hub: and local-dir: pass. A run's
+    folder or a weights file is told the model and the option (``weights_option``) that take it."""
     import timm
     from timm.models import get_arch_pretrained_cfgs
 
@@ -178,7 +180,14 @@ def check_model_name(name: str) -> None:
     if not timm.is_model(base):
         from .variants import VARIANTS, model_name
 
-        if Path(name).expanduser().is_dir():  # timm's names for a saved model, which a plain path is not
+        path = Path(name).expanduser()
+        if best := best_checkpoint(path):
+            raise UsageError(f"unknown model {name!r}: that folder is a training run: give its model and its best "
+                             f"checkpoint, `{run_model(path)} {weights_option} {best}`")
+        if is_weights_file(path):
+            raise UsageError(f"unknown model {name!r}: that file holds weights: give the model they are for, and the "
+                             f"file as {weights_option}, `{run_model(path.parent)} {weights_option} {name}`")
+        if path.is_dir():  # timm's names for a saved model, which a plain path is not
             raise UsageError(f"unknown model {name!r}: for the model saved in that folder (timm's config.json and "
                              f"weights, as in a bundle) name it local-dir:{name}")
         ours = ", ".join(model_name(v) for v in VARIANTS)

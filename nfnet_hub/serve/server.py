@@ -17,7 +17,7 @@ import numpy as np
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, parse_source, precision_file, refuse_timm_saved, split_revision
+from ..runtime import OnnxClassifier, parse_source, precision_file, refuse_unexported, split_revision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -83,6 +83,8 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
     elif path.is_file() and path.suffix.lower() == ".onnx":
         found = {name or path.stem: str(path)}
     elif not path.is_dir():
+        if path.is_file():
+            refuse_unexported(path, source)
         raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files, or an "
                                                             ".onnx file)" if path.is_file() else ""))
     elif _is_bundle(path):
@@ -91,7 +93,7 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
         folders = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         found = {p.name: str(p) for p in folders if _is_bundle(p)}
         if not found:
-            refuse_timm_saved(path, source)
+            refuse_unexported(path, source)
             raise UsageError(f"{source} is neither a bundle folder (config.json and model.onnx) nor a folder of them")
         if name:
             raise UsageError(f"--name names one model, but {source} holds {len(found)} bundles, each served under "

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..agc import adaptive_clip_grad_
 from ..errors import TrainingError
+from ..models.checkpoint import check_model_name
 from ..preprocess import DEFAULT_MODES, IMAGE_MODE
 from .args import check_args
 from .build import Run, build, learning_rate
@@ -272,6 +273,7 @@ def default_experiment(args: argparse.Namespace) -> str:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` says; returns the final evaluation and where the checkpoints are."""
     check_args(args)
+    check_model_name(args.model, "--initial-checkpoint")  # a run's folder, a weights file ...: said before any work
     out_dir = Path(args.output or "output/train") / (args.experiment or default_experiment(args))
     path = resume_path(args, out_dir)
     state = load_training_state(path) if path is not None else None  # read before any work: errors come first
