@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,18 @@ def test_image_options_the_digits_would_ignore_are_refused_by_name(tmp_path, cap
     assert [line.strip() for line in err[1:]] == ["--input-img-mode 'YCbCr'", "--crop-pct 0.9", "--aa 'rand-m5-n4'",
                                                   "--train-interpolation 'bicubic'"]
     assert not list(tmp_path.iterdir())
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log", "terminal"])
+def test_a_bar_on_a_terminal_and_log_lines_in_a_log(tmp_path, capsys, monkeypatch, terminal):
+    """In a log file (nohup, a cluster's job log) a bar wrote a line per step for the whole run and no log line."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)  # capsys's stderr: what it stands for
+    quick = QUICK[:QUICK.index("--no-progress")] + QUICK[QUICK.index("--log-interval") + 2:]
+    assert main(["train", *quick, "--epochs", "1", "--log-interval", "5", "--output", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    logged = [line.split(" loss")[0] for line in out.splitlines() if " step " in line]
+    assert (logged, "it/s" in err) == (([], True) if terminal else (["epoch 0 step 5/22", "epoch 0 step 10/22",
+                                                                    "epoch 0 step 15/22", "epoch 0 step 20/22"], False))
+
 
 def test_batchnorm_options_are_no_ops_with_a_note(tmp_path, capsys):
     run = build(parse_args([*QUICK, "--sync-bn", "--bn-eps", "0.001", "--output", str(tmp_path)]))

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import os
 import random
+import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ class Run:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def progress_bar(self) -> bool:
+        """A bar on a terminal; in a log file (nohup, a cluster's job log) a bar would write a line per step for the
+        whole run, so train.py's log lines every --log-interval steps instead."""
+        return self.main and not self.args.no_progress and sys.stderr.isatty()
 
 
 def create_ema(model: nn.Module, args: argparse.Namespace) -> ModelEmaV3:

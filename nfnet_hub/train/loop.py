@@ -116,7 +116,7 @@ def train_one_epoch(run: Run, epoch: int, step_in_epoch: int, global_step: int, 
     accum = args.grad_accum_steps
     batches = itertools.islice(iter(loaders.train), step_in_epoch * accum, run.updates_per_epoch * accum)
     progress = None
-    if run.main and not args.no_progress:
+    if run.progress_bar:
         from tqdm import tqdm
         progress = tqdm(total=run.updates_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}", leave=False)
     loss_sum, loss_n, seen, tick, shown = torch.zeros((), device=run.device), 0, 0, time.perf_counter(), 0.0
