@@ -151,7 +151,7 @@ def train_one_epoch(run: Run, epoch: int, step_in_epoch: int, global_step: int, 
                 lr = run.optimizer.param_groups[0]["lr"]
                 progress.set_postfix(loss=f"{loss_sum.item() / loss_n:.3f}", lr=f"{lr:.3g}",
                                      img_s=f"{seen / (now - tick):.0f}")
-        elif run.main and args.log_interval and global_step % args.log_interval == 0:
+        elif run.main and args.log_interval and step_in_epoch % args.log_interval == 0:
             print(f"epoch {epoch} step {step_in_epoch}/{run.updates_per_epoch} loss {loss_sum.item() / loss_n:.4f} "
                   f"lr {run.optimizer.param_groups[0]['lr']:.4g} {seen / (now - tick):.0f} img/s", flush=True)
         if args.recovery_interval and global_step % args.recovery_interval == 0:
