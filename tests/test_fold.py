@@ -144,8 +144,8 @@ def test_a_folded_model_folds_to_itself():
 
 def test_unknown_modules_are_named():
     model = randomise(timm.create_model("nfnet_hub_nano"))  # a zero skip gain would drop the branch unread
-    model.stages[1][0].act2 = nn.Tanh()
-    with pytest.raises(FoldError, match=r"stages\.1\.0\.act2: cannot fold activation of type Tanh"):
+    model.stages[1][0].act2 = nn.Softmax2d()  # not elementwise: nothing says a gain may pass it
+    with pytest.raises(FoldError, match=r"stages\.1\.0\.act2: cannot fold activation of type Softmax2d"):
         fold(model, img_size=32)
     with pytest.raises(FoldError, match="not an NFNet"):
         fold(timm.create_model("resnet18"))
