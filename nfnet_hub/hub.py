@@ -23,7 +23,7 @@ from torch import nn
 from .bundle_files import CHECKSUMS, ONNX_FILES, REQUIRED
 from .errors import BundleError, HubError, UsageError
 from .files import atomic_folder, check_writable_folder, is_protected_folder
-from .hubclient import check_repo_id, hub_errors
+from .hubclient import check_repo_id, hub_errors, redacted
 from .int8 import MIN_AGREEMENT
 from .onnx_graph import DEFAULT_OPSET, ORT_RUNS_FROM, check_opset
 from .preprocess import DEFAULT_MODES, IMAGE_MODE, Preprocess, data_config, export_size, readable_labels
@@ -356,4 +356,5 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, r
                                        token=token))
             if sha256(got) != digest:
                 raise BundleError(f"after upload, {name} on the Hub does not match the bundle's checksum")
-    return {**plan, "commit": ref, "commit_url": commit.commit_url, "pr_url": commit.pr_url, "verified": True}
+    return {**plan, "commit": ref, "commit_url": redacted(commit.commit_url),
+            "pr_url": commit.pr_url and redacted(commit.pr_url), "verified": True}

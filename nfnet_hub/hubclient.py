@@ -3,14 +3,22 @@ Hub refuses (huggingface_hub raises transport errors of its HTTP library, and it
 Imports no torch: the runtime uses it."""
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import HubError, UsageError
 
-__all__ = ["check_repo_id", "hub_errors"]
+__all__ = ["check_repo_id", "hub_errors", "redacted"]
 
 _TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
+_CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
+
+
+def redacted(text: str) -> str:
+    """``text`` without the credentials of any URL in it (``HF_ENDPOINT=https://user:token@mirror``, a proxy's)."""
+    return _CREDENTIALS.sub("***@", text)
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -27,6 +35,20 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
+class _RedactCredentials(logging.Filter):
+    """huggingface_hub logs the URL of every request it retries, an endpoint's credentials with it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = redacted(record.getMessage()), ()
+        return True
+
+
+def _redact_hub_logs() -> None:
+    for handler in logging.getLogger("huggingface_hub").handlers:
+        if not any(isinstance(f, _RedactCredentials) for f in handler.filters):
+            handler.addFilter(_RedactCredentials())
+
+
 def _is_transport_error(e: BaseException) -> bool:
     return any(c.__module__.split(".")[0] in _TRANSPORT_MODULES for c in type(e).__mro__)
 
@@ -37,7 +59,8 @@ def hub_errors(action: str, endpoint: str | None = None) -> Iterator[None]:
     from huggingface_hub import constants
     from huggingface_hub import errors as hf
 
-    where = endpoint or constants.ENDPOINT
+    where = redacted(endpoint or constants.ENDPOINT)
+    _redact_hub_logs()
     try:
         yield
     except hf.RepositoryNotFoundError:
@@ -52,13 +75,13 @@ def hub_errors(action: str, endpoint: str | None = None) -> Iterator[None]:
         raise HubError(f"{action}: cannot reach the Hub at {where} and nothing is cached "
                        "(check your network, HF_ENDPOINT and HF_HUB_OFFLINE)") from None
     except hf.EntryNotFoundError as e:
-        raise HubError(f"{action}: {str(e).splitlines()[0]}") from None
+        raise HubError(f"{action}: {redacted(str(e).splitlines()[0])}") from None
     except hf.HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = " (check HF_TOKEN or run `hf auth login`)" if status in (401, 403) else ""
-        raise HubError(f"{action}: the Hub at {where} refused: {str(e).splitlines()[0]}{hint}") from None
+        raise HubError(f"{action}: the Hub at {where} refused: {redacted(str(e).splitlines()[0])}{hint}") from None
     except Exception as e:
         if not _is_transport_error(e):
             raise
-        raise HubError(f"{action}: cannot reach the Hub at {where} ({type(e).__name__}: {e}); "
+        raise HubError(f"{action}: cannot reach the Hub at {where} ({type(e).__name__}: {redacted(str(e))}); "
                        "check your network and HF_ENDPOINT") from None

@@ -550,6 +550,11 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
     assert p.returncode == 2, err
     assert err.strip().splitlines() == [err.strip()] and "cannot reach the Hub at http://127.0.0.1:9" in err
     assert "hf_VerySecretTokenValue" not in out + err
+    for command in (["publish", "bundle", "--repo-id", "me/nano"], ["predict", "images/3/0000.png", "--model", "me/x"]):
+        p = _cli(command, ws, env={**env, "HF_ENDPOINT": "http://me:hf_InTheEndpoint@127.0.0.1:9"})  # a mirror's
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 2 and "cannot reach the Hub at http://***@127.0.0.1:9" in err, err
+        assert "hf_InTheEndpoint" not in out + err
 
 
 
