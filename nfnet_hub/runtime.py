@@ -219,7 +219,7 @@ class OnnxClassifier:
                              "the config is not the one exported with this model")
         self.labels = list(labels or [str(i) for i in range(num_classes)])
         self.input_name = self.session.get_inputs()[0].name
-        shape = self.session.get_inputs()[0].shape
+        self.input_shape = shape = self.session.get_inputs()[0].shape  # [name of the batch dim, C, H, W]
         if len(shape) == 4 and shape[1] != self.preprocess.channels:
             raise UsageError(f"{model_path.name} takes {shape[1]}-channel input, but its config's preprocessing gives "
                              f"{self.preprocess.channels}: the config is not the one exported with this model")
@@ -257,8 +257,17 @@ class OnnxClassifier:
         return cls(model_file, config, providers=providers, threads=threads)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        """Raw logits of a preprocessed NCHW float32 batch."""
-        return self.session.run(None, {self.input_name: np.asarray(batch, np.float32)})[0]
+        """Raw logits of a preprocessed NCHW float32 batch (``preprocess.batch(images)`` makes one). Integer pixels
+        are refused: cast to float, unnormalised, they give confident nonsense."""
+        batch = np.asarray(batch)
+        fits = batch.ndim == len(self.input_shape) and all(
+            not isinstance(d, int) or d == n for d, n in zip(self.input_shape[1:], batch.shape[1:]))
+        if batch.dtype.kind not in "f" or not fits:
+            dims = ", ".join(str(d) for d in self.input_shape[1:])
+            raise UsageError(f"logits takes a preprocessed float batch [N, {dims}] (NCHW: preprocess.batch(images) "
+                             f"makes one), got {batch.dtype} {list(batch.shape)}"
+                             + ("; images as uint8 pixels go to predict()" if batch.dtype.kind in "biu" else ""))
+        return self.session.run(None, {self.input_name: batch.astype(np.float32, copy=False)})[0]
 
     def predict(self, images: ImageSource | Iterable[ImageSource], *, top_k: int = 5,
                 batch_size: int = 16) -> list[list[Prediction]]:
