@@ -347,22 +347,36 @@ def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_fil
                      _metrics(servers[0]))
 
 
-def test_no_client_can_unload_a_served_model(servers, client, clf):
-    """KServe's repository extension let any client unload a model for good (loading it back failed)."""
+def test_no_client_can_unload_a_served_model(nano_bundle, clf):
+    """KServe's repository extension let any client unload a model for good (loading it back failed); its v1
+    :explain logged a traceback. Each is refused with one line in the log."""
     grpc_client = pytest.importorskip("tritonclient.grpc")
     from tritonclient.utils import InferenceServerException
 
-    g = grpc_client.InferenceServerClient(servers[1])
-    for call, status in [(lambda: client.unload_model("nano"), "501"), (lambda: client.load_model("nano"), "501"),
-                         (lambda: g.unload_model("nano"), "UNIMPLEMENTED"), (lambda: g.load_model("nano"),
-                                                                             "UNIMPLEMENTED")]:
-        with pytest.raises(InferenceServerException, match="loads its models when it starts and keeps them") as e:
-            call()
-        assert status in str(e.value.status())
-    g.close()
-    assert client.is_model_ready("nano")
-    x = np.ones((1, 3, 32, 32), np.float32)
-    np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+    grpc_port = free_port()
+    server = Server(str(nano_bundle), "--name", "nano", "--grpc-port", str(grpc_port))
+    url = server.__enter__()
+    try:
+        client = tritonclient_http.InferenceServerClient(url.removeprefix("http://"))
+        g = grpc_client.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        for call, status in [(lambda: client.unload_model("nano"), "501"), (lambda: client.load_model("nano"), "501"),
+                             (lambda: g.unload_model("nano"), "UNIMPLEMENTED"),
+                             (lambda: g.load_model("nano"), "UNIMPLEMENTED")]:
+            with pytest.raises(InferenceServerException, match="loads its models when it starts and keeps them") as e:
+                call()
+            assert status in str(e.value.status())
+        assert _post(url, "/v1/models/nano:explain", b'{"instances": [[1]]}')[0] == 501
+        assert client.is_model_ready("nano")
+        x = np.ones((1, 3, 32, 32), np.float32)
+        np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x),
+                                   atol=1e-5)
+        g.close()
+        client.close()
+    finally:
+        server.stop()
+    assert "Traceback" not in server.output, server.output
+    assert len(re.findall(r"^model control, refused: .* cannot be (un)?loaded", server.output, re.M)) == 4
+    assert re.search(r"^not served, refused: ", server.output, re.M)
 
 
 def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):

@@ -217,7 +217,8 @@ def _client_errors_in_one_line() -> None:
 
     from .repository import ModelControlRefused
 
-    kinds = {InvalidInput: "bad request", ModelNotFound: "unknown model", ModelControlRefused: "model control"}
+    kinds = {InvalidInput: "bad request", ModelNotFound: "unknown model", ModelControlRefused: "model control",
+             NotImplementedError: "not served"}  # KServe's v1 :explain, which no bundle has
 
     def one_line(record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
