@@ -171,9 +171,9 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 
     check_repo_id(args.repo_id)
     out = Path(args.out)
+    check_replaceable(out)  # first: --overwrite would not replace a folder that is not a bundle
     if out.exists() and not args.overwrite:
         raise UsageError(f"{out} exists; pass --overwrite to replace the bundle there")
-    check_replaceable(out)
     check_writable_folder(out.parent)
     metrics = read_metrics(args.metrics) if args.metrics else None
     model, _ = _say_model(args.model, args, args.img_size)

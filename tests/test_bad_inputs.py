@@ -321,6 +321,8 @@ CASES = [
     ("bundle-license-not-an-identifier", ["bundle", *NANO, "--out", "b2", "--license", "My License"],
      "license 'My License' is not a license identifier the Hub takes: give one of its identifiers"),
     ("bundle-exists", ["bundle", *NANO, "--out", "bundle"], "bundle exists; pass --overwrite"),
+    ("bundle-into-a-folder-not-a-bundle", ["bundle", *NANO, "--out", "images"],  # not "pass --overwrite", refused
+     r"refusing to replace images: it is not a bundle \(it holds 3/, 7/,"),
     ("bundle-bad-repo-id", ["bundle", *NANO, "--repo-id", "me/a..b", "--out", "b2"], "not of the form ORG/NAME"),
     ("bundle-missing-metrics", ["bundle", *NANO, "--metrics", "nope.json", "--out", "b2"],
      "no metrics file at nope.json"),
