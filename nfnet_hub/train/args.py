@@ -244,7 +244,7 @@ OPTIONS = [
     _o("--wandb-project", default=None, help="wandb project"),
     _o("--wandb-tags", nargs="+", default=[], help="wandb tags"),
     _o("--wandb-resume-id", default="", help="wandb run to resume"),
-    _o("--no-progress", action="store_true", default=False, help=f"{OURS} log lines, not a bar (also in a log)"),
+    _o("--no-progress", action="store_true", default=False, help=f"{OURS} log lines, not a bar (as off a terminal)"),
     _o("--fsdp", action="store_true", default=False, help=f"{OURS} shard the model with FSDP2 instead of DDP"),
     _no(_SCHEDULED, "--train-img-sizes", type=int, nargs="+", default=None, help="scheduled image sizes"),
     _no(_SCHEDULED, "--train-batch-sizes", type=int, nargs="+", default=None, help="scheduled batch sizes"),
