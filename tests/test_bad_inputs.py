@@ -296,6 +296,10 @@ CASES = [
                                        "nano.pth.tar", "--epochs", "20", "--output", "old"],
      r"old/nfnet_hub_nano-digits holds another run \(last.pth.tar, summary.csv\), which resuming nano.pth.tar "
      r"would write over: go on in the checkpoint's own folder \(\.: name it"),
+    ("train-resume-a-truncated-checkpoint", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output",
+                                             "old", "--resume", "auto"],
+     r"old/nfnet_hub_nano-digits/last.pth.tar is truncated or not a PyTorch checkpoint; its folder also holds "
+     r"checkpoint-4.pth.tar \(newest first\): --resume old/nfnet_hub_nano-digits/checkpoint-4.pth.tar goes on from"),
     ("train-into-a-run-that-saved-nothing", ["train", "--dataset", "digits", "--model", "nfnet_hub_nano", "--output",
                                              "old"], r"old/nfnet_hub_nano-digits holds the args.yaml of a run that "
      r"saved no checkpoint .*: start afresh in it with --resume auto"),
@@ -413,6 +417,14 @@ def _earlier_run(ws: Path) -> None:
     (ws / "old" / "nfnet_hub_nano-digits" / "summary.csv").write_text("epoch,train_loss\n0,2.3\n")
 
 
+def _truncated_run(ws: Path) -> None:
+    """A run whose last.pth.tar was cut short (a full disk, a copy interrupted); its checkpoint-4 is whole."""
+    _earlier_run(ws)
+    run = ws / "old" / "nfnet_hub_nano-digits"
+    shutil.copy(run / "last.pth.tar", run / "checkpoint-4.pth.tar")
+    (run / "last.pth.tar").write_bytes((run / "last.pth.tar").read_bytes()[:100_000])
+
+
 def _run_without_checkpoint(ws: Path) -> None:
     (ws / "old" / "nfnet_hub_nano-digits").mkdir(parents=True)
     (ws / "old" / "nfnet_hub_nano-digits" / "args.yaml").write_text("model: nfnet_hub_nano\n")
@@ -436,6 +448,7 @@ SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("min
            "triton-timm-saved-folder": _timm_saved,
            "train-into-an-earlier-run": _earlier_run, "train-resume-into-another-run": _earlier_run,
            "train-into-a-run-that-saved-nothing": _run_without_checkpoint,
+           "train-resume-a-truncated-checkpoint": _truncated_run,
            **dict.fromkeys(("predict-a-training-run", "triton-a-training-run", "export-a-training-run-as-the-model",
                             "train-a-checkpoint-as-the-model"), _training_run)}
 MESSAGES = {

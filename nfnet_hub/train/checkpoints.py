@@ -98,7 +98,14 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
     if checkpoint_form(path) != "pytorch":
         raise CheckpointError(f"{path} holds weights only, not a training checkpoint: resume from a run's "
                               "last.pth.tar, or start from weights with --initial-checkpoint")
-    state = read_pytorch(path)
+    try:
+        state = read_pytorch(path)
+    except CheckpointError as e:  # a copy cut short, a disk that filled: the run's other checkpoints may be whole
+        others = sorted((p for p in path.parent.glob("*.pth.tar") if p.name != path.name),
+                        key=lambda p: p.stat().st_mtime, reverse=True)
+        hint = (f"; its folder also holds {', '.join(p.name for p in others[:3])} (newest first): --resume "
+                f"{others[0]} goes on from the newest") if others else ""
+        raise CheckpointError(f"{e}{hint}") from None
     missing = [k for k in ("state_dict", "optimizer", "epoch") if k not in state] if isinstance(state, dict) else None
     if missing is None or missing:
         raise CheckpointError(f"{path} is not a training checkpoint (it lacks "
