@@ -147,6 +147,15 @@ def test_a_bar_on_a_terminal_and_log_lines_in_a_log(tmp_path, capsys, monkeypatc
                                                                     "epoch 0 step 15/22", "epoch 0 step 20/22"], False))
 
 
+def test_agc_without_a_clipping_factor_is_said_to_clip_nothing(tmp_path, capsys):
+    """train.py's rule, kept: no --clip-grad, no clipping; for an AGC run a silent surprise."""
+    warning = "warning: --clip-mode agc without --clip-grad clips nothing (as in train.py): give --clip-grad"
+    for clip, said in (([], True), (["--clip-grad", "0"], False)):  # 0: no clipping, asked for
+        assert main(["train", *QUICK, "--epochs", "1", "--clip-mode", "agc", *clip, "--output", str(tmp_path),
+                     "--experiment", f"run{len(clip)}"]) == 0
+        assert (warning in capsys.readouterr().out) == said
+
+
 def test_batchnorm_options_are_no_ops_with_a_note(tmp_path, capsys):
     run = build(parse_args([*QUICK, "--sync-bn", "--bn-eps", "0.001", "--output", str(tmp_path)]))
     out = capsys.readouterr().out

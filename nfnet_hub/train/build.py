@@ -190,6 +190,9 @@ def build(args: argparse.Namespace) -> Run:
     if rank == 0:
         for note in noted_options(args):
             print(f"note: {note}", flush=True)
+        if args.clip_mode == "agc" and args.clip_grad is None:
+            print("warning: --clip-mode agc without --clip-grad clips nothing (as in train.py): give --clip-grad, the "
+                  "clipping factor (the authors' 0.01 at batch size 4096; the recipes set it)", flush=True)
     torch.manual_seed(args.seed)  # identical initialisation on every rank
     random.seed(args.seed)
     np.random.seed(args.seed + rank)
