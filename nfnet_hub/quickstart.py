@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import UsageError
 from .files import check_writable_folder
 from .hub import ONNX_FILES, build_bundle, check_replaceable
 from .preprocess import Preprocess, list_images
@@ -43,16 +44,44 @@ def _median_ms(fn, runs: int = 30) -> float:
     return float(np.median(times) * 1e3)
 
 
-def write_digits(root: Path) -> Path:
-    """The digits split as image folders, ``root/{train,validation}/<digit>/<nnnn>.png`` (8x8, as scikit-learn
-    ships them; numbered within each digit): the layout timm and nfnet-hub read."""
+def digits_images() -> dict[Path, np.ndarray]:
+    """The digits split as image files to be, ``{train,validation}/<digit>/<nnnn>.png`` (8x8, as scikit-learn ships
+    them; numbered within each digit): the layout timm and nfnet-hub read."""
     xtr, xte, ytr, yte = digits_split()
-    for split, images, labels in (("train", xtr, ytr), ("validation", xte, yte)):
-        for label in range(10):
-            folder = root / split / str(label)
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(images[labels == label]):
-                Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return {Path(split, str(label), f"{i:04d}.png"): image
+            for split, images, labels in (("train", xtr, ytr), ("validation", xte, yte))
+            for label in range(10) for i, image in enumerate(images[labels == label])}
+
+
+def _same_image(path: Path, expected: np.ndarray | None) -> bool:
+    try:
+        return expected is not None and np.array_equal(np.asarray(Image.open(path)), expected)
+    except (OSError, ValueError):  # not an image
+        return False
+
+
+def check_digits_folder(root: Path, images: dict[Path, np.ndarray]) -> None:
+    """The quickstart writes the digits into ``root``: a folder there holding anything else (the user's own digits
+    folder) is refused before any work; the digits an earlier quickstart wrote are written again."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UsageError(f"{root} is a file; the quickstart writes the digits there as image folders: choose "
+                         "another --out")
+    foreign = sorted(str(p.relative_to(root)) for p in root.rglob("*")  # hidden ones (.DS_Store) are left alone
+                     if not p.is_dir() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                     and not _same_image(p, images.get(p.relative_to(root))))
+    if foreign:
+        raise UsageError(f"{root} holds files the quickstart did not write ({', '.join(foreign[:5])}"
+                         + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                         + "), where it writes the digits: choose another --out, or move them")
+
+
+def write_digits(root: Path, images: dict[Path, np.ndarray] | None = None) -> Path:
+    """The digits as image folders under ``root`` (see ``digits_images``)."""
+    for path, image in (images if images is not None else digits_images()).items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / path)
     return root
 
 
@@ -60,6 +89,8 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
     out = Path(out)
     check_writable_folder(out)
     check_replaceable(out / "bundle")  # before the training, not after
+    digit_images = digits_images()
+    check_digits_folder(out / "digits", digit_images)
     earlier = run_files(out / "runs" / "nano-digits")
     if earlier:  # the quickstart's own run folder: a rerun replaces its run, and says so
         print(f"replacing the earlier quickstart run in {out / 'runs' / 'nano-digits'}", flush=True)
@@ -70,7 +101,7 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
     result = train(parse_args([*train_args(epochs), "--output", str(out / "runs"), "--experiment", "nano-digits",
                                *extra]))
     model = result["model"].eval()
-    digits = write_digits(out / "digits")
+    digits = write_digits(out / "digits", digit_images)
     pre = Preprocess.for_model(model)
     train_files = list_images(digits / "train")
     calibration = pre.batch(train_files[::len(train_files) // CALIBRATION][:CALIBRATION])

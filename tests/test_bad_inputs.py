@@ -408,6 +408,9 @@ CASES = [
     ("quickstart-epochs-0", ["quickstart", "--epochs", "0"], "--epochs: must be a positive integer"),
     ("quickstart-out-is-a-file", ["quickstart", "--out", "notes.txt"], "cannot write to notes.txt"),
     ("quickstart-bundle-folder-not-a-bundle", ["quickstart", "--out", "."], None),
+    ("quickstart-digits-folder-of-the-users", ["quickstart", "--out", "project"],  # it wrote over 0000.png ...
+     r"project/digits holds files the quickstart did not write \(train/3/0000.png, train/3/mine.png\), where it "
+     r"writes the digits: choose another --out"),
     ("list-unknown-option", ["list", "--bogus"], "unrecognized arguments: --bogus"),
     ("unknown-command", ["bogus"], "invalid choice: 'bogus'"),
 ]
@@ -423,6 +426,15 @@ def _truncated_run(ws: Path) -> None:
     run = ws / "old" / "nfnet_hub_nano-digits"
     shutil.copy(run / "last.pth.tar", run / "checkpoint-4.pth.tar")
     (run / "last.pth.tar").write_bytes((run / "last.pth.tar").read_bytes()[:100_000])
+
+
+def _users_digits(ws: Path) -> None:
+    """A project of the user's with its own digits folder (an image named as the quickstart names its first
+    training 3, another, and a Finder .DS_Store, which is left alone)."""
+    (ws / "project" / "digits" / "train" / "3").mkdir(parents=True)
+    for name in ("0000.png", "mine.png"):
+        shutil.copy(ws / "images" / "7" / "0000.png", ws / "project" / "digits" / "train" / "3" / name)
+    (ws / "project" / "digits" / ".DS_Store").write_bytes(b"\0")
 
 
 def _run_without_checkpoint(ws: Path) -> None:
@@ -449,6 +461,7 @@ SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("min
            "train-into-an-earlier-run": _earlier_run, "train-resume-into-another-run": _earlier_run,
            "train-into-a-run-that-saved-nothing": _run_without_checkpoint,
            "train-resume-a-truncated-checkpoint": _truncated_run,
+           "quickstart-digits-folder-of-the-users": _users_digits,
            **dict.fromkeys(("predict-a-training-run", "triton-a-training-run", "export-a-training-run-as-the-model",
                             "train-a-checkpoint-as-the-model"), _training_run)}
 MESSAGES = {
