@@ -54,8 +54,11 @@ def digits_images() -> dict[Path, np.ndarray]:
 
 
 def _same_image(path: Path, expected: np.ndarray | None) -> bool:
+    if expected is None:
+        return False
     try:
-        return expected is not None and np.array_equal(np.asarray(Image.open(path)), expected)
+        with Image.open(path) as image:
+            return np.array_equal(np.asarray(image), expected)
     except (OSError, ValueError):  # not an image
         return False
 
