@@ -70,11 +70,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .models.checkpoint import convert_authors_checkpoint
+    from .models.deepmind import convert_authors_checkpoint
 
-    out, n = convert_authors_checkpoint(args.checkpoint, args.model, args.out, num_classes=args.num_classes,
-                                        overwrite=args.overwrite)
-    print(f"wrote {out} ({n} tensors, the authors' numerics)")
+    out, name = convert_authors_checkpoint(args.checkpoint, args.model, args.out, num_classes=args.num_classes,
+                                           overwrite=args.overwrite)
+    print(f"wrote {out}: the authors' {name}, in their numerics")
     return 0
 
 
@@ -277,8 +277,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     s = command("convert", _cmd_convert, "convert the authors' Haiku checkpoints to safetensors")
     s.add_argument("source", choices=["deepmind"], help="whose checkpoint")
     s.add_argument("checkpoint", help="the authors' FN_haiku.npz")
-    s.add_argument("--model", required=True, help="the variant it holds, e.g. nfnet_hub_f0")
-    s.add_argument("--num-classes", type=positive, default=1000, help="classes of its classifier")
+    s.add_argument("--model", help="the variant it holds, e.g. nfnet_hub_f0 (default: the one whose shapes it has)")
+    s.add_argument("--num-classes", type=positive, help="classes of its classifier (default: its own)")
     s.add_argument("--out", required=True, help="safetensors file to write")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 

@@ -72,11 +72,6 @@ def _colour(record: dict[str, Any]) -> str:
         pre.image_mode, f"{pre.image_mode or 'no image mode'} ({pre.channels} channels)")
 
 
-def _model_args(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "cfg", None)
-    return {"ws": cfg.ws, "act": cfg.act} if cfg is not None and hasattr(cfg, "ws") else {}
-
-
 def check_replaceable(out: Path) -> None:
     """``out`` may be replaced only if it is recognisably a bundle: a folder whose checksum file lists
     exactly the files it holds, and never the working folder, one above it, or the home folder."""
@@ -114,7 +109,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
 
     from .cards import card_data, check_license, render_card
     from .export import VERIFY_BATCHES, export_onnx, reference_model
-    from .models.checkpoint import save_safetensors
+    from .models.checkpoint import model_args, save_safetensors
     from .models.stats import model_stats
 
     out = Path(out)
@@ -143,9 +138,9 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
            if k in ("label_names", "label_descriptions", IMAGE_MODE) and v}
     with reference_model(model) as model, atomic_folder(out, replace=overwrite) as tmp:  # fp32, as the ONNX files
         with _without_image_mode(model):
-            save_for_hf(model, str(tmp), model_config=top or None, model_args=_model_args(model),
+            save_for_hf(model, str(tmp), model_config=top or None, model_args=model_args(model),
                         safe_serialization=True, data_config={k: v for k, v in record.items() if k != IMAGE_MODE})
-        save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the WS form and data config
+        save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the model args and data config
         exports = []
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)
@@ -156,7 +151,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
         (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset,
                                                      "data_config": record}, indent=2))
         stats = model_stats(cfg["architecture"], size, num_classes=model.num_classes, in_chans=channels,
-                            **_model_args(model))
+                            **model_args(model))
         ws = getattr(getattr(model, "cfg", None), "ws", "timm")
         fields = dict(
             title=repo_id.split("/")[-1], repo_id=repo_id, architecture=cfg["architecture"],

@@ -140,6 +140,10 @@ CASES = [
     ("export-checkpoint-of-another-model", ["export", "nfnet_hub_f0", "--checkpoint", "nano.pth.tar", "--out", "o"],
      r"nano.pth.tar does not fit nfnet_hub_f0 \(its tensors are nfnet_hub_nano's: give that model name\): missing "
      r"\(\d+\)"),
+    ("export-checkpoint-of-another-architecture",
+     ["export", "dm_nfnet_f0", "--checkpoint", "nano_haiku.npz", "--out", "o"],
+     "nano_haiku.npz does not fit dm_nfnet_f0: its model was built with ws=deepmind, act=gelu_tanh, which dm_nfnet_f0 "
+     r"does not take \(its tensors are nfnet_hub_nano's: give that model name\)"),
     ("export-unknown-model", ["export", "nfnet_hub_f9", "--out", "o"],
      "unknown model 'nfnet_hub_f9'; nfnet-hub registers"),
     ("export-folder-as-model", ["export", "bundle", "--out", "o"], "name it local-dir:bundle"),
@@ -229,6 +233,9 @@ CASES = [
     ("train-num-samples-of-a-folder", ["train", "--data-dir", "tiny", "--train-num-samples", "100", "--output", "runs",
                                        "--workers", "0"],
      r"--train-num-samples: timm sizes only a streamed dataset \(tfds/, wds/, hfids/\); an epoch of image folders"),
+    ("train-pretrained-path-the-authors-npz", [*TINY_RUN, "--pretrained-path", "nano_haiku.npz"],
+     "is the authors' Haiku checkpoint: convert it first, `nfnet-hub convert deepmind nano_haiku.npz --out "
+     "nano_haiku.safetensors`, and give that file"),
     ("train-initial-checkpoint-of-other-classes", [*TINY_RUN, "--initial-checkpoint", "nano.safetensors",
                                                    "--num-classes", "2"],
      r"--initial-checkpoint nano.safetensors holds a classifier of 10 classes, this run's has 2: to fine-tune on "
@@ -404,6 +411,15 @@ CASES = [
      "nope.npz does not exist"),
     ("convert-out-exists", ["convert", "deepmind", "garbage.npz", "--model", "nfnet_hub_nano", "--out",
                             "nano.safetensors"], "nano.safetensors exists; pass --overwrite"),
+    ("convert-another-variant", ["convert", "deepmind", "nano_haiku.npz", "--model", "nfnet_hub_f0", "--out",
+                                 "x.safetensors"], "does not fit nfnet_hub_f0: it holds the authors' nfnet_hub_nano"),
+    ("convert-into-timms-model", ["convert", "deepmind", "nano_haiku.npz", "--model", "dm_nfnet_f0", "--out",
+                                  "x.safetensors"], "convert writes nfnet-hub's variants; nano_haiku.npz holds the "
+     r"authors' nfnet_hub_nano \(give --model nfnet_hub_nano, or leave --model out\)"),
+    ("convert-another-class-count", ["convert", "deepmind", "nano_haiku.npz", "--num-classes", "5", "--out",
+                                     "x.safetensors"], "classifier has 10 classes, and convert keeps the authors' "
+     "weights as they are; to fine-tune, convert without --num-classes and train with --pretrained-path x.safetensors "
+     "--num-classes 5"),
     # quickstart, list, the command itself
     ("quickstart-epochs-0", ["quickstart", "--epochs", "0"], "--epochs: must be a positive integer"),
     ("quickstart-out-is-a-file", ["quickstart", "--out", "notes.txt"], "cannot write to notes.txt"),
@@ -455,7 +471,19 @@ def _timm_saved(ws: Path) -> None:
         shutil.copy(ws / "bundle" / name, ws / "timmsaved" / name)
 
 
+def _authors_nano(ws: Path) -> None:
+    from test_deepmind import authors_params, write_npz
+
+    from nfnet_hub.models.variants import VARIANTS
+
+    v = VARIANTS["nano"]
+    write_npz(authors_params(v.widths, v.depths, 10, v.group_size, v.stem_channels[:3]), ws / "nano_haiku.npz")
+
+
 SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("mine"),
+           **dict.fromkeys(("convert-another-variant", "convert-into-timms-model", "convert-another-class-count",
+                            "train-pretrained-path-the-authors-npz", "export-checkpoint-of-another-architecture"),
+                           _authors_nano),
            "predict-timm-saved-folder": _timm_saved, "serve-timm-saved-folder": _timm_saved,
            "triton-timm-saved-folder": _timm_saved,
            "train-into-an-earlier-run": _earlier_run, "train-resume-into-another-run": _earlier_run,

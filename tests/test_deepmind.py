@@ -159,12 +159,15 @@ def test_nano_follows_the_authors_numerics(tmp_path, form):
     assert_follows_the_authors(model, params, v, batch=2, size=32)
 
 
-def test_f0_converted_weights_follow_the_authors_numerics(tmp_path):
+def test_f0_converted_weights_follow_the_authors_numerics(tmp_path, capsys):
     v = VARIANTS["f0"]
     params = authors_params(v.widths, v.depths, classes=1000)
     write_npz(params, tmp_path / "F0_haiku.npz")
-    assert main(["convert", "deepmind", str(tmp_path / "F0_haiku.npz"), "--model", "nfnet_hub_f0",
-                 "--out", str(tmp_path / "f0.safetensors")]) == 0
+    # without --model: the variant whose names and shapes it has (F0, not F0+ of the same depth)
+    assert main(["convert", "deepmind", str(tmp_path / "F0_haiku.npz"), "--out", str(tmp_path / "f0.safetensors")]) == 0
+    assert "the authors' nfnet_hub_f0, in their numerics" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="does not fit nfnet_hub_f1: it holds the authors' nfnet_hub_f0"):
+        create_model("nfnet_hub_f1", tmp_path / "F0_haiku.npz")
     model = timm.create_model("nfnet_hub_f0.deepmind_in1k", pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(tmp_path / "f0.safetensors"))).eval()
     assert_follows_the_authors(model, params, v, batch=1, size=64)

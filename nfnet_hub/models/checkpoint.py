@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
-import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,11 @@ from ..errors import CheckpointError, UsageError, folder_given
 from ..files import honour_umask
 from ..preprocess import IMAGE_MODE, apply_data_config, data_config
 from ..runs import best_checkpoint, is_weights_file, run_model
-from .deepmind import convert_deepmind, looks_like_haiku, read_haiku
-from .nfnet import DEEPMIND_NUMERICS, NFNet
+from .deepmind import convert_deepmind, deepmind_classes, deepmind_variant, looks_like_haiku, read_haiku
+from .nfnet import DEEPMIND_NUMERICS, NFNet, recorded_model_args
 
-__all__ = ["Checkpoint", "Provenance", "check_fit", "checkpoint_form", "convert_authors_checkpoint", "create_model",
-           "load_checkpoint", "load_model", "read_checkpoint", "read_pytorch", "read_state_dict", "save_safetensors"]
+__all__ = ["Checkpoint", "Provenance", "check_fit", "checkpoint_form", "create_model", "load_checkpoint", "load_model",
+           "model_args", "read_checkpoint", "read_pytorch", "read_state_dict", "save_safetensors"]
 
 DATA_CONFIG_KEY = "nfnet_hub.data_config"  # safetensors metadata; training checkpoints hold "data_config"
 
@@ -45,6 +44,23 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
     entry: str = ""  # which weights of a training checkpoint: "state_dict_ema", "state_dict", ...
     train_args: dict[str, Any] | None = None  # the options of timm's train.py run that wrote it, if it did
+    model_args: dict[str, Any] = field(default_factory=dict)  # to build its model again: see model_args()
+
+
+def model_args(model: nn.Module) -> dict[str, Any]:
+    """What ``timm.create_model`` must be given, beyond the name and the tensors' shapes, to build ``model`` again:
+    our WS form and activation, and a global pooling other than timm's average (pooling has no tensors)."""
+    cfg = getattr(model, "cfg", None)
+    args = {"ws": cfg.ws, "act": cfg.act} if cfg is not None and hasattr(cfg, "ws") else {}
+    pool = getattr(getattr(getattr(model, "head", None), "global_pool", None), "pool_type", "avg")
+    return args if pool == "avg" else {**args, "global_pool": pool}
+
+
+def run_model_args(run: dict[str, Any]) -> dict[str, Any]:
+    """The model arguments of a training run's options (ours or timm's train.py's): --model-kwargs and --gp, over
+    what its --pretrained-path records (timm's factory builds our models as their weights file records)."""
+    start = recorded_model_args(run["pretrained_path"]) if run.get("pretrained_path") else {}
+    return {**start, **(run.get("model_kwargs") or {}), **({"global_pool": run["gp"]} if run.get("gp") else {})}
 
 
 def checkpoint_form(path: Path) -> str:
@@ -87,7 +103,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     form = checkpoint_form(path)
     if form == "deepmind":
-        return Checkpoint(path, form, dict(read_haiku(path)))
+        return Checkpoint(path, form, dict(read_haiku(path)), model_args=dict(DEEPMIND_NUMERICS))
     if form == "safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -99,11 +115,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0]}") from None
         record = json.loads(metadata[DATA_CONFIG_KEY]) if DATA_CONFIG_KEY in metadata else None
-        return Checkpoint(path, form, clean_state_dict(sd), record, metadata)
+        return Checkpoint(path, form, clean_state_dict(sd), record, metadata, model_args=recorded_model_args(path))
     raw = read_pytorch(path)
     record = raw.get("data_config") if isinstance(raw, dict) else None
-    train_args = raw.get("args") if isinstance(raw, dict) and record is None else None
-    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else None
+    run = raw.get("args") if isinstance(raw, dict) else None
+    run = vars(run) if isinstance(run, argparse.Namespace) else run if isinstance(run, dict) else {}
     sd, entry = raw, ""
     for key in ("state_dict_ema", "model_ema", "state_dict", "model"):  # the EMA first, as timm's load_checkpoint
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -113,7 +129,8 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
     # the prefixes DDP and torch.compile put on keys (a compiled model's own state_dict), as timm strips them
     return Checkpoint(path, form, clean_state_dict(sd), record, entry=entry,
-                      train_args=train_args)
+                      train_args=run if isinstance(raw.get("args"), argparse.Namespace) and record is None else None,
+                      model_args=run_model_args(run))
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:
@@ -161,11 +178,26 @@ def _variant_of(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a checkpoint (any supported form) into ``model``, strictly."""
-    ckpt = read_checkpoint(path)
-    sd = convert_deepmind(ckpt.state_dict, model) if ckpt.form == "deepmind" else ckpt.state_dict
-    check_fit(sd, model, str(path))
-    model.load_state_dict(sd)
+    model.load_state_dict(_fitted(read_checkpoint(path), model, str(path)))
     return model
+
+
+def _fitted(ckpt: Checkpoint, model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the model's names, checked against it; the authors' arrays of another
+    variant are told that variant (their own names say nothing of it)."""
+    if ckpt.form != "deepmind":
+        check_fit(ckpt.state_dict, model, source)
+        return ckpt.state_dict
+    try:
+        sd = convert_deepmind(ckpt.state_dict, model)
+        check_fit(sd, model, source)
+    except CheckpointError:
+        name = getattr(model, "pretrained_cfg", {}).get("architecture")
+        if isinstance(model, NFNet) and (fits := deepmind_variant(ckpt.state_dict)) and fits != name:
+            raise CheckpointError(f"{source} does not fit {name}: it holds the authors' {fits} "
+                                  "(give that model name)") from None
+        raise
+    return sd
 
 
 def check_model_name(name: str, weights_option: str = "--checkpoint") -> None:
@@ -294,25 +326,25 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
         return model, Provenance(weights, f"{name}'s pretrained config", not pretrained, classes)
     ckpt = read_checkpoint(checkpoint)
     sd = ckpt.state_dict
+    kwargs = {**ckpt.model_args, **kwargs}
     if ckpt.form == "deepmind":
-        for k, val in DEEPMIND_NUMERICS.items():
-            kwargs.setdefault(k, val)
-        fc = next((v for k, v in sd.items() if re.fullmatch(r"(NFNet/~/)?linear/w", k)), None)
-        if fc is not None:
-            kwargs.setdefault("num_classes", fc.shape[1])
+        if classes := deepmind_classes(sd):
+            kwargs.setdefault("num_classes", classes)
     else:
         if "head.fc.weight" in sd:
             kwargs.setdefault("num_classes", sd["head.fc.weight"].shape[0])
         if "stem.conv1.weight" in sd:
             kwargs.setdefault("in_chans", sd["stem.conv1.weight"].shape[1])
-        for key in ("ws", "act"):
-            if ckpt.metadata.get(f"nfnet_hub.{key}"):
-                kwargs.setdefault(key, ckpt.metadata[f"nfnet_hub.{key}"])
-    model = _timm_create(name, False, **kwargs)
-    if ckpt.form == "deepmind":
-        sd = convert_deepmind(sd, model)
-    check_fit(sd, model, str(checkpoint))
-    model.load_state_dict(sd)
+    try:
+        model = _timm_create(name, False, **kwargs)
+    except TypeError:  # recorded arguments another architecture does not take
+        if not ckpt.model_args:
+            raise
+        fits = _variant_of(sd) if ckpt.form != "deepmind" else deepmind_variant(sd)
+        raise CheckpointError(f"{checkpoint} does not fit {name}: its model was built with "
+                              + ", ".join(f"{k}={v}" for k, v in ckpt.model_args.items()) + f", which {name} does not "
+                              "take" + (f" (its tensors are {fits}'s: give that model name)" if fits else "")) from None
+    model.load_state_dict(_fitted(ckpt, model, str(checkpoint)))
     record, source = ckpt.data_config, f"the data config recorded in {Path(checkpoint).name}"
     if not record and ckpt.train_args:  # as timm's train.py resolved it from its options
         from timm.data import resolve_data_config
@@ -330,7 +362,9 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
     # the authors published ImageNet weights only; a run on ImageNet's folders names classes by WordNet id
     classes = (name_pretrained_classes(model) if ckpt.form == "deepmind" else None) or describe_wordnet_ids(model)
     ema = f" (its EMA weights, {ckpt.entry}, as timm's load_checkpoint takes them)" if "ema" in ckpt.entry else ""
-    return model, Provenance(f"{checkpoint}{ema}", source, False, classes)
+    built = ", ".join(f"{k}={v}" for k, v in ckpt.model_args.items() if kwargs.get(k) == v)
+    built = f"; built with {built}, as it records" if built and ckpt.form != "deepmind" else ""
+    return model, Provenance(f"{checkpoint}{ema}{built}", source, False, classes)
 
 
 def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any) -> nn.Module:
@@ -338,50 +372,15 @@ def create_model(name: str, checkpoint: str | Path | None = None, **kwargs: Any)
     return load_model(name, checkpoint, **kwargs)[0]
 
 
-def convert_authors_checkpoint(source: str | Path, name: str, out: str | Path, *, num_classes: int = 1000,
-                               overwrite: bool = False) -> tuple[Path, int]:
-    """The authors' Haiku checkpoint as a safetensors file of ``name`` in the authors' numerics."""
-    from ..classes import name_pretrained_classes
-    from ..files import check_writable_folder, partial_path, sweep_partials
-
-    source, out = Path(source), Path(out)
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out {out} must be a .safetensors file")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it")
-    if out.is_dir():
-        raise UsageError(f"{out} is a folder")
-    check_writable_folder(out.parent)
-    ckpt = read_checkpoint(source)
-    if ckpt.form != "deepmind":
-        raise CheckpointError(f"{source} is a {ckpt.form} checkpoint, not the authors' Haiku .npz: "
-                              "load it directly with --checkpoint")
-    model = _timm_create(name, False, num_classes=num_classes, **DEEPMIND_NUMERICS)
-    sd = convert_deepmind(ckpt.state_dict, model)
-    check_fit(sd, model, str(source))
-    model.load_state_dict(sd)
-    name_pretrained_classes(model)  # ImageNet's, recorded with the weights
-    sweep_partials(out.parent)
-    tmp = partial_path(out)
-    try:
-        save_safetensors(model, tmp, {"nfnet_hub.source": source.name})
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out, len(sd)
-
-
 def save_safetensors(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write the model's weights (contiguous, shared tensors split) with the WS form and the data config
-    in the metadata."""
+    """Write the model's weights (contiguous, shared tensors split) with its model_args() and data config in the
+    metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": "pt", **(metadata or {})}
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "ws"):
-        meta["nfnet_hub.ws"], meta["nfnet_hub.act"] = cfg.ws, cfg.act
+    meta.update({f"nfnet_hub.{k}": str(v) for k, v in model_args(model).items()})
     pretrained_cfg = getattr(model, "pretrained_cfg", None)
     if pretrained_cfg:
         meta[DATA_CONFIG_KEY] = json.dumps(data_config(pretrained_cfg, channels=getattr(model, "in_chans", None)))

@@ -1,4 +1,5 @@
-"""The authors' Haiku checkpoints (``F0_haiku.npz`` ...): read them safely and map them onto our names.
+"""The authors' Haiku checkpoints (``F0_haiku.npz`` ...): read them safely, map them onto our names and tell the
+variant they hold.
 
 The files hold ``{module path: {param: array}}`` with HWIO kernels, e.g. ``NFNet/~/nf_block_3/~/conv1``
 -> ``{"w", "gain", "b"}``. We read them as a zip of flat ``module/param`` arrays (``np.savez``) or as
@@ -18,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UsageError
 
-__all__ = ["convert_deepmind", "looks_like_haiku", "read_haiku"]
+__all__ = ["convert_authors_checkpoint", "convert_deepmind", "deepmind_classes", "deepmind_variant", "looks_like_haiku",
+           "read_haiku"]
 
 _BLOCK_PARAMS = {
     "conv0": "conv1", "conv1": "conv2", "conv1b": "conv2b", "conv2": "conv3",
@@ -77,50 +79,126 @@ def _block_index(model: nn.Module) -> list[str]:
     return [f"stages.{si}.{bi}" for si, stage in enumerate(model.stages) for bi in range(len(stage))]
 
 
+# How each kind of the authors' arrays is laid out as ours: HWIO kernels as OIHW, (in, out) matrices as
+# (out, in) (inside squeeze-excite as 1x1 convs), gains per output channel broadcast over the kernel.
+_LAYOUTS = {
+    "kernel": lambda v: v.transpose(3, 2, 0, 1), "linear": lambda v: v.T, "se": lambda v: v.T[:, :, None, None],
+    "gain": lambda v: v.reshape(-1, 1, 1, 1), "skip": lambda v: v.reshape(1), "as is": lambda v: v,
+}
+
+
+def _target(key: str, ndim: int, blocks: list[str]) -> tuple[str, str] | None:
+    """Our name for one of the authors' arrays and its layout (a key of ``_LAYOUTS``); None if we have none."""
+    if "/" not in key:
+        return None
+    path, param = key.rsplit("/", 1)
+    path = re.sub(r"^NFNet/~/", "", path)
+    name = None
+    if m := re.fullmatch(r"nf_block(?:_(\d+))?(?:/~/(.+))?", path):
+        idx = int(m.group(1) or 0)
+        if idx >= len(blocks):
+            return None
+        if m.group(2) is None and param == "skip_gain":
+            return f"{blocks[idx]}.skipinit_gain", "skip"
+        target = _BLOCK_PARAMS.get(m.group(2) or "")
+        name = f"{blocks[idx]}.{target}" if target else None
+    elif s := re.fullmatch(r"stem_conv(\d)", path):
+        name = f"stem.conv{int(s.group(1)) + 1}"
+    elif path in ("final_conv", "linear"):
+        name = "final_conv" if path == "final_conv" else "head.fc"
+    if name is None or param not in ("w", "b", "gain"):
+        return None
+    if param == "w":
+        layout = {4: "kernel", 2: "linear" if name == "head.fc" else "se"}.get(ndim, "as is")
+        return f"{name}.weight", layout
+    return (f"{name}.bias", "as is") if param == "b" else (f"{name}.gain", "gain")
+
+
 def convert_deepmind(arrays: dict[str, np.ndarray], model: nn.Module) -> dict[str, torch.Tensor]:
     """Map the authors' Haiku parameters onto ``model``'s names and layouts (HWIO -> OIHW)."""
     blocks = _block_index(model)
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in arrays.items():
-        if "/" not in key:
-            unknown.append(key)
-            continue
-        path, param = key.rsplit("/", 1)
-        path = re.sub(r"^NFNet/~/", "", path)
-        m = re.fullmatch(r"nf_block(?:_(\d+))?(?:/~/(.+))?", path)
-        if m:
-            idx = int(m.group(1) or 0)
-            if idx >= len(blocks):
-                unknown.append(key)
-                continue
-            if m.group(2) is None and param == "skip_gain":
-                out[f"{blocks[idx]}.skipinit_gain"] = torch.as_tensor(np.asarray(value, np.float32).reshape(1))
-                continue
-            target = _BLOCK_PARAMS.get(m.group(2) or "")
-            name = f"{blocks[idx]}.{target}" if target else None
-        elif (s := re.fullmatch(r"stem_conv(\d)", path)):
-            name = f"stem.conv{int(s.group(1)) + 1}"
-        elif path in ("final_conv", "linear"):
-            name = "final_conv" if path == "final_conv" else "head.fc"
+    targets = {key: _target(key, np.ndim(value), blocks) for key, value in arrays.items()}
+    if unknown := sorted(key for key, target in targets.items() if target is None):
+        raise CheckpointError("unexpected parameters in the DeepMind checkpoint: " + ", ".join(unknown[:20]))
+    return {name: torch.from_numpy(np.ascontiguousarray(_LAYOUTS[layout](np.asarray(arrays[key], np.float32))))
+            for key, (name, layout) in targets.items()}
+
+
+def deepmind_classes(arrays: dict[str, np.ndarray]) -> int | None:
+    """The class count of the authors' classifier (``linear/w`` is (features, classes))."""
+    return next((np.shape(v)[1] for k, v in arrays.items() if re.fullmatch(r"(NFNet/~/)?linear/w", k)), None)
+
+
+def deepmind_variant(arrays: dict[str, np.ndarray]) -> str | None:
+    """The nfnet_hub variant whose tensors the authors' arrays are, name for name and shape for shape (models
+    built on the meta device, arrays never copied), or None."""
+    import timm
+
+    from .variants import VARIANTS, model_name
+
+    blocks = {m.group(1) or "0" for k in arrays if (m := re.match(r"(?:NFNet/~/)?nf_block(?:_(\d+))?/", k))}
+    for variant in (n for n, v in VARIANTS.items() if sum(v.depths) == len(blocks)):
+        with torch.device("meta"):
+            model = timm.create_model(model_name(variant), num_classes=deepmind_classes(arrays) or 1000)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        index, shapes = _block_index(model), {}
+        for key, value in arrays.items():
+            if (target := _target(key, np.ndim(value), index)) is None:
+                break
+            shapes[target[0]] = _LAYOUTS[target[1]](np.broadcast_to(np.float32(0), np.shape(value))).shape
         else:
-            name = None
-        if name is None:
-            unknown.append(key)
-            continue
-        v = np.asarray(value, dtype=np.float32)
-        if param == "w":
-            if v.ndim == 4:  # HWIO -> OIHW
-                v = v.transpose(3, 2, 0, 1)
-            elif v.ndim == 2:  # (in, out) -> (out, in), as a 1x1 conv inside squeeze-excite
-                v = v.T if name == "head.fc" else v.T[:, :, None, None]
-            out[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(v))
-        elif param == "b":
-            out[f"{name}.bias"] = torch.from_numpy(v)
-        elif param == "gain":
-            out[f"{name}.gain"] = torch.from_numpy(v.reshape(-1, 1, 1, 1))
-        else:
-            unknown.append(key)
-    if unknown:
-        raise CheckpointError("unexpected parameters in the DeepMind checkpoint: " + ", ".join(sorted(unknown)[:20]))
-    return out
+            if shapes == expected:
+                return model_name(variant)
+    return None
+
+
+def convert_authors_checkpoint(source: str | Path, name: str | None, out: str | Path, *,
+                               num_classes: int | None = None, overwrite: bool = False) -> tuple[Path, str]:
+    """The authors' Haiku checkpoint as a safetensors file of ``name`` (by default the variant whose shapes it
+    has) in the authors' numerics; returns the file and the model name."""
+    import timm
+
+    from ..classes import name_pretrained_classes
+    from ..files import check_writable_folder, partial_path, sweep_partials
+    from .checkpoint import _fitted, _timm_create, check_model_name, read_checkpoint, save_safetensors
+    from .nfnet import DEEPMIND_NUMERICS
+
+    source, out = Path(source), Path(out)
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out {out} must be a .safetensors file")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} exists; pass --overwrite to replace it")
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder")
+    ours = name is not None and name.partition(".")[0] in timm.list_models("nfnet_hub_*")
+    if ours:
+        check_model_name(name)  # its pretrained tag
+    check_writable_folder(out.parent)
+    ckpt = read_checkpoint(source)
+    if ckpt.form != "deepmind":
+        raise CheckpointError(f"{source} is a {ckpt.form} checkpoint, not the authors' Haiku .npz: "
+                              "load it directly with --checkpoint")
+    fits = deepmind_variant(ckpt.state_dict)
+    if not ours:
+        if fits is None:
+            raise CheckpointError(f"{source} holds none of nfnet-hub's variants: its arrays' names or shapes differ")
+        if name is not None:
+            raise UsageError(f"--model {name}: convert writes nfnet-hub's variants; {source} holds the authors' "
+                             f"{fits} (give --model {fits}, or leave --model out)")
+        name = fits
+    classes = deepmind_classes(ckpt.state_dict)
+    if num_classes is not None and classes and num_classes != classes:
+        raise UsageError(f"--num-classes {num_classes}: {source}'s classifier has {classes} classes, and convert "
+                         "keeps the authors' weights as they are; to fine-tune, convert without --num-classes and "
+                         f"train with --pretrained-path {out} --num-classes {num_classes}")
+    model = _timm_create(name, False, num_classes=classes or num_classes or 1000, **DEEPMIND_NUMERICS)
+    model.load_state_dict(_fitted(ckpt, model, str(source)))
+    name_pretrained_classes(model)  # ImageNet's, recorded with the weights
+    sweep_partials(out.parent)
+    tmp = partial_path(out)
+    try:
+        save_safetensors(model, tmp, {"nfnet_hub.source": source.name})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out, name

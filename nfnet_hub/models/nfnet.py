@@ -286,9 +286,25 @@ def model_cfg(variant: str) -> NFNetCfg:
     return NFNetCfg.from_variant(VARIANTS[variant])
 
 
+def recorded_model_args(path: str) -> dict[str, str]:
+    """The model args a safetensors file of ours records (``save_safetensors``: the WS form, the activation, a
+    global pooling) where they are not the defaults; {} for other files."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError):
+        return {}
+    defaults = {"ws": NFNetCfg.ws, "act": NFNetCfg.act, "global_pool": "avg"}
+    return {k: meta[f"nfnet_hub.{k}"] for k, value in defaults.items() if meta.get(f"nfnet_hub.{k}", value) != value}
+
+
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> NFNet:
     v = VARIANTS[variant]
     kwargs.setdefault("drop_rate", v.drop_rate)
+    if pretrained and (file := (kwargs.get("pretrained_cfg_overlay") or {}).get("file")):
+        kwargs = {**recorded_model_args(file), **kwargs}  # what its weights expect, unless asked otherwise
     tag = kwargs.get("pretrained_cfg")
     if isinstance(tag, str) and tag.startswith("deepmind"):
         for k, val in DEEPMIND_NUMERICS.items():

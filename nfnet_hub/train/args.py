@@ -389,9 +389,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{option.replace('_', '-')} " + (folder_given(Path(value), "a checkpoint file")
                                                                   if weights else f"{value}: no such file"))
     check_writable_folder(Path(args.output or "output/train"))
-    if args.resume and (args.initial_checkpoint or args.pretrained_path):
-        raise UsageError("--resume and --initial-checkpoint/--pretrained-path conflict: a resumed run takes its "
-                         "weights from the checkpoint it resumes")
     if args.torchscript and args.torchcompile:
         raise UsageError("--torchscript and --torchcompile conflict (as in train.py): choose one")
     check_ranges(args)

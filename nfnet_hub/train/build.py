@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,24 @@ def _classes_in(path: str) -> int:
     return int(weight.shape[0]) if weight is not None else -1
 
 
+def take_model_args(args: argparse.Namespace) -> list[str]:
+    """The model args the starting weights record (the authors' numerics, a run's --gp and --model-kwargs), made this
+    run's where not given: the weights expect them. Written into args, so that args.yaml and checkpoints say so;
+    returns them in words for a note."""
+    path = args.initial_checkpoint or args.pretrained_path
+    if not path:
+        return []
+    ckpt = read_checkpoint(path)
+    if ckpt.form == "deepmind" and args.pretrained_path:  # timm's loader reads safetensors and torch.save files
+        raise UsageError(f"--pretrained-path {path} is the authors' Haiku checkpoint: convert it first, `nfnet-hub "
+                         f"convert deepmind {path} --out {Path(path).stem}.safetensors`, and give that file")
+    taken = {k: v for k, v in ckpt.model_args.items()
+             if k not in args.model_kwargs and not (k == "global_pool" and args.gp)}
+    pool = taken.pop("global_pool", None)
+    args.model_kwargs, args.gp = {**args.model_kwargs, **taken}, args.gp or pool
+    return [f"{k}={v}" for k, v in {**taken, **({"gp": pool} if pool else {})}.items()]
+
+
 def _check_betas(args: argparse.Namespace) -> None:
     """--opt-betas of the optimiser's count: timm drops betas an optimiser has none of, and torch's Adam fails on
     one beta with an IndexError."""
@@ -203,6 +222,10 @@ def build(args: argparse.Namespace) -> Run:
     model_cfg = {} if args.dataset == DIGITS else pretrained_cfg_of(args.model)  # as timm resolves the data config
     loaders = create_loaders(args, model_cfg, world, rank, device)
     check_sizes(loaders, args.batch_size, world, args.grad_accum_steps)
+    if (taken := take_model_args(args)) and rank == 0:
+        source = args.initial_checkpoint or args.pretrained_path
+        print(f"note: {args.model} is built with {', '.join(taken)}, as {source} records (its weights expect them; "
+              "--gp or --model-kwargs choose others)", flush=True)
     model = build_model(args, loaders).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

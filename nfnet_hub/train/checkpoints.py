@@ -120,10 +120,23 @@ def saved_args(state: dict[str, Any]) -> dict[str, Any]:
     return saved if isinstance(saved, dict) else vars(saved) if saved is not None else {}
 
 
-def check_resumable(model: nn.Module, state: dict[str, Any], path: Path) -> None:
-    """Weights of another model (name, input channels, classes) refused in one line naming the run's own model."""
-    from ..models.checkpoint import check_fit
+def check_resumable(model: nn.Module, state: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
+    """Weights of another model (name, input channels, classes) refused in one line naming the run's own model; so is
+    a model built otherwise (--gp, --model-kwargs: the WS form, the activation), which the shapes do not show."""
+    from ..models.checkpoint import check_fit, run_model_args
 
+    built, now = ({k: v for k, v in run_model_args(a).items() if (k, v) != ("global_pool", "avg")}  # the default
+                  for a in (saved_args(state), vars(args)))
+    if built != now:
+        def flags(kw: dict[str, Any]) -> str:
+            pool, rest = kw.get("global_pool"), [f"{k}={v}" for k, v in kw.items() if k != "global_pool"]
+            return " ".join(([f"--gp {pool}"] if pool else []) + (["--model-kwargs", *rest] if rest else []))
+
+        was, given = flags(built) or "no --gp or --model-kwargs", flags(now) or "neither"
+        raise CheckpointError(f"--resume {path}: its run built the model with `{was}`, this run with `{given}`: "
+                              "resume with its run's")
+    if args.fsdp:  # a sharded model's own state dict is checked as it loads
+        return
     try:
         check_fit(clean_state_dict(state["state_dict"]), model, str(path))
     except CheckpointError as e:

@@ -167,8 +167,7 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     """Restore what a checkpoint holds (ours or timm's train.py's) and put the schedule where it stopped.
     Returns the start epoch, the step within it, the global step, the best metric and the kept history."""
     args = run.args
-    if not args.fsdp:  # a sharded model's own state dict is checked as it loads
-        check_resumable(run.model, state, path)
+    check_resumable(run.model, state, path, args)
     run.states.load_model(run.model, state["state_dict"])
     if not args.no_resume_opt:
         run.states.load_optimizer(run.model, run.optimizer, state["optimizer"])
@@ -203,7 +202,8 @@ def resume(run: Run, state: dict[str, Any], path: Path) -> tuple[int, int, int, 
     if run.main:
         if before and before != args.epochs:
             print(f"the schedule now runs to epoch {args.epochs} (the checkpoint's run was for {before})", flush=True)
-        print(f"resumed from {path}: epoch {epoch}, step {global_step}", flush=True)
+        print(f"resumed from {path}: epoch {epoch}, step {global_step}" + (", its weights over the starting ones (as "
+              "train.py)" if args.initial_checkpoint or args.pretrained_path else ""), flush=True)
     return epoch, step, global_step, state.get("best"), state.get("history")
 
 
