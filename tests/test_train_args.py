@@ -91,22 +91,21 @@ def test_values_out_of_range_are_refused_by_name_before_any_work(tmp_path, capsy
 def test_schedule_and_optimiser_values_that_fail_hang_or_ascend_are_refused(tmp_path, capsys):
     """train.py takes these: --decay-epochs 0 fails in timm's step schedule (division by zero), --lr-cycle-mul 0 in
     its cosine (a logarithm), --lr-noise-pct below 0 hangs it (noise redrawn until below the limit), --seed -1 fails
-    in numpy, --remode foo in a timm assertion; a negative --decay-rate or --layer-decay makes learning rates
-    negative and --momentum 1 never forgets a gradient, both trained on without a word."""
+    in numpy, --remode foo and --gp mean in timm assertions; a negative --decay-rate or --layer-decay makes learning
+    rates negative and --momentum 1 never forgets a gradient, both trained on without a word."""
     code = main(["train", *QUICK, "--data-dir", str(tmp_path), "--dataset", "", "--sched", "step", "--decay-epochs",
                  "0", "--decay-rate", "-0.1", "--lr-cycle-mul", "0", "--lr-noise", "0.5", "--lr-noise-pct", "-0.1",
                  "--layer-decay", "-0.5", "--momentum", "1", "--seed", "-1", "--remode", "foo", "--torchcompile",
-                 "--torchcompile-mode", "fast",
-                 "--output", str(tmp_path / "runs")])
+                 "--torchcompile-mode", "fast", "--gp", "mean", "--output", str(tmp_path / "runs")])
     err = capsys.readouterr().err.splitlines()
-    assert code == 2 and err[0] == "nfnet-hub train: error: 9 option value(s) out of range:", err
+    assert code == 2 and err[0] == "nfnet-hub train: error: 10 option value(s) out of range:", err
     assert [line.strip().split(":")[0] for line in err[1:]] == [
         "--momentum 1.0", "--decay-rate -0.1", "--decay-epochs 0.0", "--lr-cycle-mul 0.0", "--lr-noise-pct -0.1",
-        "--layer-decay -0.5", "--seed -1", "--remode foo", "--torchcompile-mode fast"]
+        "--layer-decay -0.5", "--seed -1", "--remode foo", "--gp 'mean'", "--torchcompile-mode fast"]
     assert "must be one of default, " in err[-1] and "max-autotune" in err[-1]
     assert not (tmp_path / "runs").exists()
     check_ranges(parse_args(["--remode", "Const", "--torchcompile-mode", "max-autotune", "--momentum", "0",
-                             "--layer-decay", "0.65", "--seed", "0"]))  # timm lower-cases the mode
+                             "--layer-decay", "0.65", "--seed", "0", "--gp", "CatAvgMax"]))  # timm lower-cases modes
 
 
 def test_a_configs_values_are_typed_as_the_command_line_types_them(tmp_path, capsys):

@@ -110,6 +110,8 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {  # option -> (holds f
     "seed": (lambda v: 0 <= v < 2**31, "0 to 2147483647 (numpy seeds each process with seed + rank)"),
 }
 REMODES = ("const", "rand", "pixel")  # timm's random erasing modes (it asserts on others)
+# timm's global pools (SelectAdaptivePool2d asserts on others; none, "", leaves a map of logits per image)
+POOLS = ("avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax", "fastcatavgmax")
 
 
 def check_ranges(args: argparse.Namespace) -> None:
@@ -134,6 +136,8 @@ def check_ranges(args: argparse.Namespace) -> None:
                             f"({channels or 3})")
     if args.remode.lower() not in (*REMODES, ""):
         problems.append(f"--remode {args.remode}: must be one of {', '.join(REMODES)}")
+    if args.gp is not None and args.gp.lower() not in POOLS:
+        problems.append(f"--gp {args.gp!r}: must be one of {', '.join(POOLS)}")
     if args.torchcompile_mode is not None:
         from torch._inductor import list_mode_options
 
