@@ -27,8 +27,9 @@ from ..runs import best_checkpoint, is_weights_file, run_model
 from .deepmind import convert_deepmind, deepmind_classes, deepmind_variant, looks_like_haiku, read_haiku
 from .nfnet import DEEPMIND_NUMERICS, NFNet, recorded_model_args
 
-__all__ = ["Checkpoint", "Provenance", "check_fit", "checkpoint_form", "create_model", "load_checkpoint", "load_model",
-           "model_args", "read_checkpoint", "read_pytorch", "read_state_dict", "save_safetensors"]
+__all__ = ["Checkpoint", "Provenance", "check_fit", "checkpoint_form", "checkpoint_model_args", "create_model",
+           "load_checkpoint", "load_model", "model_args", "read_checkpoint", "read_pytorch", "read_state_dict",
+           "save_safetensors"]
 
 DATA_CONFIG_KEY = "nfnet_hub.data_config"  # safetensors metadata; training checkpoints hold "data_config"
 
@@ -131,6 +132,14 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, form, clean_state_dict(sd), record, entry=entry,
                       train_args=run if isinstance(raw.get("args"), argparse.Namespace) and record is None else None,
                       model_args=run_model_args(run))
+
+
+def checkpoint_model_args(path: str | Path) -> dict[str, Any]:
+    """``read_checkpoint(path).model_args``, reading a safetensors file's header only."""
+    form = checkpoint_form(Path(path))
+    if form != "pytorch":
+        return dict(DEEPMIND_NUMERICS) if form == "deepmind" else recorded_model_args(path)
+    return read_checkpoint(path).model_args
 
 
 def read_state_dict(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,15 @@ from torch import nn
 
 from ..agc import agc_parameters
 from ..errors import UsageError
-from ..models.checkpoint import create_model, load_checkpoint, names_saved_model, pretrained_cfg_of, read_checkpoint
+from ..models.checkpoint import (
+    checkpoint_form,
+    checkpoint_model_args,
+    create_model,
+    load_checkpoint,
+    names_saved_model,
+    pretrained_cfg_of,
+    read_checkpoint,
+)
 from ..preprocess import apply_data_config
 from .args import DIGITS, noted_options
 from .checkpoints import ModelState
@@ -121,14 +129,13 @@ def take_model_args(args: argparse.Namespace) -> list[str]:
     """The model args the starting weights record (the authors' numerics, a run's --gp and --model-kwargs), made this
     run's where not given: the weights expect them. Written into args, so that args.yaml and checkpoints say so;
     returns them in words for a note."""
+    if (path := args.pretrained_path) and checkpoint_form(Path(path)) == "deepmind":  # timm's loader cannot read it
+        raise UsageError(f"--pretrained-path {path} is the authors' Haiku checkpoint: convert it first, `nfnet-hub "
+                         f"convert deepmind {path} --out {Path(path).stem}.safetensors`, and give that file")
     path = args.initial_checkpoint or args.pretrained_path
     if not path:
         return []
-    ckpt = read_checkpoint(path)
-    if ckpt.form == "deepmind" and args.pretrained_path:  # timm's loader reads safetensors and torch.save files
-        raise UsageError(f"--pretrained-path {path} is the authors' Haiku checkpoint: convert it first, `nfnet-hub "
-                         f"convert deepmind {path} --out {Path(path).stem}.safetensors`, and give that file")
-    taken = {k: v for k, v in ckpt.model_args.items()
+    taken = {k: v for k, v in checkpoint_model_args(path).items()
              if k not in args.model_kwargs and not (k == "global_pool" and args.gp)}
     pool = taken.pop("global_pool", None)
     args.model_kwargs, args.gp = {**args.model_kwargs, **taken}, args.gp or pool
