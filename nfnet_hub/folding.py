@@ -277,7 +277,12 @@ def fold(model: nn.Module, *, img_size: int | tuple[int, int] | None = None) -> 
         img_size = (img_size, img_size)
     if isinstance(model, FoldedNFNet):
         return _refold(model, img_size)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise FoldError("cannot fold a TorchScript module (it keeps no Python modules to fold): fold the eager model, "
+                        "then script the result, torch.jit.script(fold(model))")
     missing = [a for a in ("stem", "stages", "final_conv", "final_act", "head") if not hasattr(model, a)]
+    if missing and isinstance(getattr(model, "module", None), nn.Module):  # DDP, DataParallel
+        raise FoldError(f"cannot fold {type(model).__name__}: fold the model it wraps, fold(model.module)")
     if missing:
         raise FoldError(f"cannot fold {type(model).__name__}: not an NFNet (missing {', '.join(missing)})")
     img_size = tuple(img_size or eval_size(getattr(model, "pretrained_cfg", None) or {}))

@@ -149,6 +149,11 @@ def test_unknown_modules_are_named():
         fold(model, img_size=32)
     with pytest.raises(FoldError, match="not an NFNet"):
         fold(timm.create_model("resnet18"))
+    # wrapped and scripted NFNets are told what to fold (they were "not an NFNet", "cannot fold activation")
+    with pytest.raises(FoldError, match=r"cannot fold DataParallel: fold the model it wraps, fold\(model.module\)"):
+        fold(nn.DataParallel(model))
+    with pytest.raises(FoldError, match=r"fold the eager model, then script the result, torch.jit.script\(fold"):
+        fold(torch.jit.script(timm.create_model("nfnet_hub_nano")))
 
 
 def test_fold_leaves_the_model_untouched_and_in_its_mode():
