@@ -57,10 +57,11 @@ def model_args(model: nn.Module) -> dict[str, Any]:
     return args if pool == "avg" else {**args, "global_pool": pool}
 
 
-def run_model_args(run: dict[str, Any]) -> dict[str, Any]:
-    """The model arguments of a training run's options (ours or timm's train.py's): --model-kwargs and --gp, over
-    what its --pretrained-path records (timm's factory builds our models as their weights file records)."""
-    start = recorded_model_args(run["pretrained_path"]) if run.get("pretrained_path") else {}
+def run_model_args(run: dict[str, Any], timms: bool = False) -> dict[str, Any]:
+    """The model arguments of a training run's options: --model-kwargs and --gp; for timm's train.py (``timms``),
+    over what its --pretrained-path records, which timm's factory builds our models with (ours writes them into
+    --model-kwargs)."""
+    start = recorded_model_args(run["pretrained_path"]) if timms and run.get("pretrained_path") else {}
     return {**start, **(run.get("model_kwargs") or {}), **({"global_pool": run["gp"]} if run.get("gp") else {})}
 
 
@@ -129,9 +130,9 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors (found {type(sd).__name__})")
     # the prefixes DDP and torch.compile put on keys (a compiled model's own state_dict), as timm strips them
+    timms = isinstance(raw.get("args"), argparse.Namespace)
     return Checkpoint(path, form, clean_state_dict(sd), record, entry=entry,
-                      train_args=run if isinstance(raw.get("args"), argparse.Namespace) and record is None else None,
-                      model_args=run_model_args(run))
+                      train_args=run if timms and record is None else None, model_args=run_model_args(run, timms))
 
 
 def checkpoint_model_args(path: str | Path) -> dict[str, Any]:
@@ -187,11 +188,11 @@ def _variant_of(state_dict: dict[str, torch.Tensor]) -> str | None:
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a checkpoint (any supported form) into ``model``, strictly."""
-    model.load_state_dict(_fitted(read_checkpoint(path), model, str(path)))
+    model.load_state_dict(fitted_state_dict(read_checkpoint(path), model, str(path)))
     return model
 
 
-def _fitted(ckpt: Checkpoint, model: nn.Module, source: str) -> dict[str, torch.Tensor]:
+def fitted_state_dict(ckpt: Checkpoint, model: nn.Module, source: str) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the model's names, checked against it; the authors' arrays of another
     variant are told that variant (their own names say nothing of it)."""
     if ckpt.form != "deepmind":
@@ -353,7 +354,7 @@ def load_model(name: str, checkpoint: str | Path | None = None, *, pretrained: b
         raise CheckpointError(f"{checkpoint} does not fit {name}: its model was built with "
                               + ", ".join(f"{k}={v}" for k, v in ckpt.model_args.items()) + f", which {name} does not "
                               "take" + (f" (its tensors are {fits}'s: give that model name)" if fits else "")) from None
-    model.load_state_dict(_fitted(ckpt, model, str(checkpoint)))
+    model.load_state_dict(fitted_state_dict(ckpt, model, str(checkpoint)))
     record, source = ckpt.data_config, f"the data config recorded in {Path(checkpoint).name}"
     if not record and ckpt.train_args:  # as timm's train.py resolved it from its options
         from timm.data import resolve_data_config

@@ -160,7 +160,7 @@ def convert_authors_checkpoint(source: str | Path, name: str | None, out: str | 
 
     from ..classes import name_pretrained_classes
     from ..files import check_writable_folder, partial_path, sweep_partials
-    from .checkpoint import _fitted, _timm_create, check_model_name, read_checkpoint, save_safetensors
+    from .checkpoint import check_model_name, fitted_state_dict, read_checkpoint, save_safetensors
     from .nfnet import DEEPMIND_NUMERICS
 
     source, out = Path(source), Path(out)
@@ -191,8 +191,8 @@ def convert_authors_checkpoint(source: str | Path, name: str | None, out: str | 
         raise UsageError(f"--num-classes {num_classes}: {source}'s classifier has {classes} classes, and convert "
                          "keeps the authors' weights as they are; to fine-tune, convert without --num-classes and "
                          f"train with --pretrained-path {out} --num-classes {num_classes}")
-    model = _timm_create(name, False, num_classes=classes or num_classes or 1000, **DEEPMIND_NUMERICS)
-    model.load_state_dict(_fitted(ckpt, model, str(source)))
+    model = timm.create_model(name, num_classes=classes or num_classes or 1000, **DEEPMIND_NUMERICS)
+    model.load_state_dict(fitted_state_dict(ckpt, model, str(source)))
     name_pretrained_classes(model)  # ImageNet's, recorded with the weights
     sweep_partials(out.parent)
     tmp = partial_path(out)

@@ -125,8 +125,9 @@ def check_resumable(model: nn.Module, state: dict[str, Any], path: Path, args: a
     a model built otherwise (--gp, --model-kwargs: the WS form, the activation), which the shapes do not show."""
     from ..models.checkpoint import check_fit, run_model_args
 
-    built, now = ({k: v for k, v in run_model_args(a).items() if (k, v) != ("global_pool", "avg")}  # the default
-                  for a in (saved_args(state), vars(args)))
+    built, now = ({k: v for k, v in run_model_args(a, timms).items() if (k, v) != ("global_pool", "avg")}  # default
+                  for a, timms in ((saved_args(state), isinstance(state.get("args"), argparse.Namespace)),
+                                   (vars(args), False)))
     if built != now:
         def flags(kw: dict[str, Any]) -> str:
             pool, rest = kw.get("global_pool"), [f"{k}={v}" for k, v in kw.items() if k != "global_pool"]
