@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from .errors import UsageError
@@ -80,6 +81,19 @@ def check_digits_folder(root: Path, images: dict[Path, np.ndarray]) -> None:
                          + "), where it writes the digits: choose another --out, or move them")
 
 
+def check_quickstart_run(folder: Path) -> None:
+    """A rerun replaces the quickstart's earlier run; a run there that it did not make (another model or data, or no
+    args.yaml) is refused before any work."""
+    try:
+        args = yaml.safe_load((folder / "args.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        args = None
+    ours = vars(parse_args(train_args(1)))
+    if not isinstance(args, dict) or any(args.get(k) != ours[k] for k in ("model", "dataset", "img_size")):
+        raise UsageError(f"{folder} holds a run the quickstart did not make, where it writes its own: choose another "
+                         "--out, or move it")
+
+
 def write_digits(root: Path, images: dict[Path, np.ndarray] | None = None) -> Path:
     """The digits as image folders under ``root`` (see ``digits_images``)."""
     for path, image in (images if images is not None else digits_images()).items():
@@ -96,6 +110,7 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
     check_digits_folder(out / "digits", digit_images)
     earlier = run_files(out / "runs" / "nano-digits")
     if earlier:  # the quickstart's own run folder: a rerun replaces its run, and says so
+        check_quickstart_run(out / "runs" / "nano-digits")
         print(f"replacing the earlier quickstart run in {out / 'runs' / 'nano-digits'}", flush=True)
         for f in earlier:
             f.unlink()

@@ -424,6 +424,8 @@ CASES = [
     ("quickstart-epochs-0", ["quickstart", "--epochs", "0"], "--epochs: must be a positive integer"),
     ("quickstart-out-is-a-file", ["quickstart", "--out", "notes.txt"], "cannot write to notes.txt"),
     ("quickstart-bundle-folder-not-a-bundle", ["quickstart", "--out", "."], None),
+    ("quickstart-a-run-of-the-users-in-its-runs-folder", ["quickstart", "--out", "quick"],
+     r"quick/runs/nano-digits holds a run the quickstart did not make, where it writes its own: choose another --out"),
     ("quickstart-digits-folder-of-the-users", ["quickstart", "--out", "project"],  # it wrote over 0000.png ...
      r"project/digits holds files the quickstart did not write \(train/3/0000.png, train/3/mine.png\), where it "
      r"writes the digits: choose another --out"),
@@ -451,6 +453,14 @@ def _users_digits(ws: Path) -> None:
     for name in ("0000.png", "mine.png"):
         shutil.copy(ws / "images" / "7" / "0000.png", ws / "project" / "digits" / "train" / "3" / name)
     (ws / "project" / "digits" / ".DS_Store").write_bytes(b"\0")
+
+
+def _users_run_in_the_quickstarts_folder(ws: Path) -> None:
+    """A run of the user's where the quickstart keeps its own (trained with --output quick/runs --experiment
+    nano-digits): a rerun deleted its checkpoints."""
+    (ws / "quick" / "runs" / "nano-digits").mkdir(parents=True)
+    shutil.copy(ws / "nano.pth.tar", ws / "quick" / "runs" / "nano-digits" / "model_best.pth.tar")
+    (ws / "quick" / "runs" / "nano-digits" / "args.yaml").write_text("model: nfnet_hub_f0\ndataset: ''\n")
 
 
 def _run_without_checkpoint(ws: Path) -> None:
@@ -490,6 +500,7 @@ SPECIAL = {"export-not-our-file": lambda ws: (ws / "notes.onnx").write_text("min
            "train-into-a-run-that-saved-nothing": _run_without_checkpoint,
            "train-resume-a-truncated-checkpoint": _truncated_run,
            "quickstart-digits-folder-of-the-users": _users_digits,
+           "quickstart-a-run-of-the-users-in-its-runs-folder": _users_run_in_the_quickstarts_folder,
            **dict.fromkeys(("predict-a-training-run", "triton-a-training-run", "export-a-training-run-as-the-model",
                             "train-a-checkpoint-as-the-model"), _training_run)}
 MESSAGES = {

@@ -1,8 +1,11 @@
 """The README's first command: the whole chain, offline, on scikit-learn's digits."""
 from __future__ import annotations
 
+import yaml
+
 from nfnet_hub.hub import verify_bundle
-from nfnet_hub.quickstart import run
+from nfnet_hub.quickstart import run, train_args
+from nfnet_hub.train import parse_args
 
 
 def test_quickstart_end_to_end(tmp_path, capsys):
@@ -23,6 +26,7 @@ def test_a_rerun_replaces_its_own_run_and_keeps_the_users_files(tmp_path, capsys
     run_dir = tmp_path / "runs" / "nano-digits"
     run_dir.mkdir(parents=True)
     (run_dir / "model_best.pth.tar").write_text("an earlier quickstart's")
+    (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(parse_args(train_args(10)))))
     (run_dir / "summary.csv").write_text("epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n9,1,1,1,1,1\n")
     (run_dir / "notes.txt").write_text("mine")
     run(tmp_path, epochs=1, progress=False)
