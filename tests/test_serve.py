@@ -136,6 +136,38 @@ def test_version_1_is_the_model_as_triton_numbers_it_and_other_versions_are_refu
     assert not client.is_model_ready("nano", "2") and not client.is_model_ready("no-such-model", "1")
 
 
+def test_tritonclients_model_config_and_repository_index_are_answered(server, client):
+    """tritonclient's get_model_config, get_model_repository_index and get_inference_statistics failed with "an
+    exception occurred in the client while decoding the response" (FastAPI's 404 {"detail": ...}); the config is the
+    one `nfnet-hub triton` would write for the model, and every route that does not exist answers in the protocol's
+    error form."""
+    from tritonclient.utils import InferenceServerException
+
+    config, metadata = client.get_model_config("nano"), client.get_model_metadata("nano")
+    assert (config["name"], config["platform"], config["max_batch_size"]) == ("nano", "onnxruntime_onnx", MAX_BATCH)
+    assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 200_000}
+    for tensors, described in ((config["input"], metadata["inputs"]), (config["output"], metadata["outputs"])):
+        assert [(t["name"], t["data_type"], t["dims"]) for t in tensors] == [
+            (t["name"], "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}", t["shape"][1:])
+            for t in described]
+    assert config["input"][0]["dims"] == [3, 32, 32] and config["output"][0]["dims"] == [10]
+    assert client.get_model_config("nano", "1") == config
+    for call, words in ((lambda: client.get_model_config("nano", "2"), "served as version 1 only, not 2"),
+                        (lambda: client.get_model_config("other"), "Model with name other does not exist"),
+                        (lambda: client.get_inference_statistics("nano"), "Prometheus metrics, at /metrics")):
+        with pytest.raises(InferenceServerException, match=words):
+            call()
+    assert client.get_model_repository_index() == [{"name": "nano", "version": "1", "state": "READY"}]
+    conn = http.client.HTTPConnection(server.removeprefix("http://"), timeout=30)
+    for method, path, status, error in (("GET", "/v2/nope", 404, "no such route: GET /v2/nope"),
+                                        ("GET", "/v2/models/nano/infer", 405, "GET is not allowed on "
+                                                                             "/v2/models/nano/infer")):
+        conn.request(method, path)
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())) == (status, {"error": error})
+    conn.close()
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 def test_image_bytes_are_preprocessed_like_the_runtime_and_give_top_k(client, clf, digit_files, fmt):
     files = [_encoded(p, fmt) for p in digit_files[:3]]

@@ -238,6 +238,7 @@ def _servers(models: list, options: ServeOptions):
     from kserve.protocol.rest.server import RESTServer
 
     from .binary import BinaryDataPlane
+    from .extensions import add_triton_routes
     from .metrics import InferenceGate
     from .repository import FixedModels
 
@@ -251,6 +252,7 @@ def _servers(models: list, options: ServeOptions):
     rest.config.host = options.host
     rest.config.access_log = False
     app.add_exception_handler(RequestValidationError, _invalid_body)
+    add_triton_routes(app, models, max_delay_ms=options.max_delay_ms, instances=options.instances)
     limit, names = int(options.max_request_mb * 2**20), {m.name for m in models}
     app.add_middleware(InferenceGate, max_body_bytes=limit, models=names)
     if options.grpc_port is None:
