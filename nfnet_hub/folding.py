@@ -166,12 +166,18 @@ def _absorb_input_scale(attn: nn.Module, c: float, name: str) -> nn.Module | Non
     return attn
 
 
+# Folding c into a conv whose attention divides it out again scales the conv's output by c and the attention's
+# first weights by 1/c: below this, a small skip gain (early in training, or a block that learned to stay off) takes
+# them out of float16's range (the fp16 export was NaN), so c is applied after the attention instead.
+_MIN_ABSORBED = 1e-3
+
+
 def _scaled_producer(conv: nn.Module, attn: nn.Module | None, c: float, name: str, sizes, in_scale: float):
     """Modules equal to ``c * attn(conv(in_scale * x))``, with ``c`` folded into the conv where exact."""
     if attn is None:
         folded, dyn = _fold_conv(conv, name, sizes, in_scale, c)
         return [folded], dyn
-    absorbed = _absorb_input_scale(attn, c, name)
+    absorbed = _absorb_input_scale(attn, c, name) if abs(c) >= _MIN_ABSORBED else None
     if absorbed is None:
         folded, dyn = _fold_conv(conv, name, sizes, in_scale)
         return [folded, copy.deepcopy(attn), Scale(c)], dyn

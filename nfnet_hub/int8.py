@@ -82,7 +82,10 @@ def quantize_int8(proto: onnx.ModelProto, calibration: np.ndarray, *, reduce_ran
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # calibrators narrate
         raw, src, dst = Path(tmp) / "raw.onnx", Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(proto, raw)
-        quant_pre_process(str(raw), str(src))
+        try:
+            quant_pre_process(str(raw), str(src))
+        except Exception:  # its symbolic shape inference (optional) fails on some graphs: max pooling's ReduceMax
+            quant_pre_process(str(raw), str(src), skip_symbolic_shape=True)  # onnx's shape inference suffices
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=reduce_range, activation_type=types[activations], weight_type=types[weights],
                         calibrate_method=methods[method],

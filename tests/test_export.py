@@ -180,6 +180,25 @@ def _digits(folder, split: str, n: int):
     return pre.batch(files[::len(files) // n][:n])
 
 
+def test_a_block_left_off_and_max_pooling_export_in_fp16_and_int8(trained_nano, digits_folders, tmp_path):
+    """A block whose skip gain is near zero (a short run's, or one that learned to stay off): folding the gain into
+    conv3 scaled the squeeze-excite's first weights by its inverse, past float16's range, and the fp16 export failed
+    its check (NaN logits). A max-pooled model's int8 export failed in ONNX Runtime's symbolic shape inference (a
+    TypeError traceback)."""
+    model = timm.create_model("nfnet_hub_nano", num_classes=10, global_pool="max").eval()
+    model.load_state_dict(trained_nano["model"].state_dict())
+    model.pretrained_cfg = trained_nano["model"].pretrained_cfg
+    last = [block for stage in model.stages for block in stage][-1]
+    with torch.no_grad():
+        last.skipinit_gain.fill_(1e-7)
+    assert max(float(p.abs().max()) for p in fold(model).parameters()) < torch.finfo(torch.float16).max
+    r16 = export_onnx(model, tmp_path / "fp16.onnx", precision="fp16")
+    assert r16.max_rel_error < 3e-2
+    r8 = export_onnx(model, tmp_path / "int8.onnx", precision="int8", calibration=_digits(digits_folders, "train", 100),
+                     force=True)  # written whatever its agreement: what is tested is that it exports
+    assert r8.op_counts.get("ReduceMax") and r8.op_counts.get("QuantizeLinear") and (tmp_path / "int8.onnx").is_file()
+
+
 def test_fp16_and_int8(nano, trained_nano, digits_folders, tmp_path):
     r16 = export_onnx(nano, tmp_path / "fp16.onnx", precision="fp16")
     assert r16.max_rel_error < 3e-2
