@@ -247,6 +247,8 @@ CASES = [
      "--opt-betas 0.9: --opt adamw takes 2 betas"),
     ("train-model-kwarg", [*TINY_RUN, "--model-kwargs", "foo=1"],
      "--model-kwargs foo=1: .* unexpected keyword argument"),
+    ("train-model-kwarg-value", [*TINY_RUN, "--model", "nfnet_hub_nano", "--model-kwargs", "act=gelu_exact"],
+     r"--model-kwargs act=gelu_exact: unknown activation 'gelu_exact': choose one of \['gelu', 'gelu_tanh'"),
     ("train-unknown-schedule", [*TINY_RUN, "--sched", "foo"], "--sched foo: Unknown scheduler 'foo'"),
     ("train-schedule-it-cannot-follow", [*TINY_RUN, "--sched", "wsd", "--epochs", "2"],
      "--sched wsd: wsd schedule requires 0 < decay_epochs <= epochs - warmup_epochs"),

@@ -166,7 +166,7 @@ def build_model(args: argparse.Namespace, loaders: Loaders) -> nn.Module:
     try:
         model = create_model(args.model, pretrained=args.pretrained or bool(args.pretrained_path),
                              **{k: v for k, v in kwargs.items() if v is not None})
-    except TypeError as e:  # a --model-kwargs key the model's constructor does not take
+    except (TypeError, ValueError) as e:  # a --model-kwargs key the model's constructor does not take, or a value
         if not args.model_kwargs:
             raise
         raise UsageError(f"--model-kwargs {' '.join(f'{k}={v}' for k, v in args.model_kwargs.items())}: {e}") from None
