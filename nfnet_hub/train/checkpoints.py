@@ -135,7 +135,7 @@ def check_resumable(model: nn.Module, state: dict[str, Any], path: Path, args: a
 
         was, given = flags(built) or "no --gp or --model-kwargs", flags(now) or "neither"
         raise CheckpointError(f"--resume {path}: its run built the model with `{was}`, this run with `{given}`: "
-                              "resume with its run's")
+                              "give the run's own to resume it")
     if args.fsdp:  # a sharded model's own state dict is checked as it loads
         return
     try:
