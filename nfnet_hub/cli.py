@@ -70,10 +70,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .models.deepmind import convert_authors_checkpoint
+    from .models.convert import convert_authors_checkpoint
 
     out, name = convert_authors_checkpoint(args.checkpoint, args.model, args.out, num_classes=args.num_classes,
-                                           overwrite=args.overwrite)
+                                           overwrite=args.overwrite, say=lambda line: print(line, flush=True))
     print(f"wrote {out}: the authors' {name}, in their numerics")
     return 0
 
