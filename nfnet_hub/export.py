@@ -101,7 +101,9 @@ def _compare(proto: bytes, reference: nn.Module, shape: tuple[int, int, int], op
 def reference_model(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` as an export computes and checks it: in eval mode, on the CPU, in float32. The caller's model is
     left as it was: its mode is restored, and a bf16, fp16 or GPU model is copied (float32 holds its weights
-    exactly)."""
+    exactly). A ``torch.compile`` wrapper gives its eager module: the export folds that, and compiling it only to check
+    the export would take minutes on a CPU."""
+    model = getattr(model, "_orig_mod", model)
     tensors = [*model.parameters(), *model.buffers()]
     if any(t.is_floating_point() and (t.dtype != torch.float32 or t.device.type != "cpu") for t in tensors):
         yield copy.deepcopy(model).to("cpu", torch.float32).eval()
@@ -113,13 +115,13 @@ def reference_model(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def available_memory(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
+def available_memory(cgroup: Path = Path("/sys/fs/cgroup"), meminfo: Path = Path("/proc/meminfo")) -> int | None:
     """Bytes this process can still allocate: the system's available memory, capped by a container's limit
     (cgroup v2); None where neither can be read."""
     free = []
     try:
-        meminfo = Path("/proc/meminfo").read_text()
-        free += [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+        lines = meminfo.read_text().splitlines()
+        free += [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
     try:
@@ -144,7 +146,6 @@ def _check_memory(model: nn.Module, shape: tuple[int, int, int]) -> None:
         tensors = [t for t in (*args, output) if isinstance(t, torch.Tensor)]
         largest = max(largest, sum(t.numel() for t in tensors))
 
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper would compile for the fake input
     hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
