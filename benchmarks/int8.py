@@ -30,8 +30,8 @@ from common import RESULTS, median_s, save, trained_like  # noqa: E402
 
 import nfnet_hub  # noqa: E402,F401
 from nfnet_hub.export import export_onnx  # noqa: E402
+from nfnet_hub.export_limits import MIN_OPSET  # noqa: E402
 from nfnet_hub.int8 import quantize_int8  # noqa: E402
-from nfnet_hub.onnx_graph import MIN_OPSET  # noqa: E402
 from nfnet_hub.quickstart import CALIBRATION, train_args  # noqa: E402
 from nfnet_hub.train import parse_args, train  # noqa: E402
 from nfnet_hub.train.data import digits_split, digits_to_tensor  # noqa: E402

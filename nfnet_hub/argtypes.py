@@ -55,9 +55,9 @@ def split_name(text: str) -> str:
 
 
 def opset(text: str) -> int:
-    """An ONNX opset that export writes (``onnx_graph.check_opset`` says which), refused before any work starts."""
+    """An ONNX opset that export writes (``export_limits.check_opset`` says which), refused before any work starts."""
     from .errors import UsageError
-    from .onnx_graph import check_opset
+    from .export_limits import check_opset
 
     value = _number(text, int, "an integer", lambda v: True)
     try:

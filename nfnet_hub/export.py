@@ -30,18 +30,17 @@ from torch import nn
 
 from .classes import not_utf8
 from .errors import ExportError, UsageError, folder_given
+from .export_limits import DEFAULT_OPSET, MIN_AGREEMENT, TOLERANCE, check_opset
 from .files import write_atomically
 from .folding import FoldedNFNet, fold
-from .int8 import MIN_AGREEMENT, agreement, check_no_saturation, quantize_int8, split_calibration
-from .onnx_graph import DEFAULT_OPSET, HalfPrecision, check_clean, check_opset, to_onnx
+from .int8 import agreement, check_no_saturation, quantize_int8, split_calibration
+from .onnx_graph import HalfPrecision, check_clean, to_onnx
 from .preprocess import Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
            "onnx_logits", "validate_onnx"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
-# Largest error of ONNX Runtime against PyTorch, relative to the largest logit magnitude.
-TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
 VERIFY_BATCHES = (1, 3)
 
 

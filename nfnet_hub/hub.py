@@ -15,18 +15,19 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
 
 from .bundle_files import CHECKSUMS, ONNX_FILES, REQUIRED
 from .errors import BundleError, HubError, UsageError
+from .export_limits import DEFAULT_OPSET, MIN_AGREEMENT, ORT_RUNS_FROM, TOLERANCE, check_opset
 from .files import atomic_folder, check_writable_folder, is_protected_folder
 from .hubclient import check_repo_id, hub_errors, redacted
-from .int8 import MIN_AGREEMENT
-from .onnx_graph import DEFAULT_OPSET, ORT_RUNS_FROM, check_opset
 from .preprocess import DEFAULT_MODES, IMAGE_MODE, Preprocess, data_config, export_size, readable_labels
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
 
@@ -206,7 +207,6 @@ def read_checksums(folder: Path) -> dict[str, str]:
 
 def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
     """Check a bundle before anything is published; raises BundleError with every problem found."""
-    from .export import TOLERANCE
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 
 from .errors import ExportError, UsageError
+from .export_limits import MIN_AGREEMENT
 from .preprocess import Preprocess, list_images
 
 __all__ = ["MAX_CALIBRATION", "MIN_AGREEMENT", "agreement", "check_no_saturation", "load_calibration", "quantize_int8",
            "split_calibration"]
 
-MIN_AGREEMENT = 0.95  # top-1 agreement with fp32 on held-out calibration images, below which export refuses
 MAX_CALIBRATION = 500  # images an int8 export calibrates on and is checked on (F7's 608 px: 2.2 GB preprocessed)
 HOLD_OUT_EVERY = 5  # every fifth calibration image is held out to measure agreement
 _INT8_PAIR_LIMIT = 64  # 7-bit weights: 2 x 255 x 64 = 32640 fits a signed 16-bit pair sum

@@ -11,14 +11,10 @@ import torch
 from onnx import version_converter
 from torch import nn
 
-from .errors import ExportError, UsageError
+from .errors import ExportError
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "ORT_RUNS_FROM", "HalfPrecision", "check_clean", "check_opset",
-           "to_onnx"]
+__all__ = ["HalfPrecision", "check_clean", "to_onnx"]
 
-DEFAULT_OPSET = 20  # the first opset with a Gelu operator: one node per activation
-MIN_OPSET = 17  # for older runtimes
-ORT_RUNS_FROM = {17: "1.13", 18: "1.14", 19: "1.15", 20: "1.17"}  # the first ONNX Runtime release of each opset
 _TORCH_MIN_OPSET = 18  # the oldest torch.onnx's exporter writes
 _FORBIDDEN_OPS = {"BatchNormalization", "Identity", "InstanceNormalization"}
 
@@ -33,15 +29,6 @@ class HalfPrecision(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.half()).float()
-
-
-def check_opset(opset: int) -> None:
-    """Refuse an opset the export cannot write: torch writes none older than 18 (17 is converted down from it)."""
-    newest = onnx.defs.onnx_opset_version()
-    if type(opset) is not int or not MIN_OPSET <= opset <= newest:
-        raise UsageError(f"opset {opset!r} is not supported: choose one from {MIN_OPSET} (what ONNX Runtime 1.13 "
-                         f"runs) to {newest} (the newest this onnx {onnx.__version__} knows); {DEFAULT_OPSET}, the "
-                         "default, is the first with a Gelu operator")
 
 
 def to_onnx(module: nn.Module, shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:

@@ -16,11 +16,10 @@ from .bundle_files import ONNX_FILES
 from .cards import check_license
 from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, NfnetHubError, UsageError
+from .export_limits import DEFAULT_OPSET, MIN_AGREEMENT, check_opset
 from .files import read_text, write_atomically
 from .hub import build_bundle, publish, read_checksums, sha256, verify_bundle
 from .hubclient import check_repo_id
-from .int8 import MIN_AGREEMENT
-from .onnx_graph import DEFAULT_OPSET, check_opset
 
 STATE = "release-state.json"
 _STRINGS = ("repo_id", "model", "weights", "calibration", "labels", "license", "dataset")

@@ -146,6 +146,8 @@ def test_matches_timm_on_a_real_network_gradient(method, channels_last):
         model = model.to(memory_format=torch.channels_last)
     model(torch.randn(4, 3, 32, 32)).logsumexp(1).mean().backward()
     params = agc_parameters(model)
+    if method == "triton":  # its CPU interpreter runs each program in Python: every 8th tensor, of every kind
+        params = params[::8]
     grads = [p.grad.clone() for p in params]
     assert channels_last == any(g.is_contiguous(memory_format=torch.channels_last) and not g.is_contiguous()
                                 for g in grads)

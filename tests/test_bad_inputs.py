@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from serving import NO_TORCH
 
 from nfnet_hub.cli import main
 from nfnet_hub.errors import UsageError
@@ -605,22 +606,26 @@ def test_the_publish_command_printed_for_a_folder_with_a_space_runs_as_pasted(ws
     assert code == 0 and "dry run" in out, err
 
 
-def _cli(args: list[str], cwd: Path, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nfnet_hub.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+def _cli(args: list[str], cwd: Path, torch_free: bool = False, **kw) -> subprocess.Popen:
+    """The command in a process of its own; ``torch_free``: with torch hidden, as a serving image lacks it."""
+    start = ["-c", NO_TORCH] if torch_free else ["-m", "nfnet_hub.cli"]
+    return subprocess.Popen([sys.executable, *start, *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
 def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
+    """Publishing and reading a Hub name need no torch (a second, not ten, to start on 2 cores)."""
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_VerySecretTokenValue",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
     env.pop("HF_HUB_OFFLINE", None)
-    p = _cli(["publish", "bundle", "--repo-id", "me/nano"], ws, env=env)
+    p = _cli(["publish", "bundle", "--repo-id", "me/nano"], ws, torch_free=True, env=env)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2, err
     assert err.strip().splitlines() == [err.strip()] and "cannot reach the Hub at http://127.0.0.1:9" in err
     assert "hf_VerySecretTokenValue" not in out + err
     for command in (["publish", "bundle", "--repo-id", "me/nano"], ["predict", "images/3/0000.png", "--model", "me/x"]):
-        p = _cli(command, ws, env={**env, "HF_ENDPOINT": "http://me:hf_InTheEndpoint@127.0.0.1:9"})  # a mirror's
+        p = _cli(command, ws, torch_free=True,
+                 env={**env, "HF_ENDPOINT": "http://me:hf_InTheEndpoint@127.0.0.1:9"})  # a mirror's
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2 and "cannot reach the Hub at http://***@127.0.0.1:9" in err, err
         assert "hf_InTheEndpoint" not in out + err

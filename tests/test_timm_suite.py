@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import timm
 
-SELECTION = "(nfnet_hub_nano or nfnet_hub_f0) and not pretrained"  # pretrained: downloads; F1 up: minutes each
+# nano in every per-model test; F0 and F0+ (their configs and tags) in the config test: what the others run on F0
+# (forward, backward, fx, TorchScript, features) tests/test_compat.py checks against eager, and they cost a minute.
+# pretrained: downloads.
+SELECTION = "(nfnet_hub_nano or (nfnet_hub_f0 and default_cfgs)) and not pretrained"
 
 
 @pytest.fixture(scope="module")
@@ -44,4 +47,4 @@ def test_timms_own_model_tests_pass_on_our_models(timm_tests):
                          timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     passed = int(re.search(r"(\d+) passed", run.stdout).group(1))
-    assert passed >= 30, run.stdout[-3000:]  # nano, F0 and F0+ in every per-model test timm has
+    assert passed >= 14, run.stdout[-3000:]  # nano's 11 per-model tests, and F0's and F0+'s configs
