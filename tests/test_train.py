@@ -76,13 +76,13 @@ def test_nano_learns_digits(trained_nano):
 def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, mode):
     common = [*BASE, "--epochs", "1", "--lr", "0.1", "--drop", "0", "--drop-path", "0", "--checkpoint-hist", "0",
               "--model-ema", "--model-ema-decay", "0.9"]
-    one = _cli(*common, "--batch-size", "32", "--output", str(tmp_path / "one"), "--experiment", "run")
-    two = _torchrun(*common, *mode, "--batch-size", "16", "--output", str(tmp_path / "two"), "--experiment", "run")
+    one = _cli(*common, "--batch-size", "64", "--output", str(tmp_path / "one"), "--experiment", "run")
+    two = _torchrun(*common, *mode, "--batch-size", "32", "--output", str(tmp_path / "two"), "--experiment", "run")
     for p in (one, two):
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out
     a, b = _weights(tmp_path / "one/run/last.pth.tar"), _weights(tmp_path / "two/run/last.pth.tar")
-    assert a["global_step"] == b["global_step"] == 1437 // 32
+    assert a["global_step"] == b["global_step"] == 1437 // 64
     for weights in ("state_dict", "state_dict_ema"):
         for k, v in a[weights].items():
             torch.testing.assert_close(b[weights][k], v, rtol=1e-4, atol=1e-5, msg=f"{weights}: {k}")
@@ -92,7 +92,7 @@ def test_two_gloo_processes_match_one_with_the_same_global_batch(tmp_path, mode)
 
 def test_fsdp_run_resumes_with_its_shards_optimiser_and_ema(tmp_path):
     """Sharded weights, momentum and EMA are gathered into the checkpoint and re-sharded on resume."""
-    common = [*BASE, "--epochs", "2", "--lr", "0.1", "--batch-size", "16", "--fsdp", "--model-ema",
+    common = [*BASE, "--epochs", "2", "--lr", "0.1", "--batch-size", "64", "--fsdp", "--model-ema",
               "--model-ema-decay", "0.9", "--checkpoint-hist", "2", "--output", str(tmp_path)]
     reference = _torchrun(*common, "--experiment", "ref")
     out, _ = reference.communicate(timeout=600)
@@ -101,7 +101,7 @@ def test_fsdp_run_resumes_with_its_shards_optimiser_and_ema(tmp_path):
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and "resumed from" in out, out
     a, b = _weights(tmp_path / "ref/last.pth.tar"), _weights(tmp_path / "resumed/last.pth.tar")
-    assert a["global_step"] == b["global_step"] == 2 * (1437 // 32)
+    assert a["global_step"] == b["global_step"] == 2 * (1437 // 128)
     for weights in ("state_dict", "state_dict_ema"):
         assert a[weights].keys() == b[weights].keys()
         for k, v in a[weights].items():
