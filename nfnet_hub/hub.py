@@ -207,7 +207,6 @@ def read_checksums(folder: Path) -> dict[str, str]:
 
 def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:
     """Check a bundle before anything is published; raises BundleError with every problem found."""
-
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"{folder} is not a bundle folder")

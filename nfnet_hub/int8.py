@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from .errors import ExportError, UsageError
-from .export_limits import MIN_AGREEMENT
 from .preprocess import Preprocess, list_images
 
-__all__ = ["MAX_CALIBRATION", "MIN_AGREEMENT", "agreement", "check_no_saturation", "load_calibration", "quantize_int8",
+__all__ = ["MAX_CALIBRATION", "agreement", "check_no_saturation", "load_calibration", "quantize_int8",
            "split_calibration"]
 
 MAX_CALIBRATION = 500  # images an int8 export calibrates on and is checked on (F7's 608 px: 2.2 GB preprocessed)
