@@ -28,8 +28,8 @@ def test_the_tour_covers_the_chain():
 
 
 def _commands(bash: str) -> list[list[str]]:
-    """A bash block's commands, each split as bash splits it (lines joined at their backslashes)."""
-    return [shlex.split(line) for line in bash.replace("\\\n", " ").splitlines() if line.strip()]
+    """A bash block's commands, each split as bash splits it (lines joined at their backslashes, comments left out)."""
+    return [argv for line in bash.replace("\\\n", " ").splitlines() if (argv := shlex.split(line, comments=True))]
 
 
 def test_the_readme_tour_runs_as_written(tmp_path, digits_folders, capsys, monkeypatch):
