@@ -10,6 +10,10 @@ from pathlib import Path
 
 # Triton kernels (AGC's) run here on CPU tensors through Triton's interpreter, read when they are defined
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# pytest-xdist: each worker (and each process it starts) gets its share of the cores, not all of them
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0))
+                                                     // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
