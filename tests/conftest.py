@@ -5,7 +5,10 @@ skip gain and bias before comparing anything.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 # Triton kernels (AGC's) run here on CPU tensors through Triton's interpreter, read when they are defined
@@ -17,6 +20,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from torch import nn  # noqa: E402
 
 import nfnet_hub  # noqa: E402,F401  (registers the models)
@@ -83,21 +87,50 @@ def sample_images(tmp_path_factory):
     return folder
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``build`` fills, built once per test run: the first pytest-xdist worker to ask builds it while
+    the others wait for it (each would otherwise build its own)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root  # the run's folder, above the workers'
+    folder, built = root / name, root / f"{name}.built"
+    with FileLock(str(root / f"{name}.lock")):
+        if not built.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed to build it left
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
+
+
+def _train_nano(out: Path) -> None:
+    from nfnet_hub.models.checkpoint import save_safetensors
+    from nfnet_hub.train import parse_args, train
+
+    result = train(parse_args(["--model", "nfnet_hub_nano", "--dataset", "digits", "--no-progress", "--log-interval",
+                               "0", "--clip-grad", "0.02", "--clip-mode", "agc", "--warmup-epochs", "1", "--epochs",
+                               "10", "--batch-size", "64", "--lr", "0.2", "--model-ema", "--model-ema-decay", "0.99",
+                               "--checkpoint-hist", "3", "--output", str(out), "--experiment", "nano"]))
+    save_safetensors(result["model"], out / "model.safetensors")  # the trained model, not its EMA
+    (out / "result.json").write_text(json.dumps({k: result[k] for k in ("metrics", "global_step", "best_top1")}))
+
+
 @pytest.fixture(scope="session")
 def trained_nano(tmp_path_factory):
     """nfnet_hub_nano trained on scikit-learn's digits once for the whole suite (10 epochs, AGC, EMA).
 
     Returns the training result: ``model`` (eval mode; do not change it), ``output`` (the run folder with
-    its checkpoints and args.yaml) and ``metrics``."""
-    from nfnet_hub.train import parse_args, train
+    its checkpoints and args.yaml) and ``metrics``. Every worker reads the model back from the same file, so
+    that no test depends on which worker trained it."""
+    from nfnet_hub.models.checkpoint import create_model
 
-    out = tmp_path_factory.mktemp("trained")
-    result = train(parse_args(["--model", "nfnet_hub_nano", "--dataset", "digits", "--no-progress", "--log-interval",
-                               "0", "--clip-grad", "0.02", "--clip-mode", "agc", "--warmup-epochs", "1", "--epochs",
-                               "10", "--batch-size", "64", "--lr", "0.2", "--model-ema", "--model-ema-decay", "0.99",
-                               "--checkpoint-hist", "3", "--output", str(out), "--experiment", "nano"]))
-    result["model"].eval().requires_grad_(False)
-    return result
+    folder = built_once(tmp_path_factory, "trained", _train_nano)
+    run = folder / "nano"
+    drop = yaml.safe_load((run / "args.yaml").read_text())["drop"]  # as the run built it
+    model = create_model("nfnet_hub_nano", folder / "model.safetensors", drop_rate=drop)
+    model.eval().requires_grad_(False)
+    return {**json.loads((folder / "result.json").read_text()), "output": str(run), "model": model}
 
 
 @pytest.fixture(scope="session")
@@ -114,8 +147,11 @@ def nano_bundle(trained_nano, digits_folders, tmp_path_factory):
     from nfnet_hub.hub import build_bundle
     from nfnet_hub.preprocess import Preprocess, list_images
 
-    model = trained_nano["model"]
-    calibration = Preprocess.from_pretrained_cfg(model.pretrained_cfg).batch(
-        list_images(digits_folders / "train")[::12])
-    return build_bundle(model, tmp_path_factory.mktemp("bundle") / "bundle", precisions=("fp32", "int8"),
-                        calibration=calibration, dataset="digits", repo_id="me/nano-digits", progress=False)
+    def build(folder: Path) -> None:
+        model = trained_nano["model"]
+        calibration = Preprocess.from_pretrained_cfg(model.pretrained_cfg).batch(
+            list_images(digits_folders / "train")[::12])
+        build_bundle(model, folder / "bundle", precisions=("fp32", "int8"), calibration=calibration,
+                     dataset="digits", repo_id="me/nano-digits", progress=False)
+
+    return built_once(tmp_path_factory, "bundle", build) / "bundle"
