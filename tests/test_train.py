@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from conftest import built_once
 from PIL import Image
 
 from nfnet_hub.train import TrainingDiverged, parse_args, train
@@ -43,33 +43,30 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _assert_same_final_state(reference: subprocess.Popen, ref_ckpt: Path, ckpt: Path) -> None:
-    """The interrupted run ends exactly where the uninterrupted reference run (3 epochs) ends."""
-    out, _ = reference.communicate(timeout=600)
-    assert reference.returncode == 0, out
+# a run that checkpoints every 4 steps, in two epochs of 22 steps: interrupted in its first epoch, it resumes
+INTERRUPTIBLE = [*BASE, "--epochs", "2", "--batch-size", "64", "--lr", "0.2", "--recovery-interval", "4",
+                 "--checkpoint-hist", "0", "--experiment", "run"]
+STEPS = 2 * (1437 // 64)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The last checkpoint of an INTERRUPTIBLE run left alone, where each interrupted one must end: run once."""
+    def run(folder: Path) -> None:
+        out, _ = (p := _cli(*INTERRUPTIBLE, "--output", str(folder))).communicate(timeout=600)
+        assert p.returncode == 0, out
+
+    return built_once(tmp_path_factory, "uninterrupted", run) / "run" / "last.pth.tar"
+
+
+def _assert_same_final_state(ref_ckpt: Path, ckpt: Path) -> None:
+    """The interrupted run ends exactly where the uninterrupted one ends."""
     a, b = _weights(ref_ckpt), _weights(ckpt)
-    assert a["global_step"] == b["global_step"] == 3 * (1437 // 64)
+    assert a["global_step"] == b["global_step"] == STEPS
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=1e-5, atol=1e-6)
-
-
-def test_nano_learns_digits(trained_nano):
-    """The suite's shared run (conftest.trained_nano): accuracy, timm's output layout, the data config."""
-    assert trained_nano["metrics"]["top1"] >= 95.0
-    out = Path(trained_nano["output"])
-    assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"} <= {p.name for p in out.iterdir()}
-    assert len(list(out.glob("checkpoint-*.pth.tar"))) == 3
-    rows = (out / "summary.csv").read_text().splitlines()
-    assert rows[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr" and len(rows) == 11
-    ckpt = _weights(out / "last.pth.tar")
-    assert {"state_dict", "state_dict_ema", "optimizer", "epoch", "version", "arch", "args", "global_step"} <= set(ckpt)
-    assert ckpt["epoch"] == 9 and ckpt["version"] == 2  # timm's layout: the last finished epoch
-    expected = {"input_size": [3, 32, 32], "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bicubic",
-                "mean": [0.27] * 3, "std": [0.38] * 3, "label_names": [str(i) for i in range(10)]}
-    assert ckpt["data_config"] == expected
-    assert yaml.safe_load((out / "args.yaml").read_text())["data_config"] == expected
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
@@ -114,11 +111,8 @@ def test_fsdp_run_resumes_with_its_shards_optimiser_and_ema(tmp_path):
                                    atol=1e-6, msg=k)
 
 
-def test_killed_run_resumes_to_the_same_state(tmp_path):
-    common = [*BASE, "--epochs", "3", "--batch-size", "64", "--lr", "0.2", "--recovery-interval", "4",
-              "--checkpoint-hist", "0", "--experiment", "run"]
-    reference = _cli(*common, "--output", str(tmp_path / "ref"))
-    victim = _cli(*common, "--output", str(tmp_path / "victim"))
+def test_killed_run_resumes_to_the_same_state(tmp_path, uninterrupted):
+    victim = _cli(*INTERRUPTIBLE, "--output", str(tmp_path / "victim"))
     ckpt = tmp_path / "victim/run/last.pth.tar"
     deadline = time.time() + 300
     while not ckpt.exists() and victim.poll() is None and time.time() < deadline:
@@ -127,12 +121,12 @@ def test_killed_run_resumes_to_the_same_state(tmp_path):
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     killed_at = _weights(ckpt)["global_step"]
-    assert 0 < killed_at < 3 * (1437 // 64)
+    assert 0 < killed_at < STEPS
     # under torchrun --max-restarts, a restarted worker sees TORCHELASTIC_RESTART_COUNT and resumes by itself
-    resumed = _cli(*common, "--output", str(tmp_path / "victim"), env={"TORCHELASTIC_RESTART_COUNT": "1"})
+    resumed = _cli(*INTERRUPTIBLE, "--output", str(tmp_path / "victim"), env={"TORCHELASTIC_RESTART_COUNT": "1"})
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0 and f"step {killed_at}" in out, out
-    _assert_same_final_state(reference, tmp_path / "ref/run/last.pth.tar", ckpt)
+    _assert_same_final_state(uninterrupted, ckpt)
 
 
 def test_a_run_that_only_warms_up_says_so(tmp_path, capsys):
@@ -278,12 +272,9 @@ def test_a_source_whose_package_is_missing_says_what_to_install(tmp_path):
         train(parse_args([*BASE, "--dataset", "tfds/mnist", "--data-dir", str(tmp_path), "--output", str(tmp_path)]))
 
 
-def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
-    common = [*BASE, "--epochs", "3", "--batch-size", "64", "--lr", "0.2", "--recovery-interval", "4",
-              "--checkpoint-hist", "0", "--experiment", "run"]
-    reference = _cli(*common, "--output", str(tmp_path / "ref"))
+def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path, uninterrupted):
     agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                              "--max-restarts", "1", "-m", "nfnet_hub.cli", "train", *common,
+                              "--max-restarts", "1", "-m", "nfnet_hub.cli", "train", *INTERRUPTIBLE,
                               "--output", str(tmp_path / "elastic")], env={**os.environ, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ckpt = tmp_path / "elastic/run/last.pth.tar"
@@ -297,7 +288,7 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_by_itself(tmp_path):
         os.kill(pid, signal.SIGKILL)
     out, _ = agent.communicate(timeout=600)
     assert agent.returncode == 0 and "resumed from" in out, out
-    _assert_same_final_state(reference, tmp_path / "ref/run/last.pth.tar", ckpt)
+    _assert_same_final_state(uninterrupted, ckpt)
 
 
 def test_images_that_do_not_decode_are_skipped_by_name(digits_folders, tmp_path, caplog):
