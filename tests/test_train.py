@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import built_once
 from PIL import Image
 
@@ -67,6 +68,23 @@ def _assert_same_final_state(ref_ckpt: Path, ckpt: Path) -> None:
         torch.testing.assert_close(b["state_dict"][k], v, rtol=1e-5, atol=1e-6, msg=k)
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         torch.testing.assert_close(sb["momentum_buffer"], sa["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def test_nano_learns_digits(trained_nano):
+    """The suite's shared run (conftest.trained_nano): accuracy, timm's output layout, the data config."""
+    assert trained_nano["metrics"]["top1"] >= 95.0
+    out = Path(trained_nano["output"])
+    assert {"args.yaml", "summary.csv", "last.pth.tar", "model_best.pth.tar"} <= {p.name for p in out.iterdir()}
+    assert len(list(out.glob("checkpoint-*.pth.tar"))) == 3
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr" and len(rows) == 11
+    ckpt = _weights(out / "last.pth.tar")
+    assert {"state_dict", "state_dict_ema", "optimizer", "epoch", "version", "arch", "args", "global_step"} <= set(ckpt)
+    assert ckpt["epoch"] == 9 and ckpt["version"] == 2  # timm's layout: the last finished epoch
+    expected = {"input_size": [3, 32, 32], "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bicubic",
+                "mean": [0.27] * 3, "std": [0.38] * 3, "label_names": [str(i) for i in range(10)]}
+    assert ckpt["data_config"] == expected
+    assert yaml.safe_load((out / "args.yaml").read_text())["data_config"] == expected
 
 
 @pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp2"])
