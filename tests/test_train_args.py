@@ -111,14 +111,15 @@ def test_schedule_and_optimiser_values_that_fail_hang_or_ascend_are_refused(tmp_
 def test_a_configs_values_are_typed_as_the_command_line_types_them(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("lr: '0.1'\nmean: 0.5\nepochs: 10.5\nmodel: [a, b]\ninput_size: 32\namp: 'yes'\n"
-                      "opt_kwargs: {foo: 1}\n")
+                      "opt_kwargs: {foo: 1}\nexperiment: no\n")
     assert main(["train", "--config", str(config), "--output", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == f"nfnet-hub train: error: {config}: 4 value(s) that the option(s) do not take:"
+    assert err[0] == f"nfnet-hub train: error: {config}: 5 value(s) that the option(s) do not take:"
     assert [line.strip() for line in err[1:]] == [
         "epochs: 10.5: expected an integer of at least 1, got '10.5'",
         "model: ['a', 'b']: expected one value, got a list", "input_size: 32: expected a list of 3",
-        "amp: 'yes': expected true or false"]
+        "amp: 'yes': expected true or false",
+        "experiment: False: a YAML boolean (unquoted yes, no, on, off, true, false): quote it to mean the word"]
     config.write_text("lr: '0.1'\nmean: 0.5\nopt_kwargs: {foo: 1}\n")
     args = parse_args(["--config", str(config)])
     assert (args.lr, args.mean, args.opt_kwargs) == (0.1, [0.5], {"foo": 1})  # as --lr 0.1 --mean 0.5 give them

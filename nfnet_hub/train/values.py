@@ -51,6 +51,8 @@ def _typed(action: argparse.Action, value: Any) -> Any:
 def _one(action: argparse.Action, convert: Callable, value: Any) -> Any:
     if isinstance(value, bool) and action.type in (int, float):
         raise TypeError("expected a number")
+    if isinstance(value, bool):  # str(value) would be the word "True" or "False"
+        raise TypeError("a YAML boolean (unquoted yes, no, on, off, true, false): quote it to mean the word")
     if isinstance(value, float) and action.type is int or not isinstance(value, (str, int, float)):
         raise TypeError(f"expected {getattr(action.type, '__name__', 'a string')}")
     converted = convert(str(value))
