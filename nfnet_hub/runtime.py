@@ -36,11 +36,19 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def _choose_providers(requested: Sequence[str] | None) -> list[str]:
+    """``requested`` where this ONNX Runtime has one of them (ONNX Runtime would run on its CPU provider instead,
+    with a warning, even for a misspelt name); else CUDA where present, then the CPU."""
     import onnxruntime as ort
 
-    if requested:
-        return list(requested)
     available = ort.get_available_providers()
+    if requested:
+        if not set(requested) & set(available):
+            gpu = " (CUDAExecutionProvider comes with onnxruntime-gpu: pip install 'nfnet-hub[gpu]')" \
+                if "CUDAExecutionProvider" in requested else ""
+            raise UsageError(f"none of the providers asked for ({', '.join(requested)}) is in this ONNX Runtime, "
+                             f"which has {', '.join(available)}{gpu}; list CPUExecutionProvider last to fall back to "
+                             "the CPU")
+        return list(requested)
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if "CUDAExecutionProvider" in available \
         else ["CPUExecutionProvider"]
 

@@ -187,6 +187,23 @@ def test_hub_names_and_revisions_are_told_from_paths(tmp_path, monkeypatch):
     assert split_revision("me/nano@v1", "v1") == ("me/nano", "v1")
 
 
+def test_providers_this_runtime_lacks_are_refused_unless_the_cpu_is_listed_after_them(nano_bundle):
+    """ONNX Runtime would run on its CPU provider instead, with a warning, even for a misspelt name."""
+    import onnxruntime as ort
+
+    asked = [["CUDAProvider"]] + [["CUDAExecutionProvider"]] * ("CUDAExecutionProvider" not in
+                                                                ort.get_available_providers())
+    for providers in asked:
+        with pytest.raises(ValueError, match=rf"none of the providers asked for \({providers[0]}\) is in this ONNX "
+                                             r"Runtime, which has .*CPUExecutionProvider"):
+            OnnxClassifier.from_pretrained(nano_bundle, providers=providers)
+    if len(asked) == 2:
+        with pytest.raises(ValueError, match=r"comes with onnxruntime-gpu: pip install 'nfnet-hub\[gpu\]'"):
+            OnnxClassifier.from_pretrained(nano_bundle, providers=["CUDAExecutionProvider"])
+    clf = OnnxClassifier.from_pretrained(nano_bundle, providers=["CUDAProvider", "CPUExecutionProvider"])
+    assert clf.providers == ["CPUExecutionProvider"]
+
+
 def test_an_onnx_file_is_a_model_of_its_own(trained_nano, nano_bundle, digits_folders, tmp_path):
     """What ``export`` writes (out/model.onnx, no bundle around it) predicts, from its own metadata, what the bundle
     of the same weights predicts; a bundle's file given itself is that bundle's model."""
