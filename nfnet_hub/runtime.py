@@ -212,8 +212,9 @@ class OnnxClassifier:
         options = ort.SessionOptions()
         if threads:  # intra-op threads of one run (default: ONNX Runtime's, one per physical core)
             options.intra_op_num_threads = threads
+        providers = _choose_providers(providers)
         try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=_choose_providers(providers))
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
             raise UsageError(f"{model_path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
         if config is None:

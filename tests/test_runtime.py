@@ -194,7 +194,7 @@ def test_providers_this_runtime_lacks_are_refused_unless_the_cpu_is_listed_after
     asked = [["CUDAProvider"]] + [["CUDAExecutionProvider"]] * ("CUDAExecutionProvider" not in
                                                                 ort.get_available_providers())
     for providers in asked:
-        with pytest.raises(ValueError, match=rf"none of the providers asked for \({providers[0]}\) is in this ONNX "
+        with pytest.raises(ValueError, match=rf"^none of the providers asked for \({providers[0]}\) is in this ONNX "
                                              r"Runtime, which has .*CPUExecutionProvider"):
             OnnxClassifier.from_pretrained(nano_bundle, providers=providers)
     if len(asked) == 2:
