@@ -141,16 +141,24 @@ def test_tritonclients_model_config_and_repository_index_are_answered(server, cl
     exception occurred in the client while decoding the response" (FastAPI's 404 {"detail": ...}); the config is the
     one `nfnet-hub triton` would write for the model, and every route that does not exist answers in the protocol's
     error form."""
+    from google.protobuf import json_format
     from tritonclient.utils import InferenceServerException
 
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
     config, metadata = client.get_model_config("nano"), client.get_model_metadata("nano")
     assert (config["name"], config["platform"], config["max_batch_size"]) == ("nano", "onnxruntime_onnx", MAX_BATCH)
     assert config["dynamic_batching"] == {"max_queue_delay_microseconds": 200_000}
     for tensors, described in ((config["input"], metadata["inputs"]), (config["output"], metadata["outputs"])):
-        assert [(t["name"], t["data_type"], t["dims"]) for t in tensors] == [
-            (t["name"], "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}", t["shape"][1:])
-            for t in described]
+        assert [(t["name"], t["data_type"], t["dims"], t.get("reshape")) for t in tensors] == [
+            (t["name"], "TYPE_STRING" if t["datatype"] == "BYTES" else f"TYPE_{t['datatype']}", t["shape"][1:] or [1],
+             None if t["shape"][1:] else {"shape": []}) for t in described]
     assert config["input"][0]["dims"] == [3, 32, 32] and config["output"][0]["dims"] == [10]
+    # Triton's own rules for a config (its ValidateIOShape, which cannot run here): every tensor has dims; a batch of
+    # one element each (an image's bytes) is dims [1] reshaped to []. The served dims had been [] for `image`.
+    assert config["input"][1] == {"name": "image", "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []},
+                                  "optional": True}
+    parsed = json_format.ParseDict(config, model_config_pb2.ModelConfig())  # Triton's own schema, field by field
+    assert all(len(t.dims) and all(d >= 1 or d == -1 for d in t.dims) for t in [*parsed.input, *parsed.output])
     assert client.get_model_config("nano", "1") == config
     for call, words in ((lambda: client.get_model_config("nano", "2"), "served as version 1 only, not 2"),
                         (lambda: client.get_model_config("other"), "Model with name other does not exist"),

@@ -15,8 +15,9 @@ def model_config(model, *, max_delay_ms: float, instances: int) -> dict[str, Any
 
     def tensor(t: dict, optional: bool = False) -> dict[str, Any]:
         kind = "STRING" if t["datatype"] == "BYTES" else t["datatype"]
-        return {"name": t["name"], "data_type": f"TYPE_{kind}", "dims": t["shape"][1:], **(
-            {"optional": True} if optional else {})}
+        dims = t["shape"][1:]  # one element per batch item (an image's bytes) is Triton's dims [1] reshaped to []
+        return {"name": t["name"], "data_type": f"TYPE_{kind}", "dims": dims or [1],
+                **({} if dims else {"reshape": {"shape": []}}), **({"optional": True} if optional else {})}
 
     return {"name": model.name, "platform": "onnxruntime_onnx", "backend": "onnxruntime",
             "max_batch_size": model.max_batch_size,
