@@ -246,11 +246,17 @@ def test_a_class_folder_of_files_that_are_not_read_is_named(tmp_path, digits_fol
     assert "so they are no class: cat (.heic)" in out and "empty" not in out
 
 
-def test_more_classes_than_the_data_have_train_with_mixup(tmp_path):
-    """--num-classes above the data's count is allowed (as in train.py): MixUp's targets are as wide as the logits."""
+def test_more_classes_than_the_data_have_train_with_mixup(tmp_path, capsys):
+    """--num-classes above the data's count is allowed (as in train.py): MixUp's targets are as wide as the logits.
+    It is said, and the ten digits' names are not recorded as the names of twelve classes (they had been, and export
+    then dropped them without a word)."""
     result = train(parse_args([*QUICK, "--epochs", "1", "--batch-size", "256", "--num-classes", "12", "--mixup", "0.2",
                                "--output", str(tmp_path), "--experiment", "run"]))
     assert result["model"].num_classes == 12 and result["global_step"] == 1437 // 256
+    assert ("note: --num-classes 12, but the training data have 10 classes: classes 10 to 11 have no images, and the "
+            "run records no class names") in capsys.readouterr().out
+    recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())["data_config"]
+    assert "label_names" not in result["model"].pretrained_cfg and recorded["label_names"] is None
 
 
 def test_sched_on_updates_moves_the_learning_rate_every_update(tmp_path, monkeypatch):

@@ -30,7 +30,9 @@ from .folders import (
     EVAL_NAMES,
     TRAIN_NAMES,
     check_class_folders,
+    class_names,
     class_to_idx_of,
+    count_classes,
     missing_classes,
     note_left_out,
     read_class_map,
@@ -139,10 +141,11 @@ def _digits(args: argparse.Namespace, world: int, rank: int) -> Loaders:
     val = DataLoader(val_ds, args.validation_batch_size or 256, sampler=_sampler(val_ds, world, rank, False, args.seed),
                      generator=torch.Generator().manual_seed(args.seed))
     pre = digits_preprocess(size, channels)
+    classes = {str(i): i for i in range(10)}
+    num_classes = count_classes(args, classes, rank)
     record = data_config({"input_size": (channels, *pre.input_size), "crop_pct": pre.crop_pct,
                           "crop_mode": pre.crop_mode, "interpolation": pre.interpolation, "mean": pre.mean,
-                          "std": pre.std}, label_names=[str(i) for i in range(10)])
-    num_classes = _num_classes(args, {str(i): i for i in range(10)})
+                          "std": pre.std}, label_names=class_names(classes, num_classes))
     mixup = _mixup_args(args, num_classes)
     return Loaders(train, val, num_classes, sampler, record, Mixup(**mixup) if mixup else None, mixup is not None)
 
@@ -191,7 +194,7 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
         check_class_folders(train_ds, args.train_split, rank)
         check_class_folders(val_ds, args.val_split, rank)
         val_ds = _labelled_as_training(val_ds, class_to_idx, args, kw, rank)
-    num_classes = _num_classes(args, class_to_idx)
+    num_classes = count_classes(args, class_to_idx, rank)
     if not num_classes:
         raise UsageError(f"cannot tell the number of classes of dataset {args.dataset!r} from its files "
                          "(webdataset shards name none): pass --num-classes")
@@ -215,9 +218,9 @@ def create_loaders(args: argparse.Namespace, model_cfg: dict, world: int, rank: 
     val = create_loader(val_ds, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
                         interpolation=data_cfg["interpolation"], num_workers=args.workers,
                         crop_pct=data_cfg["crop_pct"], crop_mode=data_cfg["crop_mode"], **common)
-    names = sorted(class_to_idx, key=class_to_idx.get) if len(class_to_idx) == num_classes else None
     shuffler = train_ds if hasattr(train_ds, "set_epoch") else getattr(train, "sampler", None)
-    return Loaders(train, val, num_classes, shuffler, {**data_cfg, "label_names": names},
+    record = {**data_cfg, "label_names": class_names(class_to_idx, num_classes)}
+    return Loaders(train, val, num_classes, shuffler, record,
                    collate or (Mixup(**mixup) if mixup else None), mixup is not None and collate is None, prefetch)
 
 
@@ -311,16 +314,6 @@ class ReadAsRuntime(_Wrapper):
             raise OSError(f"{_last_read[1]} is not a readable image: {e}") from None
         file.seek(0)
         return (file, *rest)
-
-
-def _num_classes(args: argparse.Namespace, class_to_idx: dict) -> int:
-    """--num-classes where given (more than the data have is allowed, as in train.py), else the data's count."""
-    needed = max(class_to_idx.values(), default=-1) + 1
-    if args.num_classes and args.num_classes < needed:
-        raise UsageError(f"--num-classes {args.num_classes}, but the training data have {needed} classes "
-                         f"({some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
-                         "--num-classes out to take the data's count")
-    return args.num_classes or needed
 
 
 def _labelled_as_training(val_ds: Dataset, class_to_idx: dict, args: argparse.Namespace, kw: dict,

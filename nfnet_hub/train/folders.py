@@ -2,6 +2,7 @@
 and notes the trainer gives before a run starts (classes from folder names, splits, class maps)."""
 from __future__ import annotations
 
+import argparse
 import io
 import os
 from pathlib import Path
@@ -123,6 +124,26 @@ def missing_classes(train_classes: dict, val_classes: dict) -> list:
                          f"({some(extra)}): a model trained on it cannot predict them; remove them from the "
                          "validation split or add images of them to the training split")
     return sorted(set(train_classes) - set(val_classes))
+
+
+def count_classes(args: argparse.Namespace, class_to_idx: dict, rank: int) -> int:
+    """--num-classes where given (more than the data have is allowed, as in train.py, and said), else the data's
+    count."""
+    needed = max(class_to_idx.values(), default=-1) + 1
+    if args.num_classes and args.num_classes < needed:
+        raise UsageError(f"--num-classes {args.num_classes}, but the training data have {needed} classes "
+                         f"({some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
+                         "--num-classes out to take the data's count")
+    if class_to_idx and args.num_classes and args.num_classes > needed and rank == 0:
+        print(f"note: --num-classes {args.num_classes}, but the training data have {needed} classes: classes "
+              f"{needed} to {args.num_classes - 1} have no images, and the run records no class names (its exports "
+              "name classes by index; export's --labels FILE names them)", flush=True)
+    return args.num_classes or needed
+
+
+def class_names(class_to_idx: dict, num_classes: int) -> list | None:
+    """The names of the model's classes in index order, where the data name every one of them."""
+    return sorted(class_to_idx, key=class_to_idx.get) if len(class_to_idx) == num_classes else None
 
 
 def some(names: list) -> str:
