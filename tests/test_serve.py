@@ -162,7 +162,7 @@ def test_tritonclients_model_config_and_repository_index_are_answered(server, cl
     assert client.get_model_config("nano", "1") == config
     for call, words in ((lambda: client.get_model_config("nano", "2"), "served as version 1 only, not 2"),
                         (lambda: client.get_model_config("other"), "Model with name other does not exist"),
-                        (lambda: client.get_inference_statistics("nano"), "Prometheus metrics, at /metrics")):
+                        (lambda: client.get_inference_statistics("nano"), "Prometheus metrics, over HTTP at /metrics")):
         with pytest.raises(InferenceServerException, match=words):
             call()
     assert client.get_model_repository_index() == [{"name": "nano", "version": "1", "state": "READY"}]
@@ -382,6 +382,13 @@ def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_fil
         client.infer("nano", [grpc_client.InferInput("pixel_values", list(big.shape), "FP32").set_data_from_numpy(big)])
     assert "RESOURCE_EXHAUSTED" in str(e.value.status())
     np.testing.assert_allclose(client.infer("nano", [pixels]).as_numpy("logits"), clf.logits(x), atol=1e-5)
+    for call, words in ((client.get_model_config, "served over HTTP only: GET /v2/models/NAME/config"),
+                        (client.get_inference_statistics, "Prometheus metrics, over HTTP at /metrics")):
+        with pytest.raises(InferenceServerException, match=words) as e:  # had been "Method not found!"
+            call("nano")
+        assert "UNIMPLEMENTED" in str(e.value.status())
+    with pytest.raises(InferenceServerException, match="served over HTTP only: POST /v2/repository/index"):
+        client.get_model_repository_index()
     client.close()
     assert re.search(r'nfnet_hub_request_failures_total\{code="INVALID_ARGUMENT",model="nano"\} [1-9]',
                      _metrics(servers[0]))

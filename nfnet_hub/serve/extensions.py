@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 _OPTIONAL = ("pixel_values", "image")  # a request gives one of them
+NO_STATISTICS = ("statistics (Triton's extension) are not served: this server's are Prometheus metrics, over HTTP at "
+                 "/metrics")
 
 
 def model_config(model, *, max_delay_ms: float, instances: int) -> dict[str, Any]:
@@ -46,8 +48,7 @@ def add_triton_routes(app, models: list, *, max_delay_ms: float, instances: int)
         return [{"name": name, "version": "1", "state": "READY"} for name in served]
 
     async def stats(name: str):
-        return JSONResponse({"error": "statistics (Triton's extension) are not served: this server's are Prometheus "
-                                      "metrics, at /metrics"}, status_code=501)
+        return JSONResponse({"error": NO_STATISTICS}, status_code=501)
 
     async def protocol_error(request, exc: HTTPException):
         message = (f"no such route: {request.method} {request.url.path}" if exc.status_code == 404 else

@@ -11,6 +11,7 @@ from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from ..errors import UsageError
+from .extensions import NO_STATISTICS
 from .metrics import FAILURES, REQUEST_SECONDS, REQUESTS, version_error
 
 
@@ -45,6 +46,25 @@ class _Metrics(aio.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
+_OVER_HTTP = {  # Triton's gRPC extensions that tritonclient calls, which KServe's servicer lacks ("Method not found!")
+    "ModelConfig": "the model configuration (Triton's extension) is served over HTTP only: GET /v2/models/NAME/config",
+    "RepositoryIndex": "the repository index (Triton's extension) is served over HTTP only: POST /v2/repository/index",
+    "ModelStatistics": NO_STATISTICS}
+
+
+class _ServedOverHttp(grpc.GenericRpcHandler):
+    """Says where what tritonclient asks for over gRPC is served instead."""
+
+    def service(self, details):
+        service, _, method = details.method.rpartition("/")
+        if service != "/inference.GRPCInferenceService" or method not in _OVER_HTTP:
+            return None
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, _OVER_HTTP[method])
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_message_bytes: int,
                 models: set[str]) -> aio.Server:
     server = aio.server(interceptors=(_Metrics(models), ExceptionToStatusInterceptor()),
@@ -52,6 +72,7 @@ def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_me
                                  ("grpc.max_send_message_length", -1)])
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(dataplane, repository_extension), server)
+    server.add_generic_rpc_handlers((_ServedOverHttp(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         server.add_insecure_port(address)
