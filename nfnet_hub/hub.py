@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .bundle_files import CHECKSUMS, ONNX_FILES, REQUIRED
+from .bundle_files import CHECKSUMS, ONNX_FILES, REQUIRED, read_checksums, sha256
 from .errors import BundleError, HubError, UsageError
 from .export_limits import DEFAULT_OPSET, MIN_AGREEMENT, ORT_RUNS_FROM, TOLERANCE, check_opset
 from .files import atomic_folder, check_writable_folder, is_protected_folder
@@ -30,14 +30,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["BundleError", "ONNX_FILES", "build_bundle", "publish", "verify_bundle"]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _ort_latency_ms(path: Path, shape: tuple[int, int, int], runs: int = 20) -> float:
@@ -188,21 +180,6 @@ def _checksum_text(digests: dict[str, str]) -> str:
 def _write_checksums(folder: Path) -> None:
     digests = {p.name: sha256(p) for p in folder.iterdir() if p.is_file() and p.name != CHECKSUMS}
     (folder / CHECKSUMS).write_text(_checksum_text(digests))
-
-
-def read_checksums(folder: Path) -> dict[str, str]:
-    path = folder / CHECKSUMS
-    if not path.is_file():
-        raise BundleError(f"{folder} has no {CHECKSUMS}")
-    sums = {}
-    for line in path.read_text(errors="replace").splitlines():
-        digest, sep, name = line.partition("  ")
-        if not line:
-            continue
-        if not sep or len(digest) != 64:
-            raise BundleError(f"{path} has a malformed line: {line[:80]!r}")
-        sums[name] = digest
-    return sums
 
 
 def verify_bundle(folder: str | os.PathLike) -> dict[str, Any]:

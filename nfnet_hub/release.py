@@ -12,13 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .bundle_files import ONNX_FILES
+from .bundle_files import ONNX_FILES, read_checksums, sha256
 from .cards import check_license
 from .classes import imagenet_subset, set_class_names
 from .errors import BundleError, NfnetHubError, UsageError
 from .export_limits import DEFAULT_OPSET, MIN_AGREEMENT, check_opset
 from .files import read_text, write_atomically
-from .hub import build_bundle, publish, read_checksums, sha256, verify_bundle
+from .hub import build_bundle, publish, verify_bundle
 from .hubclient import check_repo_id
 
 STATE = "release-state.json"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .bundle_files import ONNX_FILES
+from .bundle_files import ONNX_FILES, damaged_note
 from .errors import UsageError
 from .preprocess import IMAGE_MODE, ImageSource, Preprocess, list_images, load_image, readable_labels
 from .runs import best_checkpoint, is_weights_file, run_model
@@ -216,7 +216,8 @@ class OnnxClassifier:
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
-            raise UsageError(f"{model_path} is not a loadable ONNX model: {str(e).splitlines()[0]}") from None
+            raise UsageError(f"{model_path} is not a loadable ONNX model: {str(e).splitlines()[0]}"
+                             f"{damaged_note(model_path)}") from None
         if config is None:
             config = file_config(model_path, self.session.get_modelmeta().custom_metadata_map)
         self.config = config

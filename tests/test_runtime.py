@@ -157,8 +157,9 @@ def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_p
 
 def test_bad_models_and_repo_ids(tmp_path):
     (tmp_path / "model.onnx").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="not a loadable ONNX model"):
+    with pytest.raises(ValueError, match="not a loadable ONNX model") as e:
         OnnxClassifier(tmp_path / "model.onnx")
+    assert "checksum" not in str(e.value)  # no bundle, no checksums: nothing more to say
     with pytest.raises(ValueError, match="no ONNX model at"):
         OnnxClassifier(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="no bundle folder or ONNX file at not-a-folder-nor-repo"):
@@ -185,6 +186,20 @@ def test_hub_names_and_revisions_are_told_from_paths(tmp_path, monkeypatch):
     assert split_revision("me/nano@refs/pr/1") == ("me/nano", "refs/pr/1")
     assert split_revision("me/nano", "dev") == ("me/nano", "dev")
     assert split_revision("me/nano@v1", "v1") == ("me/nano", "v1")
+
+
+def test_a_bundle_file_cut_short_is_said_to_differ_from_its_checksum(nano_bundle, tmp_path):
+    """A partial copy or download of a bundle failed as ONNX Runtime's 'Protobuf parsing failed' only; the file's
+    checksum says what happened; the whole file loads again."""
+    copy = shutil.copytree(nano_bundle, tmp_path / "bundle")
+    onnx_bytes = (copy / "model.onnx").read_bytes()
+    (copy / "model.onnx").write_bytes(onnx_bytes[: len(onnx_bytes) // 2])
+    with pytest.raises(UsageError, match=r"model.onnx is not a loadable ONNX model: .*\(model.onnx does not match the "
+                                         r"bundle's checksums.sha256: a partial copy or download\? copy the bundle "
+                                         r"again\)$"):
+        OnnxClassifier.from_pretrained(copy)
+    (copy / "model.onnx").write_bytes(onnx_bytes)
+    assert OnnxClassifier.from_pretrained(copy).labels
 
 
 def test_providers_this_runtime_lacks_are_refused_unless_the_cpu_is_listed_after_them(nano_bundle):
