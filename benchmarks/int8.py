@@ -9,6 +9,7 @@ the settings, here, and the export's fp32 and int8 at opset 17 (older runtimes: 
 
     python benchmarks/int8.py            # about 15 minutes on 2 cores; writes benchmarks/results/int8.json
     python benchmarks/int8.py --smoke    # every step, small (one seed, one epoch, nano): what the tests run
+    python benchmarks/int8.py --name int8_no_vnni   # on a real CPU without VNNI (AVX2 only): is qemu faithful?
 """
 from __future__ import annotations
 
@@ -137,15 +138,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--no-emulation", action="store_true", help="measure on this CPU only")
     p.add_argument("--smoke", action="store_true", help="one seed, one epoch, nano's speed, no emulation")
-    p.add_argument("--results", type=Path, default=RESULTS, help="folder for int8.json")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder for the results file")
+    p.add_argument("--name", default="int8", help="the results file's name: int8_no_vnni for a run on a real CPU "
+                   "without VNNI, which report.py sets beside the main run")
     args = p.parse_args()
     emulate = not (args.no_emulation or args.smoke) and shutil.which("qemu-x86_64") is not None
     if not emulate:
         print("not emulating a CPU without VNNI: accuracy is measured here only", flush=True)
     seeds, epochs, model = ((0,), 1, ("nfnet_hub_nano", 32)) if args.smoke else (SEEDS, 10, ("nfnet_hub_f0", 256))
-    save("int8", {"emulated_cpu": EMULATED_CPU if emulate else None, "seeds": list(seeds),
-                  "calibration_images": CALIBRATION, "accuracy": accuracy(emulate, seeds, epochs),
-                  "speed": speed(*model)}, args.results)
+    save(args.name, {"emulated_cpu": EMULATED_CPU if emulate else None, "seeds": list(seeds),
+                     "calibration_images": CALIBRATION, "accuracy": accuracy(emulate, seeds, epochs),
+                     "speed": speed(*model)}, args.results)
 
 
 if __name__ == "__main__":

@@ -244,6 +244,32 @@ def int8_section(r: dict) -> list[str]:
                     f"(batch 8), the export's int8 at {b8[export]['speedup']:.2f}x." + older, ""]
 
 
+def int8_real_cpu_section(r: dict) -> list[str]:
+    """The same benchmark run on a real CPU without VNNI, each file scored natively and under the emulation of that
+    CPU: whether qemu's EPYC-Milan computes what the real one does."""
+    lines = ["### The same on a real CPU without VNNI", "",
+             f"Machine: {_machine(r['machine'])}. Command: `python benchmarks/int8.py --name int8_no_vnni` on that "
+             f"machine: every file scored on it and under `qemu-x86_64 -cpu {r['emulated_cpu']}`.", "",
+             "| setting | worst change on this CPU | worst change emulated | each seed, this CPU / emulated |",
+             "|---|---|---|---|"]
+    same = total = 0
+    for name, seeds in r["accuracy"].items():
+        real = [v["here"] - v["fp32"] for v in seeds.values()]
+        emul = [v["emulated"] - v["fp32"] for v in seeds.values()]
+        same, total = same + sum(a == b for a, b in zip(real, emul)), total + len(real)
+        each = ", ".join(f"{a:+.2f} / {b:+.2f}" for a, b in zip(real, emul))
+        lines.append(f"| {name} | {min(real):+.2f} | {min(emul):+.2f} | {each} |")
+    sp, export = r["speed"], "7-bit + stem conv and classifier in fp32 (export)"
+    lines += ["", f"The emulation gives this CPU's accuracy in {same} of {total} cells.", "",
+              f"Speed on this CPU: `{sp['model']}` at {sp['img_size']} px (medians of 3 interleaved rounds).", "",
+              "| setting | batch 1 | batch 8 |", "|---|---|---|"]
+    lines += [f"| {name} | {sp['b1'][name]['ms']:.1f} ms ({sp['b1'][name]['speedup']:.2f}x fp32's speed) | "
+              f"{sp['b8'][name]['ms']:.1f} ms ({sp['b8'][name]['speedup']:.2f}x) |" for name in sp["b1"]]
+    before = sp["b8"]["8-bit weights (before)"]["speedup"]
+    return lines + ["", f"Without VNNI the export's int8 runs at {sp['b8'][export]['speedup']:.2f}x fp32's speed "
+                    f"(batch 8), 8-bit weights at {before:.2f}x.", ""]
+
+
 def trainer_section(r: dict) -> list[str]:
     """Our trainer against timm's train.py with the same model, flags and data."""
     s = r["setup"]
@@ -346,6 +372,8 @@ def main() -> None:
     cpu = json.loads((results / "cpu.json").read_text())
     gpu = json.loads((results / "gpu.json").read_text()) if (results / "gpu.json").is_file() else None
     int8 = json.loads((results / "int8.json").read_text()) if (results / "int8.json").is_file() else None
+    no_vnni = results / "int8_no_vnni.json"
+    no_vnni = json.loads(no_vnni.read_text()) if no_vnni.is_file() else None
     trainer = json.loads((results / "trainer.json").read_text()) if (results / "trainer.json").is_file() else None
     serve = json.loads((results / "serve.json").read_text()) if (results / "serve.json").is_file() else None
     libraries = results / "serving_libraries.json"
@@ -353,6 +381,7 @@ def main() -> None:
     text = ["# Benchmarks", "",
             "Every number is a median, measured against the anchor (timm) in the same run. Regenerate with "
             "`python benchmarks/report.py --run`.", "", *cpu_section(cpu), *(int8_section(int8) if int8 else []),
+            *(int8_real_cpu_section(no_vnni) if no_vnni else []),
             *(serve_section(serve) if serve else []), *(libraries_section(libraries) if libraries else []),
             *gpu_section(gpu), *(trainer_section(trainer) if trainer else [])]
     OUT.write_text("\n".join(text))

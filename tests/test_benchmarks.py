@@ -115,6 +115,22 @@ def test_int8_report_renders_the_recorded_run():
     assert "avx512_vnni" in text and "EPYC-Milan" in text
 
 
+def test_int8_report_sets_the_run_on_a_real_cpu_without_vnni_beside_its_emulation():
+    """The emulation stands for a CPU without VNNI only if the real one scores the same files the same; and the
+    export's int8 keeps its accuracy there."""
+    real = json.loads((BENCHMARKS / "results" / "int8_no_vnni.json").read_text())
+    assert real["emulated_cpu"] and not {"avx512_vnni", "avx_vnni"} & set(real["machine"]["cpu_flags"])
+    chosen = real["accuracy"]["7-bit + stem conv and classifier in fp32 (export)"]
+    assert all(abs(v["here"] - v["fp32"]) <= 1.0 for v in chosen.values())
+    text = "\n".join(_report().int8_real_cpu_section(real))
+    before = real["accuracy"]["8-bit weights (before)"].values()
+    each = ", ".join(f"{v['here'] - v['fp32']:+.2f} / {v['emulated'] - v['fp32']:+.2f}" for v in before)
+    assert f"| 8-bit weights (before) | {min(v['here'] - v['fp32'] for v in before):+.2f} |" in text and each in text
+    cells = [v for seeds in real["accuracy"].values() for v in seeds.values()]
+    same = sum(v["here"] == v["emulated"] for v in cells)
+    assert f"The emulation gives this CPU's accuracy in {same} of {len(cells)} cells." in text
+
+
 def test_trainer_benchmark_runs_in_smoke_mode_and_its_report_renders(tmp_path):
     """Ours always; timm's train.py only where carried (it is not in the timm package)."""
     run = subprocess.run([sys.executable, str(BENCHMARKS / "trainer.py"), "--smoke", "--results", str(tmp_path)],
