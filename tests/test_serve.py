@@ -355,8 +355,12 @@ def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_fil
     from tritonclient.utils import InferenceServerException
 
     client = grpc_client.InferenceServerClient(servers[1])
-    assert client.is_server_ready() and client.is_model_ready("nano")
+    assert client.is_server_ready() and client.is_model_ready("nano") and client.is_model_ready("nano", "1")
+    assert not client.is_model_ready("nano", "2")  # as over HTTP; KServe's servicer said ready for any version
     meta = client.get_model_metadata("nano", as_json=True)
+    assert meta["versions"] == ["1"] == client.get_model_metadata("nano", "1", as_json=True)["versions"]
+    with pytest.raises(InferenceServerException, match="model nano is served as version 1 only, not 2"):
+        client.get_model_metadata("nano", "2")
     assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("pixel_values", "FP32"), ("image", "BYTES")]
     x = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
     pixels = grpc_client.InferInput("pixel_values", [2, 3, 32, 32], "FP32").set_data_from_numpy(x)

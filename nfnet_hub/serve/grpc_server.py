@@ -6,13 +6,14 @@ import time
 
 import grpc
 from grpc import aio
+from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
 from kserve.protocol.grpc.servicer import InferenceServicer
 
 from ..errors import UsageError
 from .extensions import NO_STATISTICS
-from .metrics import FAILURES, REQUEST_SECONDS, REQUESTS, version_error
+from .metrics import FAILURES, REQUEST_SECONDS, REQUESTS, VERSION, version_error
 
 
 class _Metrics(aio.ServerInterceptor):
@@ -46,6 +47,29 @@ class _Metrics(aio.ServerInterceptor):
                                                    response_serializer=handler.response_serializer)
 
 
+class _Servicer(InferenceServicer):
+    """KServe's servicer, answering for the one version served as HTTP does: a model's metadata lists it, and
+    another version is not ready and has no metadata (KServe's lists none, and answers for any)."""
+
+    def __init__(self, dataplane, repository_extension, models: set[str]):
+        super().__init__(dataplane, repository_extension)
+        self.models = models
+
+    def _version_error(self, request) -> str | None:
+        return version_error(request.name, request.version) if request.name in self.models else None
+
+    async def ModelReady(self, request, context):
+        return pb.ModelReadyResponse(ready=False) if self._version_error(request) else \
+            await super().ModelReady(request, context)
+
+    async def ModelMetadata(self, request, context):
+        if error := self._version_error(request):
+            await context.abort(grpc.StatusCode.NOT_FOUND, error)
+        response = await super().ModelMetadata(request, context)
+        response.versions.append(VERSION)
+        return response
+
+
 _OVER_HTTP = {  # Triton's gRPC extensions that tritonclient calls, which KServe's servicer lacks ("Method not found!")
     "ModelConfig": "the model configuration (Triton's extension) is served over HTTP only: GET /v2/models/NAME/config",
     "RepositoryIndex": "the repository index (Triton's extension) is served over HTTP only: POST /v2/repository/index",
@@ -71,7 +95,7 @@ def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_me
                         options=[("grpc.max_receive_message_length", max_message_bytes),
                                  ("grpc.max_send_message_length", -1)])
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(dataplane, repository_extension), server)
+        _Servicer(dataplane, repository_extension, models), server)
     server.add_generic_rpc_handlers((_ServedOverHttp(),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
