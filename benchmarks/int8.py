@@ -27,7 +27,7 @@ import onnxruntime as ort
 import timm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, median_s, save, trained_like  # noqa: E402
+from common import RESULTS, machine, median_s, save, trained_like  # noqa: E402
 
 import nfnet_hub  # noqa: E402,F401
 from nfnet_hub.export import export_onnx  # noqa: E402
@@ -143,6 +143,11 @@ def main() -> None:
                    "without VNNI, which report.py sets beside the main run")
     args = p.parse_args()
     emulate = not (args.no_emulation or args.smoke) and shutil.which("qemu-x86_64") is not None
+    vnni = {"avx512_vnni", "avx_vnni"} & set(machine().get("cpu_flags", []))
+    if args.name == "int8_no_vnni" and (vnni or not emulate):  # what report.py compares it with
+        p.error("--name int8_no_vnni is a run on a CPU without VNNI, compared with its emulation: "
+                + (f"this CPU has {', '.join(sorted(vnni))}" if vnni else "it needs qemu-x86_64 (apt-get install "
+                   "qemu-user) and neither --no-emulation nor --smoke"))
     if not emulate:
         print("not emulating a CPU without VNNI: accuracy is measured here only", flush=True)
     seeds, epochs, model = ((0,), 1, ("nfnet_hub_nano", 32)) if args.smoke else (SEEDS, 10, ("nfnet_hub_f0", 256))

@@ -131,6 +131,13 @@ def test_int8_report_sets_the_run_on_a_real_cpu_without_vnni_beside_its_emulatio
     assert f"The emulation gives this CPU's accuracy in {same} of {len(cells)} cells." in text
 
 
+def test_a_run_on_a_cpu_without_vnni_is_refused_without_its_emulation(tmp_path):
+    """report.py compares that run with its emulation: a run without one would leave it nothing to compare."""
+    run = subprocess.run([sys.executable, str(BENCHMARKS / "int8.py"), "--name", "int8_no_vnni", "--no-emulation",
+                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "compared with its emulation" in run.stderr and not list(tmp_path.iterdir())
+
+
 def test_trainer_benchmark_runs_in_smoke_mode_and_its_report_renders(tmp_path):
     """Ours always; timm's train.py only where carried (it is not in the timm package)."""
     run = subprocess.run([sys.executable, str(BENCHMARKS / "trainer.py"), "--smoke", "--results", str(tmp_path)],

@@ -2,6 +2,7 @@
 ways, fine-tuning; and the optimiser step in the order the project promises."""
 from __future__ import annotations
 
+import argparse
 import math
 import shutil
 import sys
@@ -22,6 +23,7 @@ from nfnet_hub.agc import adaptive_clip_grad_
 from nfnet_hub.cli import main
 from nfnet_hub.train import loop, parse_args, train
 from nfnet_hub.train.build import build, create_ema, learning_rate
+from nfnet_hub.train.folders import count_classes
 from nfnet_hub.train.loop import optimizer_step
 from nfnet_hub.train.values import check_ranges
 
@@ -257,6 +259,8 @@ def test_more_classes_than_the_data_have_train_with_mixup(tmp_path, capsys):
             "run records no class names") in capsys.readouterr().out
     recorded = yaml.safe_load((tmp_path / "run" / "args.yaml").read_text())["data_config"]
     assert "label_names" not in result["model"].pretrained_cfg and recorded["label_names"] is None
+    assert count_classes(argparse.Namespace(num_classes=11), {str(i): i for i in range(10)}, 0) == 11
+    assert "10 classes: class 10 has no images" in capsys.readouterr().out
 
 
 def test_sched_on_updates_moves_the_learning_rate_every_update(tmp_path, monkeypatch):

@@ -135,9 +135,11 @@ def count_classes(args: argparse.Namespace, class_to_idx: dict, rank: int) -> in
                          f"({some(sorted(class_to_idx, key=class_to_idx.get))}): give at least {needed}, or leave "
                          "--num-classes out to take the data's count")
     if class_to_idx and args.num_classes and args.num_classes > needed and rank == 0:
-        print(f"note: --num-classes {args.num_classes}, but the training data have {needed} classes: classes "
-              f"{needed} to {args.num_classes - 1} have no images, and the run records no class names (its exports "
-              "name classes by index; export's --labels FILE names them)", flush=True)
+        empty = f"class {needed} has" if args.num_classes == needed + 1 else \
+            f"classes {needed} to {args.num_classes - 1} have"
+        print(f"note: --num-classes {args.num_classes}, but the training data have {needed} classes: {empty} no "
+              "images, and the run records no class names (its exports name classes by index; export's --labels FILE "
+              "names them)", flush=True)
     return args.num_classes or needed
 
 
