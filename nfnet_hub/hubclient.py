@@ -3,6 +3,7 @@ Hub refuses (huggingface_hub raises transport errors of its HTTP library, and it
 Imports no torch: the runtime uses it."""
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ __all__ = ["check_repo_id", "hub_errors", "redacted"]
 
 _TRANSPORT_MODULES = ("httpx", "httpx2", "httpcore", "requests", "urllib3")
 _CREDENTIALS = re.compile(r"(?<=://)[^/\s@]+@")
+_FAILED_REQUEST = re.compile(r"(?:'(?P<error>.*)'|HTTP Error (?P<status>\d+)) thrown while requesting ")
 
 
 def redacted(text: str) -> str:
@@ -43,10 +45,56 @@ class _RedactCredentials(logging.Filter):
         return True
 
 
-def _redact_hub_logs() -> None:
-    for handler in logging.getLogger("huggingface_hub").handlers:
+def _retry_seconds() -> float:
+    """How long huggingface_hub's back-off waits in all, by the defaults of its ``http_backoff``."""
+    from huggingface_hub.utils import http_backoff
+
+    defaults = {k: p.default for k, p in inspect.signature(http_backoff).parameters.items()}
+    wait, total = defaults["base_wait_time"], 0.0
+    for _ in range(defaults["max_retries"]):
+        total, wait = total + wait, min(defaults["max_wait_time"], wait * 2)
+    return total
+
+
+class _OneLineForRetries(logging.Filter):
+    """huggingface_hub logs two lines for every retry of a request that fails (a refused connection, an HTTP 503),
+    up to five times: the first becomes one line that says what is happening and for how long, the rest go."""
+
+    def __init__(self, action: str, where: str):
+        super().__init__()
+        self.action, self.where, self.said = action, where, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Retrying in "):
+            return False
+        failed = _FAILED_REQUEST.match(message)
+        if failed is None:
+            return True
+        if self.said:
+            return False
+        self.said = True
+        answer = f"answered HTTP {failed['status']}" if failed["status"] else f"did not answer ({failed['error']})"
+        record.msg, record.args = (f"{self.action}: the Hub at {self.where} {answer}; huggingface_hub retries for up "
+                                   f"to {_retry_seconds():.0f} s (Ctrl-C stops it)"), ()
+        return True
+
+
+@contextmanager
+def _hub_logs(action: str, where: str) -> Iterator[None]:
+    """huggingface_hub's log lines with no credentials in them, and one line for its retries of a request."""
+    handlers = logging.getLogger("huggingface_hub").handlers
+    for handler in handlers:
         if not any(isinstance(f, _RedactCredentials) for f in handler.filters):
             handler.addFilter(_RedactCredentials())
+    retries = _OneLineForRetries(action, where)
+    for handler in handlers:
+        handler.addFilter(retries)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(retries)
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -60,9 +108,9 @@ def hub_errors(action: str, endpoint: str | None = None) -> Iterator[None]:
     from huggingface_hub import errors as hf
 
     where = redacted(endpoint or constants.ENDPOINT)
-    _redact_hub_logs()
     try:
-        yield
+        with _hub_logs(action, where):
+            yield
     except hf.RepositoryNotFoundError:
         raise HubError(f"{action}: no such repository on {where}, or your token cannot see it "
                        "(set HF_TOKEN or run `hf auth login`)") from None

@@ -629,6 +629,11 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2 and "cannot reach the Hub at http://***@127.0.0.1:9" in err, err
         assert "hf_InTheEndpoint" not in out + err
+    # predict downloads, which huggingface_hub retries (five times, some 23 s): one line says so, not ten
+    assert err.strip().splitlines()[0] == (
+        "downloading me/x: the Hub at http://***@127.0.0.1:9 did not answer ([Errno 111] Connection refused); "
+        "huggingface_hub retries for up to 23 s (Ctrl-C stops it)"), err
+    assert len(err.strip().splitlines()) == 2, err
 
 
 
