@@ -34,7 +34,7 @@ from .export_limits import DEFAULT_OPSET, MIN_AGREEMENT, TOLERANCE, check_opset
 from .files import write_atomically
 from .folding import FoldedNFNet, fold
 from .int8 import agreement, check_no_saturation, quantize_int8, split_calibration
-from .onnx_graph import HalfPrecision, check_clean, to_onnx
+from .onnx_graph import Fp32Graph, HalfPrecision, check_clean, to_onnx
 from .preprocess import Preprocess, data_config, export_size, readable_labels
 
 __all__ = ["DEFAULT_OPSET", "PRECISIONS", "ExportError", "ExportReport", "ValidationReport", "export_onnx",
@@ -176,14 +176,15 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
                 precision: str = "fp32",
                 opset: int = DEFAULT_OPSET, label_names: Sequence[str] | None = None,
                 calibration: np.ndarray | None = None, min_agreement: float = MIN_AGREEMENT,
-                force: bool = False) -> ExportReport:
+                force: bool = False, fp32_graph: Fp32Graph | None = None) -> ExportReport:
     """Fold ``model``, export it to ONNX at ``precision``, verify it, then write ``out`` (a file path).
 
     ``img_size``: the input size, one side or (height, width) (default: the model's test size). ``label_names``
     default to the class names in the model's ``pretrained_cfg`` (a training checkpoint records them).
     ``calibration``: preprocessed NCHW float32 images for int8 static quantisation (required for int8); every fifth
     is held out to measure top-1 agreement with fp32, and an export below ``min_agreement`` is refused unless
-    ``force``.
+    ``force``. ``fp32_graph`` (an ``Fp32Graph(model)``, kept across the exports of one model) spares int8 the
+    second export of the graph that fp32 exported.
     """
     start = time.perf_counter()
     if precision not in PRECISIONS:
@@ -219,10 +220,16 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
                          "encoding?) cannot go into ONNX metadata: give the names in a UTF-8 file (--labels FILE)")
     out = Path(out)
     _check_target(out)
+    given = model
     with reference_model(model) as model:  # the caller's model is left as it was
         _check_memory(model, (channels, *hw))
         folded = fold(model, img_size=hw)
-        proto = to_onnx(HalfPrecision(folded) if precision == "fp16" else folded, (channels, *hw), opset)
+        if precision == "fp16":
+            proto = to_onnx(HalfPrecision(folded), (channels, *hw), opset)
+        elif fp32_graph is not None:
+            proto = fp32_graph.of(given, folded, (channels, *hw), opset)
+        else:
+            proto = to_onnx(folded, (channels, *hw), opset)
         if held_out is not None:
             proto = quantize_int8(proto, calibrate_on)
             check_no_saturation(proto)

@@ -104,6 +104,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
     from .export import VERIFY_BATCHES, export_onnx, reference_model
     from .models.checkpoint import model_args, save_safetensors
     from .models.stats import model_stats
+    from .onnx_graph import Fp32Graph
 
     out = Path(out)
     if "fp32" not in precisions:
@@ -134,11 +135,12 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
             save_for_hf(model, str(tmp), model_config=top or None, model_args=model_args(model),
                         safe_serialization=True, data_config={k: v for k, v in record.items() if k != IMAGE_MODE})
         save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the model args and data config
-        exports = []
+        exports, fp32_graph = [], Fp32Graph(model)
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)
             r = export_onnx(model, tmp / ONNX_FILES[precision], img_size=size, precision=precision, label_names=labels,
-                            calibration=calibration, min_agreement=min_agreement, force=force, opset=opset)
+                            calibration=calibration, min_agreement=min_agreement, force=force, opset=opset,
+                            fp32_graph=fp32_graph)
             exports.append({**r.to_dict(), "file": ONNX_FILES[precision], "path": None,
                             "latency_ms": _ort_latency_ms(tmp / ONNX_FILES[precision], (channels, *size))})
         (tmp / "export.json").write_text(json.dumps({"exports": exports, "metrics": metrics, "dataset": dataset,

@@ -13,7 +13,7 @@ from torch import nn
 
 from .errors import ExportError
 
-__all__ = ["HalfPrecision", "check_clean", "to_onnx"]
+__all__ = ["Fp32Graph", "HalfPrecision", "check_clean", "to_onnx"]
 
 _TORCH_MIN_OPSET = 18  # the oldest torch.onnx's exporter writes
 _FORBIDDEN_OPS = {"BatchNormalization", "Identity", "InstanceNormalization"}
@@ -29,6 +29,25 @@ class HalfPrecision(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.half()).float()
+
+
+class Fp32Graph:
+    """One model's fp32 graph, exported once for the exports of several precisions (a bundle's fp32 and int8):
+    int8 quantises the very graph that fp32 was written from, and torch's exporter, seconds a call, runs once."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._graphs: dict[tuple[tuple[int, int, int], int], bytes] = {}
+
+    def of(self, model: nn.Module, folded: nn.Module, shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+        """``to_onnx(folded, shape, opset)``, exported the first time only (a fresh copy each time); ``model`` is
+        the one ``folded`` was folded from, which must be the model this graph was made for."""
+        if model is not self.model:
+            raise ValueError("an Fp32Graph serves the exports of the model it was made for, not another")
+        key = (tuple(shape), opset)
+        if key not in self._graphs:
+            self._graphs[key] = to_onnx(folded, shape, opset).SerializeToString()
+        return onnx.load_from_string(self._graphs[key])
 
 
 def to_onnx(module: nn.Module, shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:

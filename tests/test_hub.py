@@ -29,10 +29,13 @@ from tritonclient.http import InferenceServerClient, InferInput
 
 from nfnet_hub.cli import main
 from nfnet_hub.errors import HubError
+from nfnet_hub.export import export_onnx
 from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
+from nfnet_hub.onnx_graph import Fp32Graph
 from nfnet_hub.runtime import OnnxClassifier
 
 LABELS = [f"class {i}" for i in range(10)]
+CALIBRATION = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +47,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def bundle(model, tmp_path_factory):
-    calib = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     return build_bundle(model, tmp_path_factory.mktemp("b") / "bundle", label_names=LABELS,
-                        precisions=("fp32", "fp16", "int8"), calibration=calib,
+                        precisions=("fp32", "fp16", "int8"), calibration=CALIBRATION,
                         metrics={"top1": 91.5, "top5": 98.99999999999999}, dataset="digits", repo_id="me/nano",
                         progress=False, force=True)  # noise: int8 may disagree
 
@@ -79,6 +81,24 @@ def test_bundle_contents_and_card(bundle):
     assert ("below that threshold" in card) == int8["below_threshold"]
     assert "The ONNX files are opset 20 (ONNX Runtime 1.17 or later)." in card
     verify_bundle(bundle)
+
+
+def test_int8_quantises_the_graph_the_bundles_fp32_export_traced(model, bundle, tmp_path, monkeypatch):
+    """torch's exporter (seconds a call) runs once for a bundle's fp32 and int8, whose int8 is the file that
+    int8 exported alone is."""
+    calls, export = [], torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(a[0]) or export(*a, **k))
+    out = build_bundle(model, tmp_path / "bundle", label_names=LABELS, precisions=("fp32", "int8"),
+                       calibration=CALIBRATION, progress=False, force=True)
+    assert len(calls) == 1
+    export_onnx(model, tmp_path / "int8.onnx", precision="int8", calibration=CALIBRATION, label_names=LABELS,
+                force=True)
+    assert len(calls) == 2
+    assert (out / "model_int8.onnx").read_bytes() == (tmp_path / "int8.onnx").read_bytes()
+    assert (out / "model_int8.onnx").read_bytes() == (bundle / "model_int8.onnx").read_bytes()
+    with pytest.raises(ValueError, match="the model it was made for"):
+        export_onnx(randomise(timm.create_model("nfnet_hub_nano", num_classes=10)), tmp_path / "other.onnx",
+                    fp32_graph=Fp32Graph(model))
 
 
 def test_a_bundle_for_older_runtimes_has_every_onnx_file_at_its_opset(trained_nano, digits_folders, tmp_path,
