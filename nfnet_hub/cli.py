@@ -215,6 +215,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    print("loading torch, timm and scikit-learn's digits ...", flush=True)  # some seconds, said before step 1/4
     from .quickstart import run
 
     run(args.out, epochs=args.epochs, progress=not args.no_progress)
