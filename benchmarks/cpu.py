@@ -34,6 +34,7 @@ from nfnet_hub.agc import adaptive_clip_grad_, agc_parameters  # noqa: E402
 from nfnet_hub.cpu import prepack  # noqa: E402
 from nfnet_hub.export import export_onnx  # noqa: E402
 from nfnet_hub.models.stats import model_stats  # noqa: E402
+from nfnet_hub.onnx_graph import Fp32Graph  # noqa: E402
 
 SIZE = 256
 
@@ -129,10 +130,11 @@ def bench_onnx(ref: torch.nn.Module, peak: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         timm_onnx(ref, tmp / "timm.onnx")
-        ours = export_onnx(ref, tmp / "ours.onnx", img_size=SIZE)
+        fp32_graph = Fp32Graph(ref)
+        ours = export_onnx(ref, tmp / "ours.onnx", img_size=SIZE, fp32_graph=fp32_graph)
         calib = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)
-        int8 = export_onnx(ref, tmp / "int8.onnx", img_size=SIZE, precision="int8", calibration=calib,
-                           force=True)  # noise calibrates speed, not accuracy (benchmarks/int8.py measures that)
+        int8 = export_onnx(ref, tmp / "int8.onnx", img_size=SIZE, precision="int8", calibration=calib, force=True,
+                           fp32_graph=fp32_graph)  # noise calibrates speed, not accuracy (benchmarks/int8.py does)
         res = {"timm_nodes": len(onnx.load(tmp / "timm.onnx").graph.node), "ours_nodes": ours.nodes,
                "timm_mb": (tmp / "timm.onnx").stat().st_size / 1e6, "ours_mb": ours.file_bytes / 1e6,
                "weights_mb": ours.weight_bytes / 1e6, "int8_mb": int8.file_bytes / 1e6}
