@@ -80,21 +80,27 @@ class _OneLineForRetries(logging.Filter):
         return True
 
 
+def _hub_loggers() -> list[logging.Logger]:
+    """huggingface_hub's loggers. A filter on the logger that makes a record sees it before any handler does:
+    huggingface_hub's own, and those of an application that configures logging, to which its records propagate."""
+    return [logger for name, logger in logging.Logger.manager.loggerDict.items()
+            if name.split(".")[0] == "huggingface_hub" and isinstance(logger, logging.Logger)]
+
+
 @contextmanager
 def _hub_logs(action: str, where: str) -> Iterator[None]:
     """huggingface_hub's log lines with no credentials in them, and one line for its retries of a request."""
-    handlers = logging.getLogger("huggingface_hub").handlers
-    for handler in handlers:
-        if not any(isinstance(f, _RedactCredentials) for f in handler.filters):
-            handler.addFilter(_RedactCredentials())
+    loggers = _hub_loggers()
     retries = _OneLineForRetries(action, where)
-    for handler in handlers:
-        handler.addFilter(retries)
+    for logger in loggers:
+        if not any(isinstance(f, _RedactCredentials) for f in logger.filters):
+            logger.addFilter(_RedactCredentials())
+        logger.addFilter(retries)
     try:
         yield
     finally:
-        for handler in handlers:
-            handler.removeFilter(retries)
+        for logger in loggers:
+            logger.removeFilter(retries)
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -116,11 +122,17 @@ def hub_errors(action: str, endpoint: str | None = None) -> Iterator[None]:
                        "(set HF_TOKEN or run `hf auth login`)") from None
     except hf.RevisionNotFoundError:
         raise HubError(f"{action}: no such revision on {where}") from None
-    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled) as e:
         if constants.HF_HUB_OFFLINE:
             raise HubError(f"{action}: HF_HUB_OFFLINE is set and huggingface_hub's cache does not hold it "
                            "(unset HF_HUB_OFFLINE to download it)") from None
-        raise HubError(f"{action}: cannot reach the Hub at {where} and nothing is cached "
+        cause = e.__cause__
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(cause, hf.HfHubHTTPError) and status is not None:
+            raise HubError(f"{action}: the Hub at {where} answered HTTP {status} and nothing is cached "
+                           "(the Hub is down or limits your requests: try again later)") from None
+        why = f" ({type(cause).__name__}: {redacted(str(cause))})" if _is_transport_error(cause) else ""
+        raise HubError(f"{action}: cannot reach the Hub at {where}{why} and nothing is cached "
                        "(check your network, HF_ENDPOINT and HF_HUB_OFFLINE)") from None
     except hf.EntryNotFoundError as e:
         raise HubError(f"{action}: {redacted(str(e).splitlines()[0])}") from None

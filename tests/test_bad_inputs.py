@@ -637,6 +637,55 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
 
 
 
+@pytest.mark.parametrize("answer", [503, None])  # an HTTP status, or a port nothing listens on
+def test_a_hub_that_fails_is_retried_in_one_line_and_the_error_says_what_it_answered(answer, tmp_path, caplog,
+                                                                                     monkeypatch):
+    """huggingface_hub's real download against a loopback server, its back-off waits recorded, not slept. Its log
+    records are filtered where they are made, so an application's own log handlers get the one line too."""
+    import http.server
+    import socket
+    import threading
+
+    from huggingface_hub import hf_hub_download
+
+    from nfnet_hub.errors import HubError
+    from nfnet_hub.hubclient import hub_errors
+
+    class Unavailable(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(answer)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    if answer:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    waits = []
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", waits.append)
+    endpoint = f"http://me:hf_InTheEndpoint@127.0.0.1:{port}"
+    with pytest.raises(HubError) as e, hub_errors("downloading me/x", endpoint):
+        hf_hub_download("me/x", "config.json", endpoint=endpoint, cache_dir=tmp_path)
+    if answer:
+        server.shutdown()
+    where = f"http://***@127.0.0.1:{port}"
+    said = "answered HTTP 503" if answer else "did not answer ([Errno 111] Connection refused)"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"downloading me/x: the Hub at {where} {said}; huggingface_hub retries for up to {sum(waits):.0f} s "
+        "(Ctrl-C stops it)"]
+    assert str(e.value) == (
+        f"downloading me/x: the Hub at {where} answered HTTP 503 and nothing is cached (the Hub is down or limits "
+        "your requests: try again later)" if answer else
+        f"downloading me/x: cannot reach the Hub at {where} (ConnectError: [Errno 111] Connection refused) and "
+        "nothing is cached (check your network, HF_ENDPOINT and HF_HUB_OFFLINE)")
+
+
 def test_a_hub_name_under_hf_hub_offline_says_the_cache_lacks_it_at_once(ws, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     p = _cli(["predict", "images/3/0000.png", "--model", "me/nano"], ws, env=env)
