@@ -119,14 +119,17 @@ def test_version_1_is_the_model_as_triton_numbers_it_and_other_versions_are_refu
 
     grpc_client = pytest.importorskip("tritonclient.grpc")
     x = np.random.default_rng(4).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    result = client.infer("nano", [_pixels_input(x)], model_version="1")
-    np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), rtol=0, atol=1e-5)
+    for version in ("1", ""):  # every answer names the version that gave it, as Triton's do
+        result = client.infer("nano", [_pixels_input(x)], model_version=version)
+        np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), rtol=0, atol=1e-5)
+        assert result.get_response()["model_version"] == "1"
     assert client.is_model_ready("nano", "1") and client.get_model_metadata("nano", "1")["name"] == "nano"
     assert client.get_model_metadata("nano")["versions"] == ["1"]  # the protocol's list of versions one may name
     g = grpc_client.InferenceServerClient(servers[1])
     pixels = grpc_client.InferInput("pixel_values", [2, 3, 32, 32], "FP32").set_data_from_numpy(x)
-    np.testing.assert_allclose(g.infer("nano", [pixels], model_version="1").as_numpy("logits"), clf.logits(x),
-                               atol=1e-5)
+    result = g.infer("nano", [pixels], model_version="1")
+    np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), atol=1e-5)
+    assert result.get_response().model_version == g.infer("nano", [pixels]).get_response().model_version == "1"
     for infer, status in ((lambda: client.infer("nano", [_pixels_input(x)], model_version="2"), "404"),
                           (lambda: g.infer("nano", [pixels], model_version="2"), "NOT_FOUND")):
         with pytest.raises(InferenceServerException, match="model nano is served as version 1 only, not 2") as e:

@@ -24,7 +24,7 @@ from ..errors import UsageError
 from ..preprocess import open_image
 from ..runtime import OnnxClassifier
 from .batching import Batcher
-from .metrics import observer
+from .metrics import VERSION, observer
 
 _argv, sys.argv = sys.argv, sys.argv[:1]  # kserve parses sys.argv for its own options when first imported
 try:
@@ -101,7 +101,7 @@ class BundleModel(Model):
             out = InferOutput(name, list(data.shape), "BYTES" if data.dtype == np.object_ else "FP32")
             out.set_data_from_numpy(data, binary_data=False)
             infer_outputs.append(out)
-        return InferResponse(payload.id or str(uuid.uuid4()), self.name, infer_outputs,
+        return InferResponse(payload.id or str(uuid.uuid4()), self.name, infer_outputs, model_version=VERSION,
                              use_binary_outputs=payload.use_binary_outputs, requested_outputs=payload.request_outputs)
 
     def _top_k(self, parameters) -> int:
