@@ -2,8 +2,7 @@
 
 Every command goes through one handler: a user error (``NfnetHubError``) is printed as one line,
 ``nfnet-hub <command>: error: ...``, exit 2; Ctrl-C prints one line, exit 130; ``--debug`` (or
-``NFNET_HUB_DEBUG=1``) shows the traceback instead. Anything else is a bug and keeps its traceback.
-"""
+``NFNET_HUB_DEBUG=1``) shows the traceback instead. Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
