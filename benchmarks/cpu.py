@@ -130,7 +130,7 @@ def bench_onnx(ref: torch.nn.Module, peak: float) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         timm_onnx(ref, tmp / "timm.onnx")
-        fp32_graph = Fp32Graph(ref)
+        fp32_graph = Fp32Graph()
         ours = export_onnx(ref, tmp / "ours.onnx", img_size=SIZE, fp32_graph=fp32_graph)
         calib = np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32)
         int8 = export_onnx(ref, tmp / "int8.onnx", img_size=SIZE, precision="int8", calibration=calib, force=True,

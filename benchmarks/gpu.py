@@ -207,7 +207,7 @@ def bench_ort(s: Setup, ref: torch.nn.Module, peak: dict) -> dict:
         cpu_ref = ref.cpu()
         timm_onnx(cpu_ref, tmp / "timm.onnx", s.size)
         calibration = np.random.default_rng(1).standard_normal((8, 3, s.size, s.size)).astype(np.float32)
-        fp32_graph = Fp32Graph(cpu_ref)
+        fp32_graph = Fp32Graph()
         for precision in ("fp32", "fp16", "int8"):
             export_onnx(cpu_ref, tmp / f"{precision}.onnx", img_size=s.size, precision=precision,
                         calibration=calibration, force=True, fp32_graph=fp32_graph)  # noise: speed, not accuracy

@@ -183,8 +183,8 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
     default to the class names in the model's ``pretrained_cfg`` (a training checkpoint records them).
     ``calibration``: preprocessed NCHW float32 images for int8 static quantisation (required for int8); every fifth
     is held out to measure top-1 agreement with fp32, and an export below ``min_agreement`` is refused unless
-    ``force``. ``fp32_graph`` (an ``Fp32Graph(model)``, kept across the exports of one model) spares int8 the
-    second export of the graph that fp32 exported.
+    ``force``. ``fp32_graph`` (one ``Fp32Graph()`` kept across the exports of a model) spares int8 the second
+    export of the graph that fp32 exported.
     """
     start = time.perf_counter()
     if precision not in PRECISIONS:
@@ -220,14 +220,13 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, *, img_size: int | tup
                          "encoding?) cannot go into ONNX metadata: give the names in a UTF-8 file (--labels FILE)")
     out = Path(out)
     _check_target(out)
-    given = model
     with reference_model(model) as model:  # the caller's model is left as it was
         _check_memory(model, (channels, *hw))
         folded = fold(model, img_size=hw)
         if precision == "fp16":
             proto = to_onnx(HalfPrecision(folded), (channels, *hw), opset)
         elif fp32_graph is not None:
-            proto = fp32_graph.of(given, folded, (channels, *hw), opset)
+            proto = fp32_graph.of(folded, (channels, *hw), opset)
         else:
             proto = to_onnx(folded, (channels, *hw), opset)
         if held_out is not None:

@@ -135,7 +135,7 @@ def build_bundle(model: nn.Module, out: str | os.PathLike, *, img_size: int | tu
             save_for_hf(model, str(tmp), model_config=top or None, model_args=model_args(model),
                         safe_serialization=True, data_config={k: v for k, v in record.items() if k != IMAGE_MODE})
         save_safetensors(model, tmp / "model.safetensors")  # the same tensors, with the model args and data config
-        exports, fp32_graph = [], Fp32Graph(model)
+        exports, fp32_graph = [], Fp32Graph()
         for precision in precisions:
             say(f"  exporting {precision} ONNX ...", flush=True)
             r = export_onnx(model, tmp / ONNX_FILES[precision], img_size=size, precision=precision, label_names=labels,

@@ -4,6 +4,7 @@ no Cast in fp32, every Conv weight a constant)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 
 import onnx
@@ -32,19 +33,21 @@ class HalfPrecision(nn.Module):
 
 
 class Fp32Graph:
-    """One model's fp32 graph, exported once for the exports of several precisions (a bundle's fp32 and int8):
-    int8 quantises the very graph that fp32 was written from, and torch's exporter, seconds a call, runs once."""
+    """fp32 graphs exported once for the exports of several precisions (a bundle's fp32 and int8): int8 quantises
+    the very graph that fp32 was written from, and torch's exporter, seconds a call, runs once. Graphs are kept by
+    what the folded model is (its modules and every tensor), so changed weights are exported anew, never served
+    stale."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self._graphs: dict[tuple[tuple[int, int, int], int], bytes] = {}
+    def __init__(self) -> None:
+        self._graphs: dict[tuple[str, tuple[int, ...], int], bytes] = {}
 
-    def of(self, model: nn.Module, folded: nn.Module, shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
-        """``to_onnx(folded, shape, opset)``, exported the first time only (a fresh copy each time); ``model`` is
-        the one ``folded`` was folded from, which must be the model this graph was made for."""
-        if model is not self.model:
-            raise ValueError("an Fp32Graph serves the exports of the model it was made for, not another")
-        key = (tuple(shape), opset)
+    def of(self, folded: nn.Module, shape: tuple[int, int, int], opset: int) -> onnx.ModelProto:
+        """``to_onnx(folded, shape, opset)``, exported the first time only (a fresh copy each time)."""
+        digest = hashlib.blake2b(repr(folded).encode())
+        for name, tensor in folded.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        key = (digest.hexdigest(), tuple(shape), opset)
         if key not in self._graphs:
             self._graphs[key] = to_onnx(folded, shape, opset).SerializeToString()
         return onnx.load_from_string(self._graphs[key])
