@@ -45,15 +45,19 @@ class _RedactCredentials(logging.Filter):
         return True
 
 
-def _retry_seconds() -> float:
-    """How long huggingface_hub's back-off waits in all, by the defaults of its ``http_backoff``."""
+def _retry_seconds() -> str:
+    """How long huggingface_hub's back-off waits in all, by the defaults of its ``http_backoff`` (nothing where a
+    version of it names them otherwise: a log line must not fail the download it reports on)."""
     from huggingface_hub.utils import http_backoff
 
-    defaults = {k: p.default for k, p in inspect.signature(http_backoff).parameters.items()}
-    wait, total = defaults["base_wait_time"], 0.0
-    for _ in range(defaults["max_retries"]):
-        total, wait = total + wait, min(defaults["max_wait_time"], wait * 2)
-    return total
+    try:
+        defaults = {k: p.default for k, p in inspect.signature(http_backoff).parameters.items()}
+        wait, total = defaults["base_wait_time"], 0.0
+        for _ in range(defaults["max_retries"]):
+            total, wait = total + wait, min(defaults["max_wait_time"], wait * 2)
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return f" for up to {total:.0f} s"
 
 
 class _OneLineForRetries(logging.Filter):
@@ -75,8 +79,8 @@ class _OneLineForRetries(logging.Filter):
             return False
         self.said = True
         answer = f"answered HTTP {failed['status']}" if failed["status"] else f"did not answer ({failed['error']})"
-        record.msg, record.args = (f"{self.action}: the Hub at {self.where} {answer}; huggingface_hub retries for up "
-                                   f"to {_retry_seconds():.0f} s (Ctrl-C stops it)"), ()
+        record.msg, record.args = (f"{self.action}: the Hub at {self.where} {answer}; huggingface_hub retries"
+                                   f"{_retry_seconds()} (Ctrl-C stops it)"), ()
         return True
 
 

@@ -691,6 +691,15 @@ def test_a_hub_that_fails_is_retried_in_one_line_and_the_error_says_what_it_answ
         "nothing is cached (check your network, HF_ENDPOINT and HF_HUB_OFFLINE)")
 
 
+def test_a_huggingface_hub_whose_back_off_names_its_settings_otherwise_gets_a_retry_line_without_seconds(
+        monkeypatch):
+    from nfnet_hub.hubclient import _retry_seconds
+
+    assert _retry_seconds() == " for up to 23 s"
+    monkeypatch.setattr("huggingface_hub.utils.http_backoff", lambda method, url, *, retries=3, **kwargs: None)
+    assert _retry_seconds() == ""
+
+
 def test_a_hub_name_under_hf_hub_offline_says_the_cache_lacks_it_at_once(ws, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     p = _cli(["predict", "images/3/0000.png", "--model", "me/nano"], ws, env=env)
