@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -629,10 +630,11 @@ def test_publish_without_a_network_is_one_line_and_never_shows_the_token(ws):
         out, err = p.communicate(timeout=120)
         assert p.returncode == 2 and "cannot reach the Hub at http://***@127.0.0.1:9" in err, err
         assert "hf_InTheEndpoint" not in out + err
-    # predict downloads, which huggingface_hub retries (five times, some 23 s): one line says so, not ten
-    assert err.strip().splitlines()[0] == (
-        "downloading me/x: the Hub at http://***@127.0.0.1:9 did not answer ([Errno 111] Connection refused); "
-        "huggingface_hub retries for up to 23 s (Ctrl-C stops it)"), err
+    # predict downloads, which huggingface_hub retries (five times, some 23 s): one line says so, not ten (the
+    # seconds are its back-off's, checked against the waits it makes in the test below)
+    assert re.fullmatch(r"downloading me/x: the Hub at http://\*\*\*@127\.0\.0\.1:9 did not answer \(\[Errno 111\] "
+                        r"Connection refused\); huggingface_hub retries for up to \d+ s \(Ctrl-C stops it\)",
+                        err.strip().splitlines()[0]), err
     assert len(err.strip().splitlines()) == 2, err
 
 
@@ -695,7 +697,7 @@ def test_a_huggingface_hub_whose_back_off_names_its_settings_otherwise_gets_a_re
         monkeypatch):
     from nfnet_hub.hubclient import _retry_seconds
 
-    assert _retry_seconds() == " for up to 23 s"
+    assert re.fullmatch(r" for up to \d+ s", _retry_seconds())  # huggingface_hub's figure: 23 s in 2.4
     monkeypatch.setattr("huggingface_hub.utils.http_backoff", lambda method, url, *, retries=3, **kwargs: None)
     assert _retry_seconds() == ""
 
