@@ -29,7 +29,7 @@ from tritonclient.http import InferenceServerClient, InferInput
 
 from nfnet_hub.cli import main
 from nfnet_hub.errors import HubError
-from nfnet_hub.export import export_onnx, validate_onnx
+from nfnet_hub.export import export_onnx
 from nfnet_hub.hub import BundleError, build_bundle, publish, sha256, verify_bundle
 from nfnet_hub.onnx_graph import Fp32Graph
 from nfnet_hub.runtime import OnnxClassifier
@@ -97,10 +97,9 @@ def test_int8_quantises_the_graph_the_bundles_fp32_export_traced(model, bundle, 
     assert (out / "model_int8.onnx").read_bytes() == (tmp_path / "int8.onnx").read_bytes()
     assert (out / "model_int8.onnx").read_bytes() == (bundle / "model_int8.onnx").read_bytes()
     graph, other = Fp32Graph(), randomise(timm.create_model("nfnet_hub_nano", num_classes=10), seed=12)
-    for m in (model, other, model):  # weights of their own are exported anew, and the first model's are kept
+    for m in (model, other, model):  # other weights are exported anew (a stale graph would fail export's check)
         export_onnx(m, tmp_path / "fp32.onnx", fp32_graph=graph)
-        assert validate_onnx(tmp_path / "fp32.onnx", m).max_rel_error < 1e-4
-    assert len(calls) == 4
+    assert len(calls) == 4  # the first model's graph was kept
 
 
 def test_a_bundle_for_older_runtimes_has_every_onnx_file_at_its_opset(trained_nano, digits_folders, tmp_path,
