@@ -90,11 +90,14 @@ def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any], *,
 
 
 def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None,
-               formats: Sequence[str] | None = None) -> Image.Image:
-    """A decoded image, or one ``UsageError`` that names it (``name``, else ``source``) whatever Pillow raised."""
+               formats: Sequence[str] | None = None, max_pixels: int | None = None) -> Image.Image:
+    """A decoded image, or one ``UsageError`` that names it (``name``, else ``source``) whatever Pillow raised;
+    ``formats``: the only ones taken; ``max_pixels``: the largest image taken, refused from its header, undecoded."""
     try:
         img = Image.open(source, formats=formats)
-        img.load()
+        too_large = max_pixels is not None and img.width * img.height > max_pixels
+        if not too_large:
+            img.load()
     except FileNotFoundError:
         if str(source).startswith(("http://", "https://")):  # timm's inference.py does not fetch them either
             raise UsageError(f"{source} is a URL: images are read from files, bytes or arrays (download it first: "
@@ -105,7 +108,12 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
                          "`nfnet-hub predict FOLDER` reads them)") from None
     except UNDECODABLE as e:
         why = str(e).splitlines()[0][:200].replace(f" {source!r}", "") if str(e) else type(e).__name__  # no <BytesIO>
-        raise UsageError(f"{name or source} is not a readable image: {why}") from None
+        taken = f" (formats taken: {', '.join(formats)})" if formats else ""
+        raise UsageError(f"{name or source} is not a readable image: {why}{taken}") from None
+    if too_large:
+        (w, h), _ = img.size, img.close()
+        raise UsageError(f"{name or source} is {w}x{h} ({w * h:,} pixels), more than the {max_pixels:,} pixels an "
+                         "image may have here")
     return img
 
 
@@ -152,7 +160,7 @@ def load_image(source: ImageSource, mode: str = "RGB") -> Image.Image:
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(np.round(arr * 255.0 / peak), 0, 255).astype(np.uint8), "L")
     try:
-        return img.convert(mode)
+        return img if img.mode == mode else img.convert(mode)  # convert would copy it
     except ValueError as e:  # Pillow converts between some modes only
         raise UsageError(f"a {img.mode} image cannot be read in mode {mode}: {e}") from None
 

@@ -19,13 +19,14 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from serving import Server, free_port
+from serving import Server, free_port, infer
 
 from nfnet_hub.preprocess import list_images
 from nfnet_hub.runtime import OnnxClassifier
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 MAX_BATCH = 8
+MAX_PIXELS = 20_000_000
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,8 @@ def servers(nano_bundle):
     # A 200 ms window makes concurrent requests meet in one batch even on a loaded 2-core machine.
     grpc_port = free_port()
     with Server(str(nano_bundle), "--name", "nano", "--max-batch-size", str(MAX_BATCH), "--max-delay-ms", "200",
-                "--max-request-mb", "1", "--workers", "2", "--grpc-port", str(grpc_port)) as url:
+                "--max-request-mb", "1", "--max-image-pixels", str(MAX_PIXELS), "--workers", "2", "--grpc-port",
+                str(grpc_port)) as url:
         yield url, f"127.0.0.1:{grpc_port}"
 
 
@@ -130,10 +132,10 @@ def test_version_1_is_the_model_as_triton_numbers_it_and_other_versions_are_refu
     result = g.infer("nano", [pixels], model_version="1")
     np.testing.assert_allclose(result.as_numpy("logits"), clf.logits(x), atol=1e-5)
     assert result.get_response().model_version == g.infer("nano", [pixels]).get_response().model_version == "1"
-    for infer, status in ((lambda: client.infer("nano", [_pixels_input(x)], model_version="2"), "404"),
-                          (lambda: g.infer("nano", [pixels], model_version="2"), "NOT_FOUND")):
+    for refused, status in ((lambda: client.infer("nano", [_pixels_input(x)], model_version="2"), "404"),
+                            (lambda: g.infer("nano", [pixels], model_version="2"), "NOT_FOUND")):
         with pytest.raises(InferenceServerException, match="model nano is served as version 1 only, not 2") as e:
-            infer()
+            refused()
         assert status in str(e.value.status())
     g.close()
     assert not client.is_model_ready("nano", "2") and not client.is_model_ready("no-such-model", "1")
@@ -305,8 +307,12 @@ def _bad_requests():
         "non-image bytes": ("nano", _request(name="image", shape=(1,), datatype="BYTES",
                                               data=[base64.b64encode(b"not an image").decode()]), {},
                             "input 'image' element 0 is not a readable image"),
+        "image above --max-image-pixels": ("nano", _request(name="image", shape=(2,), datatype="BYTES", data=[
+            base64.b64encode(_png(4000, 5000)).decode(), base64.b64encode(_png(5000, 4001)).decode()]), {},
+            "input 'image' element 1 is 5000x4001 (20,005,000 pixels), more than the 20,000,000 pixels an image may"),
         "decompression bomb": ("nano", _request(name="image", shape=(1,), datatype="BYTES",
-                                                data=[base64.b64encode(_bomb()).decode()]), {}, "decompression bomb"),
+                                                data=[base64.b64encode(_png(20_000, 20_000)).decode()]), {},
+                               "is 20000x20000 (400,000,000 pixels), more than"),
         "BYTES not base64": ("nano", _request(name="image", shape=(1,), datatype="BYTES", data=["%%%"]), {},
                              "image"),
         "truncated binary data": ("nano", *_binary({"inputs": [{**spec, "parameters": {"binary_data_size": len(x)}}]},
@@ -336,10 +342,10 @@ def _bad_requests():
 
 
 @functools.cache
-def _bomb() -> bytes:
-    """A 50 kB PNG of 400 Mpixels, which Pillow refuses to decode."""
+def _png(width: int, height: int, mode: str = "1") -> bytes:
+    """A PNG of one colour: tens of kB for tens of Mpixels (a decompression bomb at 20000x20000)."""
     png = io.BytesIO()
-    Image.new("1", (20_000, 20_000)).save(png, "PNG")
+    Image.new(mode, (width, height), "white").save(png, "PNG")
     return png.getvalue()
 
 
@@ -431,6 +437,27 @@ def test_no_client_can_unload_a_served_model(nano_bundle, clf):
     assert "Traceback" not in server.output, server.output
     assert len(re.findall(r"^model control, refused: .* cannot be (un)?loaded", server.output, re.M)) == 4
     assert re.search(r"^not served, refused: ", server.output, re.M)
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
+def test_a_request_of_large_images_holds_one_decoded_image_at_a_time(nano_bundle, clf):
+    """Eight photos of 16 Mpixels (64 MB each as Pillow holds them) in one 0.5 MB request: the server's peak memory
+    grows by about one of them, not eight, since each is preprocessed before the next is decoded."""
+    big = _png(4000, 4000, "RGB")
+    server = Server(str(nano_bundle), "--name", "nano", "--max-image-pixels", str(MAX_PIXELS))
+    with server as url:
+        assert infer(url, "nano", images=(_png(64, 64, "RGB"),))[0] == 200  # allocations of a first request
+        before = _peak_rss_mb(server.proc.pid)
+        status, answer = infer(url, "nano", images=(big,) * MAX_BATCH)
+        grown = _peak_rss_mb(server.proc.pid) - before
+    assert status == 200, answer
+    expected = clf.logits(clf.preprocess.batch([Image.open(io.BytesIO(big))] * MAX_BATCH))
+    np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], expected.shape), expected, atol=1e-5)
+    assert grown < 3 * 64, f"peak memory grew by {grown:.0f} MB for a request of {MAX_BATCH} images of 64 MB"
 
 
 def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):
@@ -536,6 +563,7 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
             ([str(nano_bundle), "--max-delay-ms", "-1"], "--max-delay-ms: must be a finite number of at least 0"),
             ([str(nano_bundle), "--device", "cuda"], "has no CUDA provider"),
             ([str(nano_bundle), "--max-request-mb", "0"], "--max-request-mb: must be a finite number above 0, got 0"),
+            ([str(nano_bundle), "--max-image-pixels", "1e6"], "--max-image-pixels: expected a positive integer"),
         ]
         for args, words in cases:  # as a user runs it: a process each, which must not listen
             run = subprocess.run([sys.executable, "-m", "nfnet_hub.cli", "serve", *args, "--port", str(free_port())]
@@ -550,6 +578,8 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
         serve(str(nano_bundle), options=ServeOptions(port=70000))
     with pytest.raises(UsageError, match=r"^max_request_mb 0 would refuse every request"):
         serve(str(nano_bundle), options=ServeOptions(max_request_mb=0))
+    with pytest.raises(UsageError, match=r"^max_image_pixels 1000000.0 must be a pixel count above 0"):
+        serve(str(nano_bundle), options=ServeOptions(max_image_pixels=1e6))
 
 
 def test_the_readme_client_snippet_runs_as_written(server, digit_files, tmp_path, monkeypatch):

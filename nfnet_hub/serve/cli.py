@@ -32,6 +32,9 @@ def add_serve_arguments(s: argparse.ArgumentParser) -> None:
                    "core, where one batch has the whole machine)")
     s.add_argument("--max-request-mb", type=positive_float, default=64.0,
                    help="largest request body, in MiB; larger ones get HTTP 400")
+    s.add_argument("--max-image-pixels", type=positive, default=89_478_485,
+                   help="largest image (width x height) an 'image' input may hold; larger ones get HTTP 400 before "
+                   "they are decoded (default: Pillow's limit, 268 MB decoded; a request decodes one image at a time)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: CUDA where onnxruntime-gpu can use it, else CPU")
     s.add_argument("--grace-period", type=positive, default=30, help="seconds SIGTERM waits for in-flight requests")
@@ -59,8 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}[args.device]
     options = ServeOptions(host=args.host, port=args.port, precision=args.precision, max_batch_size=args.max_batch_size,
                            max_delay_ms=args.max_delay_ms, instances=args.workers, threads=args.threads,
-                           max_request_mb=args.max_request_mb, grace_period_s=args.grace_period,
-                           grpc_port=args.grpc_port)
+                           max_request_mb=args.max_request_mb, max_image_pixels=args.max_image_pixels,
+                           grace_period_s=args.grace_period, grpc_port=args.grpc_port)
     serve(args.source, name=args.name, options=options, providers=providers,
           log=lambda line: print(line, flush=True), require_cuda=args.device == "cuda")
     return 0

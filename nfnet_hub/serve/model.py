@@ -1,8 +1,9 @@
 """One bundle as a KServe model: Open Inference Protocol inputs in, logits (and top-k labels) out.
 
 Inputs: ``pixel_values`` FP32 ``[N, C, H, W]`` (preprocessed; C is 3, 1 for a greyscale model ...), or
-``image`` BYTES ``[N]`` (encoded JPEG/PNG/WebP/BMP files, as base64 strings in JSON; preprocessed here with the
-bundle's timm eval transform, in its image mode; a model that records none takes ``pixel_values`` only).
+``image`` BYTES ``[N]`` (encoded JPEG/PNG/WebP/BMP files, as base64 strings in JSON, of up to ``max_image_pixels``
+each; preprocessed here with the bundle's timm eval transform, in its image mode; a model that records none takes
+``pixel_values`` only).
 Outputs: ``logits`` FP32 ``[N, C]``; with the request parameter ``top_k`` (1 to C), also ``labels`` BYTES
 ``[N, k]`` and ``scores`` FP32 ``[N, k]`` (softmax probabilities, highest first). ``logits`` requested with the output
 parameter ``classification`` k (Triton's classification extension: tritonclient's ``class_count``) is answered as
@@ -49,9 +50,9 @@ class BundleModel(Model):
     """A bundle's ONNX model behind the batcher, named as clients address it."""
 
     def __init__(self, name: str, classifier: OnnxClassifier, *, max_batch_size: int, max_delay_ms: float,
-                 instances: int):
+                 instances: int, max_image_pixels: int):
         super().__init__(name)
-        self.classifier = classifier
+        self.classifier, self.max_image_pixels = classifier, max_image_pixels
         self.channels, (self.height, self.width) = classifier.preprocess.channels, classifier.preprocess.input_size
         self.num_classes = len(classifier.labels)
         self.max_batch_size = max_batch_size
@@ -181,13 +182,17 @@ class BundleModel(Model):
         return await asyncio.to_thread(self._decode, files)
 
     def _decode(self, files: list[bytes]) -> np.ndarray:
-        images = []
+        """The preprocessed batch, each image decoded once its predecessor is preprocessed: a request of large
+        images holds one of them at a time, not a batch of them."""
+        rows = []
         for i, data in enumerate(files):
             try:
-                images.append(open_image(io.BytesIO(data), name=f"input 'image' element {i}", formats=IMAGE_FORMATS))
+                rows.append(self.classifier.preprocess(open_image(
+                    io.BytesIO(data), name=f"input 'image' element {i}", formats=IMAGE_FORMATS,
+                    max_pixels=self.max_image_pixels)))
             except UsageError as e:
-                raise InvalidInput(f"{e} (formats taken: {', '.join(IMAGE_FORMATS)})") from None
-        return self.classifier.preprocess.batch(images)
+                raise InvalidInput(str(e)) from None
+        return np.stack(rows)
 
     def stop(self) -> None:
         self.batcher.close()

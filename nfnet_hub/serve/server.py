@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
@@ -40,6 +41,7 @@ class ServeOptions:
     instances: int = 1
     threads: int | None = None
     max_request_mb: float = 64.0
+    max_image_pixels: int = 89_478_485  # Pillow's MAX_IMAGE_PIXELS: an 'image' above it is refused, not decoded
     grace_period_s: int = 30
     grpc_port: int | None = None  # the protocol's gRPC API too, on this port
 
@@ -145,7 +147,8 @@ def load_models(bundles: dict[str, str], options: ServeOptions, *, providers=Non
 
         classifiers = loading.result()
     return [BundleModel(name, clf, max_batch_size=options.max_batch_size, max_delay_ms=options.max_delay_ms,
-                        instances=options.instances) for name, clf in classifiers.items()]
+                        instances=options.instances, max_image_pixels=options.max_image_pixels)
+            for name, clf in classifiers.items()]
 
 
 def _check_port(host: str, port: int) -> None:
@@ -166,6 +169,9 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
     if not (isinstance(options.max_request_mb, int | float) and 0 < options.max_request_mb < float("inf")):
         raise UsageError(f"max_request_mb {options.max_request_mb!r} would refuse every request: give a size in MiB "
                          "above 0")
+    if isinstance(options.max_image_pixels, bool) or not isinstance(options.max_image_pixels, int) \
+            or options.max_image_pixels < 1:
+        raise UsageError(f"max_image_pixels {options.max_image_pixels!r} must be a pixel count above 0")
     if options.grpc_port == options.port:
         raise UsageError(f"--grpc-port {options.grpc_port} is the HTTP port: give another")
     for port in (options.port, options.grpc_port):
@@ -184,6 +190,9 @@ def serve(source: str, *, name: str | None = None, options: ServeOptions = Serve
     import warnings
 
     warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")  # KServe's choice, not the user's
+    # Each image is held to max_image_pixels from its header (BundleModel); Pillow's own check would warn, or refuse,
+    # by its limit instead.
+    Image.MAX_IMAGE_PIXELS = None
     _client_errors_in_one_line()
     # uvicorn drains on SIGTERM/SIGINT, then raises the signal again for the handler it found: make that
     # one a no-op, so that a drained server exits 0 rather than dying of the signal.
