@@ -98,6 +98,9 @@ def _snapshot(root: Path) -> dict[str, str]:
     state = {}
     for p in sorted(root.rglob("*")):
         rel = str(p.relative_to(root))
+        # ONNX Runtime's device id (home/.cache/Microsoft/...), which a process's first import of it writes
+        if rel == "home/.cache" or rel.startswith("home/.cache/Microsoft"):
+            continue
         state[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
     return state
 
