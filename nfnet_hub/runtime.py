@@ -150,6 +150,14 @@ def precision_file(source: str, precision: str) -> str:
     return filename
 
 
+def no_model_at(source: str) -> UsageError:
+    """The error for a local source that is not there; a bare name may be a model name, which is run once exported."""
+    bare = "/" not in source and os.sep not in source
+    return UsageError(f"no bundle folder or ONNX file at {source}" + (
+        ", nor is it a Hub repo id (ORG/NAME); a timm model name runs here once exported: `nfnet-hub bundle NAME "
+        "--checkpoint CKPT --out BUNDLE`, then give BUNDLE" if bare else ""))
+
+
 def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", revision: str | None = None,
                   cache_dir: str | os.PathLike | None = None,
                   token: str | bool | None = None) -> tuple[Path, Path | None]:
@@ -167,7 +175,7 @@ def resolve_files(source: str | os.PathLike, *, filename: str = "model.onnx", re
         return path, None
     if local:
         if not path.is_dir():
-            raise UsageError(f"no bundle folder or ONNX file at {source}")
+            raise no_model_at(source)
         if not (path / filename).is_file():
             refuse_unexported(path, source)
             held = sorted(p.name for p in path.iterdir())

@@ -361,6 +361,11 @@ CASES = [
      "no bundle folder or ONNX file at ./bundel"),
     ("predict-mistyped-nested-bundle", ["predict", "images/3/0000.png", "--model", "images/bundel"],
      "no bundle folder or ONNX file at images/bundel"),
+    ("predict-a-model-name", ["predict", "images/3/0000.png", "--model", "nfnet_hub_nano"],
+     r"no bundle folder or ONNX file at nfnet_hub_nano, nor is it a Hub repo id \(ORG/NAME\); a timm model name runs "
+     r"here once exported: `nfnet-hub bundle NAME --checkpoint CKPT --out BUNDLE`, then give BUNDLE"),
+    ("serve-a-pretrained-tag", ["serve", "nfnet_hub_f0.dm_in1k"],
+     "no bundle folder or ONNX file at nfnet_hub_f0.dm_in1k, nor"),
     ("predict-timm-saved-folder", ["predict", "images/3/0000.png", "--model", "timmsaved"],
      r"timmsaved holds a model timm saved \(config.json and weights\), not an ONNX export: bundle it first, "
      r"`nfnet-hub bundle local-dir:timmsaved --out BUNDLE`"),

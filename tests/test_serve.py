@@ -550,7 +550,7 @@ def test_serve_refuses_what_it_cannot_serve_in_one_line(nano_bundle, tmp_path):
             ([str(nano_bundle), "--precision", "fp16"], "has no fp16 model (model_fp16.onnx); it has: fp32, int8"),
             ([str(tmp_path / "two"), "--name", "x"], "--name names one model"),
             ([str(tmp_path / "empty")], "neither a bundle folder"),
-            ([str(tmp_path / "missing")], "no bundle folder at"),
+            ([str(tmp_path / "missing")], "no bundle folder or ONNX file at"),
             ([str(tmp_path / "bad name!")], "give --name"),
             ([str(tmp_path / "odd")], "'not ok' cannot be a model name in a URL (letters, digits, '_', '.', '-'): "
                                       "rename its folder"),

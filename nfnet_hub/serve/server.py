@@ -18,7 +18,7 @@ from PIL import Image
 
 from ..bundle_files import ONNX_FILES
 from ..errors import UsageError
-from ..runtime import OnnxClassifier, parse_source, precision_file, refuse_unexported, split_revision
+from ..runtime import OnnxClassifier, no_model_at, parse_source, precision_file, refuse_unexported, split_revision
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -87,8 +87,9 @@ def find_bundles(source: str, *, name: str | None = None, log: Callable = print)
     elif not path.is_dir():
         if path.is_file():
             refuse_unexported(path, source)
-        raise UsageError(f"no bundle folder at {source}" + (" (give the folder that holds the bundle's files, or an "
-                                                            ".onnx file)" if path.is_file() else ""))
+            raise UsageError(f"no bundle folder at {source} (give the folder that holds the bundle's files, or an "
+                             ".onnx file)")
+        raise no_model_at(source)
     elif _is_bundle(path):
         found = {name or path.resolve().name: str(path)}
     else:
