@@ -17,11 +17,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .argtypes import positive
 from .bundle_files import ONNX_FILES
 from .errors import UsageError
 from .files import check_writable_folder, write_atomically
-from .preprocess import list_images, load_image
+from .preprocess import Preprocess, list_images
 from .runtime import OnnxClassifier, Prediction, precision_file
 
 FORMATS = (".csv", ".json", ".jsonl")
@@ -82,19 +84,20 @@ def image_progress(verb: str) -> Callable[[int, int], None]:
     return report
 
 
-def _readable(paths: list[str], *, alone: bool) -> tuple[list, list[str]]:
-    """The images of ``paths`` that decode, and their names; each one that does not is named on stderr and skipped
-    (a lone image's failure is the command's error)."""
-    images, names = [], []
+def _readable(paths: list[str], preprocess: Preprocess, *, alone: bool) -> tuple[list[np.ndarray], list[str]]:
+    """The images of ``paths`` that decode, preprocessed (read in the model's image mode, one decoded image held at a
+    time), and their names; each one that does not is named on stderr and skipped (a lone image's failure is the
+    command's error)."""
+    rows, names = [], []
     for path in paths:
         try:
-            images.append(load_image(path))
+            rows.append(preprocess(path))
             names.append(path)
         except UsageError as e:
             if alone:
                 raise
             print(f"nfnet-hub predict: skipped {e}", file=sys.stderr, flush=True)
-    return images, names
+    return rows, names
 
 
 def add_predict_arguments(s: argparse.ArgumentParser) -> None:
@@ -118,12 +121,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UsageError("--filename and --precision both choose the ONNX file: give one")
     filename = precision_file(args.model, args.precision) if args.precision else args.filename or ONNX_FILES["fp32"]
     clf = OnnxClassifier.from_pretrained(args.model, filename=filename)
+    clf.preprocess.require_image_mode()
     rows, skipped, progress = [], 0, image_progress("predicted")
     for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
         batch = images[start:start + args.batch_size]
-        chunk, names = _readable(batch, alone=len(images) == 1)
-        skipped += len(batch) - len(chunk)
-        results = clf.predict(chunk, top_k=args.top_k, batch_size=args.batch_size) if chunk else []
+        pixels, names = _readable(batch, clf.preprocess, alone=len(images) == 1)
+        skipped += len(batch) - len(pixels)
+        results = clf.predictions(np.stack(pixels), top_k=args.top_k) if pixels else []
         if out:
             rows += zip(names, results)
             progress(start + len(batch), len(images))

@@ -252,12 +252,16 @@ class Preprocess:
                 fill = tuple(round(255 * m) for m in self.mean) if len(self.mean) > 1 else round(255 * self.mean[0])
         return _center_crop_or_pad(img, h, w, fill)
 
-    def __call__(self, image: ImageSource) -> np.ndarray:
+    def require_image_mode(self) -> str:
+        """The mode images are read in; a model that records none takes arrays only, which is said."""
         if self.image_mode is None:
             raise UsageError(f"the model takes {self.channels}-channel input and records no image mode to read images "
                              f"in (train with --input-img-mode): give it preprocessed [N, {self.channels}, H, W] "
                              "arrays (OnnxClassifier.logits, the server's tensor input)")
-        img = load_image(image, self.image_mode)
+        return self.image_mode
+
+    def __call__(self, image: ImageSource) -> np.ndarray:
+        img = load_image(image, self.require_image_mode())
         arr = np.asarray(self.resize_crop(img))
         if arr.dtype == bool:  # mode 1: timm's loader takes a set pixel as 255
             arr = arr.astype(np.uint8) * 255

@@ -302,15 +302,16 @@ class OnnxClassifier:
         images = [images] if one else list(images)
         if not images:
             raise UsageError("no images given")
-        if top_k < 1:
-            raise UsageError(f"top_k must be at least 1, got {top_k}")
         if batch_size < 1:
             raise UsageError(f"batch_size must be at least 1, got {batch_size}")
         results = []
         for start in range(0, len(images), batch_size):
-            batch = self.preprocess.batch(images[start:start + batch_size])
-            probs = _softmax(self.logits(batch).astype(np.float64))
-            for row in probs:
-                top = np.argsort(-row)[:top_k]
-                results.append([Prediction(self.labels[i], int(i), float(row[i])) for i in top])
+            results += self.predictions(self.preprocess.batch(images[start:start + batch_size]), top_k=top_k)
         return results
+
+    def predictions(self, batch: np.ndarray, *, top_k: int = 5) -> list[list[Prediction]]:
+        """Top-k labels and probabilities for each row of a preprocessed batch (as ``logits`` takes it)."""
+        if top_k < 1:
+            raise UsageError(f"top_k must be at least 1, got {top_k}")
+        probs = _softmax(self.logits(batch).astype(np.float64))
+        return [[Prediction(self.labels[i], int(i), float(row[i])) for i in np.argsort(-row)[:top_k]] for row in probs]

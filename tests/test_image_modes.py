@@ -121,6 +121,12 @@ def test_a_four_channel_model_exports_bundles_and_serves_rgba_images(sample_imag
     assert timm.create_model(f"local-dir:{bundle}", pretrained=True).in_chans == 4
     clf = OnnxClassifier.from_pretrained(bundle)
     assert rel_error(torch.from_numpy(clf.logits(clf.preprocess.batch(photos))), expected) < 1e-5
+    results = tmp_path / "predictions.json"  # the command reads the files as RGBA too
+    assert main(["predict", *map(str, photos), "--model", str(bundle), "--results-file", str(results)]) == 0
+    probs = torch.softmax(expected.double(), -1)
+    for record, row in zip(json.loads(results.read_text()), probs, strict=True):
+        assert record["index"][0] == row.argmax().item()
+        np.testing.assert_allclose(record["prob"], row[record["index"]].numpy(), rtol=1e-4, atol=1e-5)
 
     server = Server(str(bundle), "--name", "rgba")
     url = server.__enter__()

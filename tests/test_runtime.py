@@ -145,6 +145,7 @@ def test_runtime_logits_equal_the_timm_model_on_real_photos(sample_images, tmp_p
         clf.predict(paths, top_k=0)
     h, w = size  # logits: raw uint8 pixels gave confident nonsense; a wrong layout, ONNX Runtime's three lines
     batch = np.stack([clf.preprocess(p) for p in paths])
+    assert clf.predictions(batch, top_k=3) == preds  # what predict gives, from a batch preprocessed beforehand
     for bad, words in ((np.clip(batch * 60 + 128, 0, 255).astype(np.uint8),  # pixels of the right shape
                         rf"got uint8 \[{len(paths)}, 3, {h}, {w}\]; images as uint8 pixels go to predict\(\)"),
                        (batch.transpose(0, 2, 3, 1), rf"float batch \[N, 3, {h}, {w}\] \(NCHW: .*got float32 "
