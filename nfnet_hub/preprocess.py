@@ -111,7 +111,8 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
         taken = f" (formats taken: {', '.join(formats)})" if formats else ""
         raise UsageError(f"{name or source} is not a readable image: {why}{taken}") from None
     if too_large:
-        (w, h), _ = img.size, img.close()
+        w, h = img.size
+        img.close()
         raise UsageError(f"{name or source} is {w}x{h} ({w * h:,} pixels), more than the {max_pixels:,} pixels an "
                          "image may have here")
     return img
