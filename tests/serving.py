@@ -24,8 +24,9 @@ class Server:
     """``with Server(source, *options) as url:`` a ready server; SIGTERM on leaving (bounded waits)."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None, ready_timeout: float = 90,
-                 threads: bool = True, poll_s: float = 0.2):
-        """``threads``: one ONNX Runtime thread (tests share the machine); False: the server's default."""
+                 threads: bool = True, poll_s: float = 0.2, cpus: set[int] | None = None):
+        """``threads``: one ONNX Runtime thread (tests share the machine); False: the server's default. ``cpus``: the
+        CPUs the server may run on (its affinity, as a container's cpuset sets it)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.command = [sys.executable, "-c", NO_TORCH, "serve", *args, "--port", str(self.port)]
@@ -33,11 +34,12 @@ class Server:
         if threads:
             self.command += ["--threads", "1"]
             self.env.setdefault("OMP_NUM_THREADS", "1")
-        self.ready_timeout, self.poll_s = ready_timeout, poll_s
+        self.ready_timeout, self.poll_s, self.cpus = ready_timeout, poll_s, cpus
         self.output = ""
 
     def __enter__(self) -> str:
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None,
                                      text=True)
         deadline = time.time() + self.ready_timeout
         while time.time() < deadline:

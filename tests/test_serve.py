@@ -444,20 +444,28 @@ def _peak_rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
-def test_a_request_of_large_images_holds_one_decoded_image_at_a_time(nano_bundle, clf):
-    """Eight photos of 16 Mpixels (64 MB each as Pillow holds them) in one 0.5 MB request: the server's peak memory
-    grows by about one of them, not eight, since each is preprocessed before the next is decoded."""
+def test_large_images_are_decoded_one_at_a_time_per_cpu(nano_bundle, clf):
+    """Photos of 16 Mpixels (64 MB each as Pillow holds them, 56 kB as PNGs) to a server on one CPU: eight in one
+    request, then six requests at once. Its peak memory grows by one of them, then two, not eight or six: each is
+    preprocessed before the next is decoded, and two threads per CPU decode."""
+    from concurrent.futures import ThreadPoolExecutor
+
     big = _png(4000, 4000, "RGB")
-    server = Server(str(nano_bundle), "--name", "nano", "--max-image-pixels", str(MAX_PIXELS))
+    server = Server(str(nano_bundle), "--name", "nano", "--max-image-pixels", str(MAX_PIXELS),
+                    cpus={min(os.sched_getaffinity(0))})
     with server as url:
         assert infer(url, "nano", images=(_png(64, 64, "RGB"),))[0] == 200  # allocations of a first request
         before = _peak_rss_mb(server.proc.pid)
         status, answer = infer(url, "nano", images=(big,) * MAX_BATCH)
-        grown = _peak_rss_mb(server.proc.pid) - before
-    assert status == 200, answer
+        one_request = _peak_rss_mb(server.proc.pid) - before
+        with ThreadPoolExecutor(6) as pool:
+            statuses = [s for s, _ in pool.map(lambda _: infer(url, "nano", images=(big,)), range(6))]
+        concurrent = _peak_rss_mb(server.proc.pid) - before
+    assert status == 200 and statuses == [200] * 6, (answer, statuses)
     expected = clf.logits(clf.preprocess.batch([Image.open(io.BytesIO(big))] * MAX_BATCH))
     np.testing.assert_allclose(np.reshape(answer["outputs"][0]["data"], expected.shape), expected, atol=1e-5)
-    assert grown < 3 * 64, f"peak memory grew by {grown:.0f} MB for a request of {MAX_BATCH} images of 64 MB"
+    assert one_request < 3 * 64, f"peak memory grew by {one_request:.0f} MB for a request of {MAX_BATCH} 64 MB images"
+    assert concurrent < 3 * 64, f"peak memory grew by {concurrent:.0f} MB for 6 requests of a 64 MB image at once"
 
 
 def test_sigterm_answers_in_flight_requests_then_exits_0(nano_bundle, clf):

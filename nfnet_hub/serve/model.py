@@ -18,6 +18,7 @@ import base64
 import io
 import sys
 import uuid
+from concurrent.futures import Executor
 
 import numpy as np
 
@@ -50,9 +51,10 @@ class BundleModel(Model):
     """A bundle's ONNX model behind the batcher, named as clients address it."""
 
     def __init__(self, name: str, classifier: OnnxClassifier, *, max_batch_size: int, max_delay_ms: float,
-                 instances: int, max_image_pixels: int):
+                 instances: int, max_image_pixels: int, decoder: Executor):
+        """``decoder``: the threads that decode images, one image each at a time (shared by the models)."""
         super().__init__(name)
-        self.classifier, self.max_image_pixels = classifier, max_image_pixels
+        self.classifier, self.max_image_pixels, self.decoder = classifier, max_image_pixels, decoder
         self.channels, (self.height, self.width) = classifier.preprocess.channels, classifier.preprocess.input_size
         self.num_classes = len(classifier.labels)
         self.max_batch_size = max_batch_size
@@ -179,7 +181,7 @@ class BundleModel(Model):
             raise InvalidInput(f"input 'image' data does not match its shape {shape}: {e}") from None
         if len(files) != shape[0]:
             raise InvalidInput(f"input 'image' holds {len(files)} elements for shape {shape}")
-        return await asyncio.to_thread(self._decode, files)
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, self._decode, files)
 
     def _decode(self, files: list[bytes]) -> np.ndarray:
         """The preprocessed batch, each image decoded once its predecessor is preprocessed: a request of large
@@ -196,3 +198,4 @@ class BundleModel(Model):
 
     def stop(self) -> None:
         self.batcher.close()
+        self.decoder.shutdown(wait=False)
