@@ -47,6 +47,9 @@ class Scale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.value
 
+    def extra_repr(self) -> str:  # the value in the repr: Fp32Graph tells folded models apart by it and their tensors
+        return repr(self.value)
+
 
 class FoldedBlock(nn.Module):
     """``branch(act(x)) + shortcut``, with every constant already inside the kernels."""

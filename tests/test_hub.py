@@ -100,6 +100,12 @@ def test_int8_quantises_the_graph_the_bundles_fp32_export_traced(model, bundle, 
     for m in (model, other, model):  # other weights are exported anew (a stale graph would fail export's check)
         export_onnx(m, tmp_path / "fp32.onnx", fp32_graph=graph)
     assert len(calls) == 4  # the first model's graph was kept
+    block = next(m for m in other.modules() if hasattr(m, "skipinit_gain"))
+    for gain in (2e-4, 3e-4):  # a branch gain below 1e-3 folds to a multiplication by a number: another graph
+        with torch.no_grad():
+            block.skipinit_gain.fill_(gain)
+        export_onnx(other, tmp_path / "fp32.onnx", fp32_graph=graph)
+    assert len(calls) == 6
 
 
 def test_a_bundle_for_older_runtimes_has_every_onnx_file_at_its_opset(trained_nano, digits_folders, tmp_path,
