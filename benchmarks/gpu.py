@@ -107,6 +107,7 @@ def bench_agc_and_step(s: Setup) -> dict:
         for clip in rounds:
             rounds[clip].append(median_s(lambda clip=clip: step(clip), runs=10, sync=s.sync) * 1e3)
     step_ms, step_without_agc_ms = (float(np.median(rounds[clip])) for clip in (True, False))
+    finite = all(bool(p.isfinite().all()) for p in model.parameters())  # a diverged round times other numbers
     model.load_state_dict(weights)  # the unclipped steps on noise may have diverged: check AGC on sane weights
     model(x[:2]).logsumexp(1).mean().backward()  # a real gradient, not noise
     grads = [p.grad.clone() for p in params]
@@ -139,6 +140,20 @@ def bench_agc_and_step(s: Setup) -> dict:
             samples.append(start.elapsed_time(end))
         return float(np.median(samples))
 
+    def host_ms_behind_gpu_work() -> float:
+        """Host time of one call queued behind about 10 ms of GPU work: a host sync inside it would wait that out."""
+        samples = []
+        for _ in range(5):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()  # new addresses: the pointer table is rewritten, as when training reallocates
+            torch.cuda.synchronize()
+            torch.cuda._sleep(20_000_000)
+            t = time.perf_counter()
+            adaptive_clip_grad_(params, 0.01)
+            samples.append(time.perf_counter() - t)
+            torch.cuda.synchronize()
+        return float(np.median(samples)) * 1e3
+
     def clipped(fn) -> list[torch.Tensor]:
         for p, g in zip(params, grads):
             p.grad = g.clone()
@@ -164,10 +179,12 @@ def bench_agc_and_step(s: Setup) -> dict:
         dst = torch.empty_like(src)
         ours_gpu_ms, copy_ms = device_ms(adaptive_clip_grad_, params, 0.01), device_ms(dst.copy_, src)
         gpu = {"ours_gpu_ms": ours_gpu_ms, "ours_gpu_share_of_step": ours_gpu_ms / step_ms,
+               "host_ms_behind_gpu_work": host_ms_behind_gpu_work(),
                "ours_read_gb_s": read / ours_gpu_ms / 1e6, "copy_gb_s": 2 * read / copy_ms / 1e6}
         del src, dst
     return {**gpu, "train_step_ms_bf16": step_ms, "train_step_without_agc_ms": step_without_agc_ms,
-            "agc_share_of_step": 1 - step_without_agc_ms / step_ms,
+            "agc_share_of_step": 1 - step_without_agc_ms / step_ms, "step_rounds_finite": finite,
+            "step_rounds_ms": {"agc": rounds[True], "without_agc": rounds[False]},
             "step_batch": s.step_batch, "step_size": size, "timm_agc_ms": timm_ms,
             "ours_agc_ms": ours_ms, "ours_method": default,
             "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms,

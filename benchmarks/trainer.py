@@ -1,6 +1,7 @@
 """nfnet-hub train against timm's own train.py running the same model with our AGC (``nfnet-hub timm-train``),
 end to end on a synthetic image folder with the same flags: nfnet_hub_f0, bf16, batch 64 at 192 px,
-12 loader workers; the figure is epoch 2's average images per second (epoch 1 warms caches and compiles).
+12 loader workers; the figure is epoch 2's average images per second (epoch 1 warms caches and compiles). The two
+trainers take turns, ``--repeats`` times, the first to run alternating; medians and the ratio of medians are kept.
 
 timm's train.py is not in the timm package: copy it from a timm checkout to ``benchmarks/timm_train.py``
 (git-ignored; carry it to the device). Without it, only our trainer is measured.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,24 +86,36 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="nano on the CPU with a tiny folder")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder for trainer.json")
     p.add_argument("--timeout-s", type=int, default=140, help="limit of each trainer's run")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each trainer (saved after each pair)")
     args = p.parse_args()
     setup = SMOKE if args.smoke else FULL
-    results: dict = {"setup": setup}
+    trainers = {"ours": ours, "timm_train_py": timm}
+    runs: dict[str, list] = {name: [] for name in trainers}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
         folder = make_folder(tmp / "data", setup["classes"], setup["per_class"], setup["size"])
         print(f"synthetic folder: {setup['classes']} x {setup['per_class']} images in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
-        for name, measure in (("ours", ours), ("timm_train_py", timm)):
-            try:
-                results[name] = measure(setup, folder, tmp / "runs", args.timeout_s)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                results[name] = {"error": str(e)[-1500:]}
-            print(name, results[name], flush=True)
+        for repeat in range(args.repeats):
+            for name in list(trainers)[::1 if repeat % 2 == 0 else -1]:  # who goes first alternates
+                try:
+                    runs[name].append(trainers[name](setup, folder, tmp / f"runs{repeat}", args.timeout_s))
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    runs[name].append({"error": str(e)[-1500:]})
+                print(name, runs[name][-1], flush=True)
+            save("trainer", summary(setup, runs), args.results)
+
+
+def summary(setup: dict, runs: dict[str, list]) -> dict:
+    """Each trainer's median over its runs that gave a rate (or its last failure), and ours / timm's."""
+    results: dict = {"setup": setup}
+    for name, measured in runs.items():
+        rates = [r["img_s"] for r in measured if "img_s" in r]
+        results[name] = {"img_s": statistics.median(rates), "runs": rates} if rates else measured[-1]
     if "img_s" in results["ours"] and "img_s" in results["timm_train_py"]:
         results["ours_vs_timm"] = results["ours"]["img_s"] / results["timm_train_py"]["img_s"]
-    save("trainer", results, args.results)
+    return results
 
 
 if __name__ == "__main__":

@@ -99,8 +99,10 @@ def setup_device(args: argparse.Namespace) -> tuple[int, int, torch.device, bool
                   if args.device == "cuda" else f"note: --device {args.device}, but this machine has no CUDA device: "
                   "training on the CPU", flush=True)
         device = torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)
+    if device.type == "cuda":  # as train.py: cuDNN picks the fastest convolution per shape, matmuls in TF32
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = True
+        if device.index is None:
+            device = torch.device("cuda", local)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
