@@ -5,7 +5,8 @@ A results file's format follows its suffix: ``.csv`` has one row per image and o
 ``index_0`` ..., ``label_0`` ..., ``prob_0`` ..., as inference.py's ``--results-separate-col --include-index``);
 ``.json`` is a list of records and ``.jsonl`` one record per line (``filename``, ``index``, ``label``, ``prob``:
 lists, best first). Filenames are the paths as given or found, so images of one name in two folders stay apart.
-An image that does not decode is named on stderr and skipped (the exit status is then 1).
+An image that does not decode, or is larger than ``--max-image-pixels``, is named on stderr and skipped (the exit
+status is then 1).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .argtypes import positive
 from .bundle_files import ONNX_FILES
 from .errors import UsageError
 from .files import check_writable_folder, write_atomically
-from .preprocess import Preprocess, list_images
+from .preprocess import Preprocess, list_images, open_image
 from .runtime import OnnxClassifier, Prediction, precision_file
 
 FORMATS = (".csv", ".json", ".jsonl")
@@ -84,14 +86,15 @@ def image_progress(verb: str) -> Callable[[int, int], None]:
     return report
 
 
-def _readable(paths: list[str], preprocess: Preprocess, *, alone: bool) -> tuple[list[np.ndarray], list[str]]:
+def _readable(paths: list[str], preprocess: Preprocess, *, alone: bool,
+              max_pixels: int) -> tuple[list[np.ndarray], list[str]]:
     """The images of ``paths`` that decode, preprocessed (read in the model's image mode, one decoded image held at a
-    time), and their names; each one that does not is named on stderr and skipped (a lone image's failure is the
-    command's error)."""
+    time), and their names; each one that does not, or is too large, is named on stderr and skipped (a lone image's
+    failure is the command's error)."""
     rows, names = [], []
     for path in paths:
         try:
-            rows.append(preprocess(path))
+            rows.append(preprocess(open_image(path, max_pixels=max_pixels, limit_option="--max-image-pixels")))
             names.append(path)
         except UsageError as e:
             if alone:
@@ -112,6 +115,8 @@ def add_predict_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--results-file", help="write the predictions to this file instead of the screen, in the format "
                    "its suffix names: .csv (timm inference.py's columns), .json or .jsonl (records)")
     s.add_argument("--overwrite", action="store_true", help="replace --results-file if it exists")
+    s.add_argument("--max-image-pixels", type=positive, default=178_956_970, help="largest image (width x height) "
+                   "read; larger ones are skipped before they are decoded (default: the size Pillow refuses above)")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -122,10 +127,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     filename = precision_file(args.model, args.precision) if args.precision else args.filename or ONNX_FILES["fp32"]
     clf = OnnxClassifier.from_pretrained(args.model, filename=filename)
     clf.preprocess.require_image_mode()
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # --max-image-pixels is the one limit
+    try:
+        return _predict(clf, images, out, args)
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _predict(clf: OnnxClassifier, images: list[str], out: Path | None, args: argparse.Namespace) -> int:
     rows, skipped, progress = [], 0, image_progress("predicted")
     for start in range(0, len(images), args.batch_size):  # a batch at a time: a large folder prints as it goes
         batch = images[start:start + args.batch_size]
-        pixels, names = _readable(batch, clf.preprocess, alone=len(images) == 1)
+        pixels, names = _readable(batch, clf.preprocess, alone=len(images) == 1, max_pixels=args.max_image_pixels)
         skipped += len(batch) - len(pixels)
         results = clf.predictions(np.stack(pixels), top_k=args.top_k) if pixels else []
         if out:
@@ -143,6 +156,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_results(out, rows)
         print(f"wrote {len(rows)} predictions to {out}", flush=True)
     if skipped:
-        print(f"nfnet-hub predict: {skipped} of {len(images)} images skipped (unreadable)", file=sys.stderr)
+        print(f"nfnet-hub predict: {skipped} of {len(images)} images skipped (unreadable or too large)",
+              file=sys.stderr)
         return 1
     return 0

@@ -90,9 +90,11 @@ def apply_data_config(cfg: Mapping[str, Any], record: Mapping[str, Any], *,
 
 
 def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None,
-               formats: Sequence[str] | None = None, max_pixels: int | None = None) -> Image.Image:
+               formats: Sequence[str] | None = None, max_pixels: int | None = None,
+               limit_option: str | None = None) -> Image.Image:
     """A decoded image, or one ``UsageError`` that names it (``name``, else ``source``) whatever Pillow raised;
-    ``formats``: the only ones taken; ``max_pixels``: the largest image taken, refused from its header, undecoded."""
+    ``formats``: the only ones taken; ``max_pixels``: the largest image taken, refused from its header, undecoded
+    (``limit_option``: the option that raises it, named in the refusal)."""
     try:
         img = Image.open(source, formats=formats)
         too_large = max_pixels is not None and img.width * img.height > max_pixels
@@ -114,7 +116,7 @@ def open_image(source: str | os.PathLike | IO[bytes], *, name: str | None = None
         w, h = img.size
         img.close()
         raise UsageError(f"{name or source} is {w}x{h} ({w * h:,} pixels), more than the {max_pixels:,} pixels an "
-                         "image may have here")
+                         "image may have here" + (f" ({limit_option} raises the limit)" if limit_option else ""))
     return img
 
 

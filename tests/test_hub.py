@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from conftest import eight_bit_photos, randomise, run_card_code
 from hub_stub import HubStub
 from huggingface_hub import ModelCard
+from PIL import Image
 from serving import Server, infer
 from tritonclient.http import InferenceServerClient, InferInput
 
@@ -372,9 +374,39 @@ def test_predict_skips_unreadable_images_names_them_and_exits_1(bundle, sample_i
     assert out.replace(str(tmp_path), str(sample_images)) == capsys.readouterr().out
     skipped, summary = err.splitlines()
     assert skipped.startswith(f"nfnet-hub predict: skipped {tmp_path / 'b_broken.png'} is not a readable image: ")
-    assert summary == "nfnet-hub predict: 1 of 4 images skipped (unreadable)"
+    assert summary == "nfnet-hub predict: 1 of 4 images skipped (unreadable or too large)"
     assert main(["predict", str(tmp_path / "b_broken.png"), str(bundle / "config.json"), "--model", str(bundle)]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == "nfnet-hub predict: error: none of the 2 images is readable"
+
+
+def test_predict_takes_images_up_to_max_image_pixels_and_skips_larger_ones_undecoded(bundle, tmp_path, capsys):
+    """Pillow's own check would warn from 89 Mpixels and refuse from 179 with no way round it; --max-image-pixels
+    (default: where Pillow refuses) is the one limit, checked from the header before decoding."""
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (2000, 3000, 3), np.uint8)).save(photo)
+    wide = tmp_path / "wide.png"  # 90 Mpixels of one grey: Pillow warns of a decompression bomb
+    Image.new("L", (10_000, 9_000), 77).save(wide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the library keeps Pillow's limit
+        alone = OnnxClassifier.from_pretrained(bundle).predict([str(photo), str(wide)], top_k=2)
+    shown = [line for path, preds in zip((photo, wide), alone)
+             for line in (str(path), *(f"  {p.probability:7.2%}  {p.label}" for p in preds))]
+    capsys.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning fails the test
+        assert main(["predict", str(photo), str(wide), "--model", str(bundle), "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines() == shown
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's limit is the caller's again
+    assert main(["predict", str(photo), str(wide), "--model", str(bundle), "--top-k", "2",
+                 "--max-image-pixels", "6000000"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == shown[:3]  # exactly 6 Mpixels is taken
+    assert err.splitlines() == [
+        f"nfnet-hub predict: skipped {wide} is 10000x9000 (90,000,000 pixels), more than the 6,000,000 pixels an image "
+        "may have here (--max-image-pixels raises the limit)",
+        "nfnet-hub predict: 1 of 2 images skipped (unreadable or too large)"]
+    assert main(["predict", str(photo), "--model", str(bundle), "--max-image-pixels", "5999999"]) == 2
+    assert "photo.png is 3000x2000 (6,000,000 pixels), more than the 5,999,999" in capsys.readouterr().err
 
 
 def test_predict_results_file_holds_what_the_runtime_predicts_in_each_format(bundle, sample_images, tmp_path, capsys):
