@@ -124,7 +124,8 @@ def run(out: str | Path = "artifacts/quickstart", epochs: int = 10, progress: bo
     train_files = list_images(digits / "train")
     calibration = pre.batch(train_files[::len(train_files) // CALIBRATION][:CALIBRATION])
 
-    print("2/4 folding and exporting fp32 and int8 ONNX, then building the Hub bundle ...", flush=True)
+    print(f"2/4 folding and exporting the last epoch's weights ({out / 'runs' / 'nano-digits' / 'last.pth.tar'}) as "
+          "fp32 and int8 ONNX, then building the Hub bundle ...", flush=True)
     bundle = build_bundle(model, out / "bundle", precisions=("fp32", "int8"), calibration=calibration, dataset="digits",
                           metrics={"top1": result["metrics"]["top1"], "top5": result["metrics"]["top5"]},
                           repo_id="YOUR-ORG/nfnet-hub-nano-digits", overwrite=(out / "bundle").exists(),

@@ -1,9 +1,12 @@
 """The README's first command: the whole chain, offline, on scikit-learn's digits."""
 from __future__ import annotations
 
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from nfnet_hub.hub import verify_bundle
+from nfnet_hub.models.checkpoint import read_checkpoint
 from nfnet_hub.quickstart import run, train_args
 from nfnet_hub.train import parse_args
 
@@ -28,6 +31,10 @@ def test_quickstart_end_to_end_and_a_rerun_keeps_the_users_files(tmp_path, capsy
     assert "agrees with fp32 on" in out and "Note: that is below" not in out
     assert f"nfnet-hub publish {tmp_path / 'bundle'} --repo-id" in out
     verify_bundle(tmp_path / "bundle")
+    exported = load_file(tmp_path / "bundle" / "model.safetensors")  # the weights the quickstart says it exported
+    named = read_checkpoint(run_dir / "last.pth.tar").state_dict
+    assert f"exporting the last epoch's weights ({run_dir / 'last.pth.tar'})" in out
+    assert exported.keys() == named.keys() and all(torch.equal(exported[k], named[k]) for k in named)
     assert "replacing the earlier quickstart run in" in out
     epochs = [r.split(",")[0] for r in (run_dir / "summary.csv").read_text().splitlines()]
     assert epochs == ["epoch", *map(str, range(10))]
