@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -505,6 +506,21 @@ def test_the_recipes_ema_warms_up_as_the_authors_tf1_ema(tmp_path, monkeypatch, 
     assert "model_top1" not in result["metrics"]  # train.py does not evaluate an EMA kept on the CPU
     with pytest.raises(ValueError, match="two warm-ups: choose one"):
         create_ema(model, parse_args(["--config", "f0", "--model-ema-warmup"]))
+
+
+def test_more_workers_than_cpus_is_one_note_not_torchs_warnings(tmp_path, digits_folders, monkeypatch, capsys,
+                                                               recwarn):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # torch counts CPUs the same way
+    tiny = tmp_path / "data"
+    for split in ("train", "validation"):
+        shutil.copytree(digits_folders / split / "1", tiny / split / "1")
+    train(parse_args(["--data-dir", str(tiny), "--model", "nfnet_hub_nano", "--img-size", "32", "--workers", "2",
+                      "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0", "--no-progress", "--output",
+                      str(tmp_path / "out")]))
+    assert not [w for w in recwarn if "DataLoader will create" in str(w.message)]
+    notes = [line for line in capsys.readouterr().out.splitlines() if "--workers" in line]
+    assert notes == ["note: --workers 2 starts more loader processes than this process has CPUs (1): torch warns of "
+                     "slowness or a freeze; --workers 1 fits them"]
 
 
 def test_a_folder_of_two_digits_trains_with_train_pys_augmentations(tmp_path, digits_folders):

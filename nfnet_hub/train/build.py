@@ -7,6 +7,7 @@ import importlib
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -213,6 +214,18 @@ def _shard(model: nn.Module) -> None:
     fully_shard(model)
 
 
+def _note_workers(args: argparse.Namespace, rank: int) -> None:
+    """More loader workers than CPUs (train.py's default 4 on a 2-CPU machine): one note, for torch's warning of
+    four lines that each loader gives twice."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.dataset == DIGITS or args.workers <= cpus:  # the digits load without workers
+        return
+    warnings.filterwarnings("ignore", "This DataLoader will create", UserWarning)
+    if rank == 0:
+        print(f"note: --workers {args.workers} starts more loader processes than this process has CPUs ({cpus}): "
+              f"torch warns of slowness or a freeze; --workers {cpus} fits them", flush=True)
+
+
 def build(args: argparse.Namespace) -> Run:
     world, rank, device, owns_group = setup_device(args)
     if rank == 0:
@@ -229,6 +242,7 @@ def build(args: argparse.Namespace) -> Run:
         print(f"note: --model {args.model} without --pretrained: its architecture and preprocessing, not its weights "
               "(as in train.py); add --pretrained to start from them", flush=True)
     model_cfg = {} if args.dataset == DIGITS else pretrained_cfg_of(args.model)  # as timm resolves the data config
+    _note_workers(args, rank)
     loaders = create_loaders(args, model_cfg, world, rank, device)
     check_sizes(loaders, args.batch_size, world, args.grad_accum_steps)
     if (taken := take_model_args(args)) and rank == 0:
