@@ -92,21 +92,23 @@ def bench_agc_and_step(s: Setup) -> dict:
     y = torch.randint(0, model.num_classes, (s.step_batch,), device=s.device)
     params = agc_parameters(model)
 
-    def step(clip: bool):
+    def step(method: str | None):
         with torch.autocast(s.device, dtype=torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         loss.backward()
-        if clip:
-            adaptive_clip_grad_(params, 0.01)
+        if method:
+            adaptive_clip_grad_(params, 0.01, method=method)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    rounds = {True: [], False: []}  # interleaved rounds: the step with and without AGC see the same machine
+    # interleaved rounds: the steps with AGC (as chosen, and grouped: does a growth follow the method?) and without
+    # it see the same machine
+    rounds: dict[str | None, list[float]] = {"auto": [], None: [], "grouped": []}
     for _ in range(3):
-        for clip in rounds:
-            rounds[clip].append(median_s(lambda clip=clip: step(clip), runs=10, sync=s.sync) * 1e3)
-    step_ms, step_without_agc_ms = (float(np.median(rounds[clip])) for clip in (True, False))
+        for method in rounds:
+            rounds[method].append(median_s(lambda method=method: step(method), runs=10, sync=s.sync) * 1e3)
+    step_ms, step_without_agc_ms = (float(np.median(rounds[method])) for method in ("auto", None))
     finite = all(bool(p.isfinite().all()) for p in model.parameters())  # a diverged round times other numbers
     model.load_state_dict(weights)  # the unclipped steps on noise may have diverged: check AGC on sane weights
     model(x[:2]).logsumexp(1).mean().backward()  # a real gradient, not noise
@@ -184,7 +186,8 @@ def bench_agc_and_step(s: Setup) -> dict:
         del src, dst
     return {**gpu, "train_step_ms_bf16": step_ms, "train_step_without_agc_ms": step_without_agc_ms,
             "agc_share_of_step": 1 - step_without_agc_ms / step_ms, "step_rounds_finite": finite,
-            "step_rounds_ms": {"agc": rounds[True], "without_agc": rounds[False]},
+            "train_step_grouped_agc_ms": float(np.median(rounds["grouped"])),
+            "step_rounds_ms": {"agc": rounds["auto"], "without_agc": rounds[None], "grouped_agc": rounds["grouped"]},
             "step_batch": s.step_batch, "step_size": size, "timm_agc_ms": timm_ms,
             "ours_agc_ms": ours_ms, "ours_method": default,
             "speedup": timm_ms / ours_ms, "ours_share_of_step": ours_ms / step_ms,

@@ -180,7 +180,8 @@ def _gpu_agc(a: dict, setup: dict) -> list[str]:
                   "waits for it.", ""]
     if (grown := a["train_step_ms_bf16"] - a["train_step_without_agc_ms"]) > 2 * a["ours_agc_ms"]:
         lines += [f"**Not explained:** the step grew by {grown:.1f} ms, over twice an isolated call's whole cost; " + (
-            f"a call queued behind 10 ms of GPU work held the host {a['host_ms_behind_gpu_work']:.2f} ms; the timed "
+            f"a call queued behind 10 ms of GPU work held the host {a['host_ms_behind_gpu_work']:.2f} ms; with the "
+            f"grouped method the step took {a['train_step_grouped_agc_ms']:.1f} ms; the timed "
             f"steps {'stayed' if a['step_rounds_finite'] else 'did not stay'} finite." if "host_ms_behind_gpu_work" in a
             else "this run predates the checks for a host sync and for divergence (`benchmarks/gpu.py`)."), ""]
     return lines + [f"Same clipped gradients as timm's on this device (every method): largest difference "
@@ -209,8 +210,7 @@ def _gpu_onnx(o: dict, setup: dict) -> list[str]:
 
 
 def int8_section(r: dict) -> list[str]:
-    """Accuracy of each quantisation setting over training seeds, here and on an emulated CPU without VNNI,
-    and speed against fp32."""
+    """Accuracy of each quantisation setting over training seeds, here and on an emulated CPU; speed against fp32."""
     emulated = r.get("emulated_cpu")
     lines = ["## int8 on any x86 CPU", "",
              f"Machine: {_machine(r['machine'])}. "
