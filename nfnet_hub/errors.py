@@ -72,7 +72,7 @@ _TORCH = ("{}, which this installation lacks (the serving installation, deploy/D
 _INSTALLED_BY = {
     "onnxruntime": 'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for '
                    "onnxruntime-gpu; never both)",
-    **dict.fromkeys(("kserve", "prometheus_client", "grpc", "orjson", "fastapi", "uvicorn"),
+    **dict.fromkeys(("kserve", "prometheus_client", "grpc", "orjson", "fastapi", "uvicorn", "tritonclient"),
                     'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"'),
     **{module: _TORCH.format(package) for module, package in (
         ("torch", "torch"), ("torchvision", "torchvision"), ("timm", "timm"), ("onnxscript", "onnxscript"),

@@ -361,6 +361,7 @@ def test_bad_requests_get_the_protocols_error_and_the_server_keeps_serving(serve
 
 def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_files):
     grpc_client = pytest.importorskip("tritonclient.grpc")
+    from google.protobuf import json_format
     from tritonclient.utils import InferenceServerException
 
     client = grpc_client.InferenceServerClient(servers[1])
@@ -395,13 +396,20 @@ def test_grpc_gives_the_same_answers_and_the_same_errors(servers, clf, digit_fil
         client.infer("nano", [grpc_client.InferInput("pixel_values", list(big.shape), "FP32").set_data_from_numpy(big)])
     assert "RESOURCE_EXHAUSTED" in str(e.value.status())
     np.testing.assert_allclose(client.infer("nano", [pixels]).as_numpy("logits"), clf.logits(x), atol=1e-5)
-    for call, words in ((client.get_model_config, "served over HTTP only: GET /v2/models/NAME/config"),
-                        (client.get_inference_statistics, "Prometheus metrics, over HTTP at /metrics")):
-        with pytest.raises(InferenceServerException, match=words) as e:  # had been "Method not found!"
-            call("nano")
-        assert "UNIMPLEMENTED" in str(e.value.status())
-    with pytest.raises(InferenceServerException, match="served over HTTP only: POST /v2/repository/index"):
-        client.get_model_repository_index()
+    # Triton's extensions (had been "Method not found!"): the configuration HTTP serves, in Triton's own message
+    over_http = tritonclient_http.InferenceServerClient(servers[0].removeprefix("http://")).get_model_config("nano")
+    config = client.get_model_config("nano", "1").config
+    assert config == json_format.ParseDict(over_http, grpc_client.model_config_pb2.ModelConfig())
+    assert (config.name, config.max_batch_size, list(config.input[0].dims)) == ("nano", MAX_BATCH, [3, 32, 32])
+    index = client.get_model_repository_index().models
+    assert [(m.name, m.version, m.state) for m in index] == [("nano", "1", "READY")]
+    for call, status, words in ((lambda: client.get_model_config("nano", "2"), "NOT_FOUND", "version 1 only, not 2"),
+                                (lambda: client.get_model_config("other"), "NOT_FOUND", "name other does not exist"),
+                                (lambda: client.get_inference_statistics("nano"), "UNIMPLEMENTED",
+                                 "Prometheus metrics, over HTTP at /metrics")):
+        with pytest.raises(InferenceServerException, match=words) as e:
+            call()
+        assert status in str(e.value.status())
     client.close()
     assert re.search(r'nfnet_hub_request_failures_total\{code="INVALID_ARGUMENT",model="nano"\} [1-9]',
                      _metrics(servers[0]))

@@ -30,22 +30,21 @@ def model_config(model, *, max_delay_ms: float, instances: int) -> dict[str, Any
                                 "kind": "KIND_GPU" if model.classifier.device == "cuda" else "KIND_CPU"}]}
 
 
-def add_triton_routes(app, models: list, *, max_delay_ms: float, instances: int) -> None:
-    """``GET /v2/models/NAME/config`` (versions are resolved before, by ``InferenceGate``), ``POST
-    /v2/repository/index``, ``/stats`` refused in words, and the protocol's error form for FastAPI's own errors."""
+def add_triton_routes(app, configs: dict[str, dict[str, Any]]) -> None:
+    """``GET /v2/models/NAME/config`` (``configs``, by name; versions are resolved before, by ``InferenceGate``),
+    ``POST /v2/repository/index``, ``/stats`` refused in words, and the protocol's error form for FastAPI's own
+    errors."""
     from fastapi.responses import JSONResponse
     from kserve.errors import ModelNotFound
     from starlette.exceptions import HTTPException
 
-    served = {m.name: m for m in models}
-
     async def config(name: str):
-        if name not in served:
+        if name not in configs:
             raise ModelNotFound(name)
-        return model_config(served[name], max_delay_ms=max_delay_ms, instances=instances)
+        return configs[name]
 
     async def index():
-        return [{"name": name, "version": "1", "state": "READY"} for name in served]
+        return [{"name": name, "version": "1", "state": "READY"} for name in configs]
 
     async def stats(name: str):
         return JSONResponse({"error": NO_STATISTICS}, status_code=501)

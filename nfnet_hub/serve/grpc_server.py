@@ -1,10 +1,19 @@
 """The same models over the protocol's gRPC API: KServe's servicer, bound to ``--host`` (KServe's own
-gRPC server binds every interface), with the request-size limit and the request metrics of HTTP."""
+gRPC server binds every interface), with the request-size limit and the request metrics of HTTP, and the model
+configuration and repository index of Triton's gRPC API.
+
+Triton's ``grpc_service.proto`` declares the messages of KServe's (package ``inference``, ``ServerLiveRequest`` ...),
+so the two cannot load in one process: Triton's ``ModelConfig`` comes from tritonclient's ``model_config_pb2``
+alone, and the two one-field messages around it are written here."""
 from __future__ import annotations
 
+import importlib.util
 import time
+from pathlib import Path
+from typing import Any
 
 import grpc
+from google.protobuf import json_format
 from grpc import aio
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
@@ -70,33 +79,79 @@ class _Servicer(InferenceServicer):
         return response
 
 
-_OVER_HTTP = {  # Triton's gRPC extensions that tritonclient calls, which KServe's servicer lacks ("Method not found!")
-    "ModelConfig": "the model configuration (Triton's extension) is served over HTTP only: GET /v2/models/NAME/config",
-    "RepositoryIndex": "the repository index (Triton's extension) is served over HTTP only: POST /v2/repository/index",
-    "ModelStatistics": NO_STATISTICS}
+def _triton_model_config() -> type:
+    """Triton's ``ModelConfig`` message, loaded from tritonclient's file (its package imports the clashing messages)."""
+    spec = importlib.util.find_spec("tritonclient")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("No module named 'tritonclient'", name="tritonclient")
+    path = Path(spec.submodule_search_locations[0], "grpc", "model_config_pb2.py")
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("_triton_model_config_pb2", path))
+    module.__spec__.loader.exec_module(module)
+    return module.ModelConfig
 
 
-class _ServedOverHttp(grpc.GenericRpcHandler):
-    """Says where what tritonclient asks for over gRPC is served instead."""
+_MODEL_CONFIG = _triton_model_config()  # when serve imports this module, before it starts: a missing package is said
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field: a string or an embedded message."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out + bytes([n]))
+
+
+class _TritonExtensions(grpc.GenericRpcHandler):
+    """Triton's gRPC extensions that tritonclient calls and KServe's servicer lacks ("Method not found!"): the model
+    configuration and the repository index, as HTTP answers them; statistics are refused in words."""
+
+    def __init__(self, configs: dict[str, dict[str, Any]]):
+        # ModelConfigResponse {ModelConfig config = 1}: each model's, written once
+        self.configs = {name: _field(1, json_format.ParseDict(config, _MODEL_CONFIG()).SerializeToString())
+                        for name, config in configs.items()}
 
     def service(self, details):
         service, _, method = details.method.rpartition("/")
-        if service != "/inference.GRPCInferenceService" or method not in _OVER_HTTP:
+        if service != "/inference.GRPCInferenceService":
             return None
+        if method == "ModelConfig":  # Triton's ModelConfigRequest has the fields of KServe's ModelMetadataRequest
+            return grpc.unary_unary_rpc_method_handler(self.config,
+                                                       request_deserializer=pb.ModelMetadataRequest.FromString)
+        if method == "RepositoryIndex":
+            return grpc.unary_unary_rpc_method_handler(self.index)
+        return grpc.unary_unary_rpc_method_handler(self.statistics) if method == "ModelStatistics" else None
 
-        async def refuse(request, context):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, _OVER_HTTP[method])
-        return grpc.unary_unary_rpc_method_handler(refuse)
+    async def config(self, request, context) -> bytes:
+        if request.name not in self.configs:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"Model with name {request.name} does not exist.")
+        if error := version_error(request.name, request.version):
+            await context.abort(grpc.StatusCode.NOT_FOUND, error)
+        return self.configs[request.name]
+
+    async def index(self, request, context) -> bytes:
+        # RepositoryIndexResponse {repeated ModelIndex models = 1}; ModelIndex {name = 1, version = 2, state = 3}
+        return b"".join(_field(1, _field(1, name.encode()) + _field(2, VERSION.encode()) + _field(3, b"READY"))
+                        for name in self.configs)
+
+    async def statistics(self, request, context):
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_STATISTICS)
 
 
 def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_message_bytes: int,
-                models: set[str]) -> aio.Server:
+                configs: dict[str, dict[str, Any]]) -> aio.Server:
+    """The gRPC server of the models whose Triton configurations ``configs`` holds, by name."""
+    models = set(configs)
     server = aio.server(interceptors=(_Metrics(models), ExceptionToStatusInterceptor()),
                         options=[("grpc.max_receive_message_length", max_message_bytes),
                                  ("grpc.max_send_message_length", -1)])
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         _Servicer(dataplane, repository_extension, models), server)
-    server.add_generic_rpc_handlers((_ServedOverHttp(),))
+    server.add_generic_rpc_handlers((_TritonExtensions(configs),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         server.add_insecure_port(address)

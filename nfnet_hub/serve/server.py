@@ -252,7 +252,7 @@ def _servers(models: list, options: ServeOptions):
     from kserve.protocol.rest.server import RESTServer
 
     from .binary import BinaryDataPlane
-    from .extensions import add_triton_routes
+    from .extensions import add_triton_routes, model_config
     from .metrics import InferenceGate
     from .repository import FixedModels
 
@@ -266,15 +266,16 @@ def _servers(models: list, options: ServeOptions):
     rest.config.host = options.host
     rest.config.access_log = False
     app.add_exception_handler(RequestValidationError, _invalid_body)
-    add_triton_routes(app, models, max_delay_ms=options.max_delay_ms, instances=options.instances)
-    limit, names = int(options.max_request_mb * 2**20), {m.name for m in models}
-    app.add_middleware(InferenceGate, max_body_bytes=limit, models=names)
+    configs = {m.name: model_config(m, max_delay_ms=options.max_delay_ms, instances=options.instances) for m in models}
+    add_triton_routes(app, configs)
+    limit = int(options.max_request_mb * 2**20)
+    app.add_middleware(InferenceGate, max_body_bytes=limit, models=set(configs))
     if options.grpc_port is None:
         return rest, None
     from .grpc_server import grpc_server
 
     return rest, lambda: grpc_server(dataplane, extension, host=options.host, port=options.grpc_port,
-                                     max_message_bytes=limit, models=names)
+                                     max_message_bytes=limit, configs=configs)
 
 
 
