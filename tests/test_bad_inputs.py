@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from serving import NO_TORCH
+from serving import NO_TORCH, free_port
 
 from nfnet_hub.cli import main
 from nfnet_hub.errors import UsageError
@@ -575,9 +575,12 @@ def test_a_system_error_without_a_message_still_says_what_it_is(ws):
      'ONNX Runtime, which is not installed: pip install "nfnet-hub[cpu]" (or "nfnet-hub[gpu]" for onnxruntime-gpu'),
     ("kserve", ["serve", "bundle"], 'the server\'s packages, which are not installed: pip install "nfnet-hub[serve]"'),
     ("prometheus_client", ["serve", "bundle"], "the server's packages"),  # the first that "nfnet-hub[cpu]" lacks
+    # Triton's gRPC messages, read only for --grpc-port: said before the server starts
+    ("tritonclient", ["serve", "bundle", "--port", str(free_port()), "--grpc-port", str(free_port())],
+     "the server's packages"),
     ("torch", ["export", *NANO, "--out", "o"], "torch, which this installation lacks (the serving installation"),
     ("PIL", ["predict", "images", "--model", "bundle"], None),
-], ids=["no-onnxruntime", "no-kserve", "no-prometheus-client", "torch-free", "a-bug"])
+], ids=["no-onnxruntime", "no-kserve", "no-prometheus-client", "no-tritonclient", "torch-free", "a-bug"])
 def test_a_package_the_installation_lacks_is_named_with_what_installs_it(ws, missing, argv, needs):
     """`pip install nfnet-hub` without an ONNX Runtime extra, or the torch-free serving image, running a command that
     needs what it lacks. Stand-in: the package is hidden from the import system (None in sys.modules). Any other
