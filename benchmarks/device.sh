@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one call (under 8 minutes: 180 + 200 + 2 x 50 s at worst) on a lent, bare GPU
+# Every GPU measurement in one call (under 8 minutes: 150 + 230 + 2 x 50 s at worst) on a lent, bare GPU
 # machine with no network,
 # whose image holds torch, timm, scikit-learn and onnxruntime but not this package:
 #   1. what the numbers depend on (GPU, driver, versions);
@@ -9,7 +9,7 @@
 #      with its grad scaler and AGC after unscaling, then DDP over NCCL under torchrun with bf16 and
 #      gradient accumulation (FSDP needs two ranks, and NCCL two GPUs).
 # Results and the log go to $OUT (the folder a device call brings back), else to benchmarks/results.
-# Back here: copy gpu.json into benchmarks/results/ and run `python benchmarks/report.py`.
+# Back here: copy gpu.json and trainer.json into benchmarks/results/ and run `python benchmarks/report.py`.
 # ONNX Runtime's CUDA provider needs onnxruntime-gpu: where the image lacks it, gpu.py records the
 # ONNX part as skipped and measures the rest.
 set -uo pipefail
@@ -38,10 +38,10 @@ torchrun="$python -m torch.distributed.run --standalone --nproc_per_node 1"
     "$python" -c 'import sys, torch, timm, onnxruntime as ort
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
       "timm", timm.__version__, "onnxruntime", ort.__version__, ort.get_available_providers())'
-    timeout 180 "$python" benchmarks/gpu.py --results "$out" --budget-s 150 "$@"
+    timeout 150 "$python" benchmarks/gpu.py --results "$out" --budget-s 120 "$@"
     echo "gpu.py exit $?"
     # our trainer against timm's train.py (carried as benchmarks/timm_train.py: run(carry=[...]))
-    timeout 200 "$python" benchmarks/trainer.py --results "$out" --timeout-s 65 --repeats 2
+    timeout 230 "$python" benchmarks/trainer.py --results "$out" --timeout-s 65 --repeats 2
     echo "trainer.py exit $?"
     train amp-fp16 "$python" "--amp --amp-dtype float16 --channels-last --model-ema --model-ema-decay 0.9"
     train ddp-nccl-bf16 "$torchrun" "--amp --amp-dtype bfloat16 --grad-accum-steps 2"
