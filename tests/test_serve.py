@@ -434,6 +434,13 @@ def test_no_client_can_unload_a_served_model(nano_bundle, clf):
                 call()
             assert status in str(e.value.status())
         assert _post(url, "/v1/models/nano:explain", b'{"instances": [[1]]}')[0] == 501
+        one = grpc_client.InferInput("pixel_values", [1, 3, 32, 32], "FP32").set_data_from_numpy(
+            np.ones((1, 3, 32, 32), np.float32))
+        for call in (lambda: g.get_model_metadata("nano", "2"), lambda: g.get_model_config("nano", "2"),
+                     lambda: g.get_model_config("other"), lambda: g.get_inference_statistics("nano"),
+                     lambda: g.infer("nano", [one], model_version="2")):
+            with pytest.raises(InferenceServerException):  # a client's mistake: no "Internal server error" logged
+                call()
         assert client.is_model_ready("nano")
         x = np.ones((1, 3, 32, 32), np.float32)
         np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x),

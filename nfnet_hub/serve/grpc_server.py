@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 from grpc import aio
+from grpc_interceptor.exceptions import NotFound, Unimplemented
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
 from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
@@ -73,7 +74,7 @@ class _Servicer(InferenceServicer):
 
     async def ModelMetadata(self, request, context):
         if error := self._version_error(request):
-            await context.abort(grpc.StatusCode.NOT_FOUND, error)
+            raise NotFound(error)  # a client's mistake: KServe's interceptor answers it and logs nothing
         response = await super().ModelMetadata(request, context)
         response.versions.append(VERSION)
         return response
@@ -128,9 +129,9 @@ class _TritonExtensions(grpc.GenericRpcHandler):
 
     async def config(self, request, context) -> bytes:
         if request.name not in self.configs:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"Model with name {request.name} does not exist.")
+            raise NotFound(f"Model with name {request.name} does not exist.")
         if error := version_error(request.name, request.version):
-            await context.abort(grpc.StatusCode.NOT_FOUND, error)
+            raise NotFound(error)
         return self.configs[request.name]
 
     async def index(self, request, context) -> bytes:
@@ -139,7 +140,7 @@ class _TritonExtensions(grpc.GenericRpcHandler):
                         for name in self.configs)
 
     async def statistics(self, request, context):
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, NO_STATISTICS)
+        raise Unimplemented(NO_STATISTICS)
 
 
 def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_message_bytes: int,
