@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import queue
 import re
 import threading
 import time
@@ -436,11 +437,22 @@ def test_no_client_can_unload_a_served_model(nano_bundle, clf):
         assert _post(url, "/v1/models/nano:explain", b'{"instances": [[1]]}')[0] == 501
         one = grpc_client.InferInput("pixel_values", [1, 3, 32, 32], "FP32").set_data_from_numpy(
             np.ones((1, 3, 32, 32), np.float32))
-        for call in (lambda: g.get_model_metadata("nano", "2"), lambda: g.get_model_config("nano", "2"),
-                     lambda: g.get_model_config("other"), lambda: g.get_inference_statistics("nano"),
-                     lambda: g.infer("nano", [one], model_version="2")):
-            with pytest.raises(InferenceServerException):  # a client's mistake: no "Internal server error" logged
+        refused = [(lambda: g.get_model_metadata("nano", "2"), "version 1 only"),
+                   (lambda: g.get_model_config("nano", "2"), "version 1 only"),
+                   (lambda: g.get_model_config("other"), "does not exist"),
+                   (lambda: g.infer("nano", [one], model_version="2"), "version 1 only"),
+                   (lambda: g.get_inference_statistics("nano"), "Prometheus metrics"),
+                   (g.get_system_shared_memory_status, "shared memory .* is not served: send the tensors"),
+                   (lambda: g.register_cuda_shared_memory("r", b"", 0, 8), "shared memory .* is not served"),
+                   (g.get_trace_settings, "trace settings .* are not served"),
+                   (g.get_log_settings, "log settings .* are not served")]  # each had been "Method not found!"
+        for call, words in refused:
+            with pytest.raises(InferenceServerException, match=words):  # no "Internal server error" logged
                 call()
+        answers = queue.Queue()
+        g.start_stream(lambda result, error: answers.put(error))
+        assert "streaming inference (Triton's extension) is not served" in str(answers.get(timeout=30))
+        g.stop_stream()
         assert client.is_model_ready("nano")
         x = np.ones((1, 3, 32, 32), np.float32)
         np.testing.assert_allclose(client.infer("nano", [_pixels_input(x)]).as_numpy("logits"), clf.logits(x),

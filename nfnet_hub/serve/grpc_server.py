@@ -107,9 +107,18 @@ def _varint(n: int) -> bytes:
     return bytes(out + bytes([n]))
 
 
+_SHARED_MEMORY = "shared memory (Triton's extension) is not served: send the tensors in the request"
+_NOT_SERVED = {  # the rest of Triton's gRPC API, refused in words
+    "ModelStatistics": NO_STATISTICS,
+    **dict.fromkeys([f"{kind}SharedMemory{verb}" for kind in ("System", "Cuda")
+                     for verb in ("Status", "Register", "Unregister")], _SHARED_MEMORY),
+    "TraceSetting": "trace settings (Triton's extension) are not served",
+    "LogSettings": "log settings (Triton's extension) are not served: the server logs to its standard output"}
+
+
 class _TritonExtensions(grpc.GenericRpcHandler):
     """Triton's gRPC extensions that tritonclient calls and KServe's servicer lacks ("Method not found!"): the model
-    configuration and the repository index, as HTTP answers them; statistics are refused in words."""
+    configuration and the repository index, as HTTP answers them; the others are refused in words."""
 
     def __init__(self, configs: dict[str, dict[str, Any]]):
         # ModelConfigResponse {ModelConfig config = 1}: each model's, written once
@@ -125,7 +134,9 @@ class _TritonExtensions(grpc.GenericRpcHandler):
                                                        request_deserializer=pb.ModelMetadataRequest.FromString)
         if method == "RepositoryIndex":
             return grpc.unary_unary_rpc_method_handler(self.index)
-        return grpc.unary_unary_rpc_method_handler(self.statistics) if method == "ModelStatistics" else None
+        if method == "ModelStreamInfer":
+            return grpc.stream_stream_rpc_method_handler(_no_stream)
+        return grpc.unary_unary_rpc_method_handler(_refusal(_NOT_SERVED[method])) if method in _NOT_SERVED else None
 
     async def config(self, request, context) -> bytes:
         if request.name not in self.configs:
@@ -139,8 +150,16 @@ class _TritonExtensions(grpc.GenericRpcHandler):
         return b"".join(_field(1, _field(1, name.encode()) + _field(2, VERSION.encode()) + _field(3, b"READY"))
                         for name in self.configs)
 
-    async def statistics(self, request, context):
-        raise Unimplemented(NO_STATISTICS)
+
+def _refusal(message: str):
+    async def refuse(request, context):
+        raise Unimplemented(message)
+    return refuse
+
+
+async def _no_stream(requests, context):
+    raise Unimplemented("streaming inference (Triton's extension) is not served: send each request with ModelInfer")
+    yield  # an async generator: a stream is answered with a stream
 
 
 def grpc_server(dataplane, repository_extension, *, host: str, port: int, max_message_bytes: int,
