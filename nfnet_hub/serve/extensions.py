@@ -38,13 +38,15 @@ def add_triton_routes(app, configs: dict[str, dict[str, Any]]) -> None:
     from kserve.errors import ModelNotFound
     from starlette.exceptions import HTTPException
 
+    from .metrics import VERSION
+
     async def config(name: str):
         if name not in configs:
             raise ModelNotFound(name)
         return configs[name]
 
     async def index():
-        return [{"name": name, "version": "1", "state": "READY"} for name in configs]
+        return [{"name": name, "version": VERSION, "state": "READY"} for name in configs]
 
     async def stats(name: str):
         return JSONResponse({"error": NO_STATISTICS}, status_code=501)
